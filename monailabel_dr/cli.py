@@ -1,0 +1,253 @@
+"""`monailabel-dr`: the command line of the app.
+
+Subcommands run the same infer tasks and trainers as the server, in-process:
+
+  monailabel-dr demo DIR [--serve]          write the demo datastore (and start the demo server)
+  monailabel-dr serve --studies DIR         start the MONAI Label server with this app
+  monailabel-dr import --studies DIR --grades CSV | --idrid PATH
+  monailabel-dr train MODEL --studies DIR   run a trainer on the datastore's final labels
+  monailabel-dr infer MODEL --studies DIR --image ID | --file PATH
+  monailabel-dr evaluate MODEL (--studies DIR | --phantoms N)
+  monailabel-dr conf                        print the --conf options
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+
+APP_DIR = os.path.dirname(os.path.realpath(__file__))
+
+
+def _conf(args) -> dict[str, str]:
+    conf = {k: v for k, v in (args.conf or [])}
+    if getattr(args, "device", None):
+        conf["device"] = args.device
+    return conf
+
+
+def _quiet_settings() -> None:
+    """MONAI Label settings for an in-process (non-server) app: no file watcher, no background scoring."""
+    os.environ.setdefault("MONAI_LABEL_DATASTORE_AUTO_RELOAD", "false")
+    os.environ.setdefault("MONAI_LABEL_AUTO_UPDATE_SCORING", "false")
+    os.environ.setdefault("MONAI_LABEL_TRACKING_ENABLED", "false")
+    os.environ.setdefault("MONAI_LABEL_SESSIONS", "false")
+    from monailabel.config import settings
+
+    settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD = False
+    settings.MONAI_LABEL_AUTO_UPDATE_SCORING = False
+    settings.MONAI_LABEL_TRACKING_ENABLED = False
+    settings.MONAI_LABEL_SESSIONS = False
+
+
+def make_app(studies: str, conf: dict[str, str]):
+    _quiet_settings()
+    from monailabel_dr.main import MONAILabelDRApp
+
+    if not os.path.isdir(studies):
+        raise SystemExit(f"--studies {studies}: no such folder")
+    return MONAILabelDRApp(app_dir=APP_DIR, studies=os.path.realpath(studies), conf=conf)
+
+
+def _print(obj) -> None:
+    print(json.dumps(obj, indent=2, default=str))
+
+
+# ----------------------------------------------------------------------------- commands
+def cmd_demo(args) -> int:
+    from monailabel_dr.demo import write_demo
+
+    h, w = (int(v) for v in args.size.lower().split("x"))
+    if os.path.isdir(args.dir) and os.path.exists(os.path.join(args.dir, "demo_truth.csv")) and not args.overwrite:
+        print(f"demo datastore already present at {args.dir} (use --overwrite to regenerate)")
+    else:
+        if args.overwrite and os.path.isdir(args.dir):
+            shutil.rmtree(args.dir)
+        _print(write_demo(args.dir, n=args.n, labelled=args.labelled, seed=args.seed, size=(h, w)))
+    if args.serve:
+        conf = [["train_on_start", "grading"], ["models", "all"]] + (args.conf or [])
+        return _serve(args.dir, conf, args.host, args.port)
+    return 0
+
+
+def _serve(studies: str, conf: list, host: str, port: int) -> int:
+    cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", APP_DIR, "--studies",
+           os.path.realpath(studies), "--host", host, "--port", str(port)]
+    for k, v in conf:
+        cmd += ["--conf", k, v]
+    env = dict(os.environ)
+    env.setdefault("MONAI_LABEL_TRACKING_ENABLED", "false")
+    print("starting:", " ".join(cmd), flush=True)
+    os.execvpe(cmd[0], cmd, env)
+    return 0  # not reached
+
+
+def cmd_serve(args) -> int:
+    return _serve(args.studies, args.conf or [], args.host, args.port)
+
+
+def cmd_import(args) -> int:
+    from monailabel_dr.lib.importers import import_grades, import_idrid
+
+    if not args.grades and not args.idrid:
+        raise SystemExit("import: give --grades CSV and/or --idrid PATH")
+    os.makedirs(args.studies, exist_ok=True)
+    app = make_app(args.studies, _conf(args))
+    ds = app.datastore()
+    out = {}
+    if args.idrid:
+        out.update(import_idrid(ds, args.idrid, limit=args.limit))
+    if args.grades:
+        out.update(import_grades(ds, args.grades, images_dir=args.images))
+    _print(out)
+    return 0
+
+
+def cmd_train(args) -> int:
+    app = make_app(args.studies, _conf(args))
+    request = {"model": args.model}
+    if args.epochs:
+        request["max_epochs"] = args.epochs
+    if args.name:
+        request["name"] = args.name
+    if args.val_split is not None:
+        request["val_split"] = args.val_split
+    if args.params:
+        request.update(json.loads(args.params))
+    stats = app.train(request)
+    _print(stats)
+    return 0
+
+
+def cmd_infer(args) -> int:
+    app = make_app(args.studies, _conf(args))
+    request = {"model": args.model}
+    if args.params:
+        request.update(json.loads(args.params))
+    if args.file:
+        task = app._infers.get(args.model)
+        if task is None:
+            raise SystemExit(f"unknown model {args.model}; available: {sorted(app._infers)}")
+        label, result = task({**request, "image": os.path.realpath(args.file)})
+    elif args.image:
+        res = app.infer({**request, "image": args.image})
+        label, result = res.get("file"), res.get("params")
+    else:
+        raise SystemExit("infer: give --image ID (datastore) or --file PATH")
+    if label and args.output:
+        shutil.copy(label, args.output)
+        result["label_file"] = os.path.realpath(args.output)
+    elif label:
+        result["label_file"] = label
+    _print(result)
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from monailabel_dr.lib.evaluation import evaluate_grading
+
+    if args.model not in ("grading",):
+        raise SystemExit(f"evaluate: {args.model} is not evaluable yet (grading is)")
+    app = make_app(args.studies or _tmp_studies(), _conf(args))
+    report = evaluate_grading(app, studies=args.studies if args.phantoms is None else None,
+                              phantoms=args.phantoms, seed=args.seed, size=args.size)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+    _print(report)
+    return 0
+
+
+def _tmp_studies() -> str:
+    import tempfile
+
+    return tempfile.mkdtemp(prefix="mldr_eval_")
+
+
+def cmd_conf(args) -> int:
+    from monailabel_dr.config import conf_table_markdown
+
+    print(conf_table_markdown())
+    return 0
+
+
+# ----------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="monailabel-dr", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp, studies_required=True):
+        sp.add_argument("--studies", required=studies_required, help="datastore folder (images + labels/)")
+        sp.add_argument("--conf", nargs=2, action="append", metavar=("KEY", "VALUE"), help="app option, as for start_server")
+        sp.add_argument("--device", help="cpu, cuda, cuda:N (default: auto)")
+
+    d = sub.add_parser("demo", help="write the demo datastore of synthetic fundus phantoms")
+    d.add_argument("dir")
+    d.add_argument("--n", type=int, default=400, help="number of images (default 400)")
+    d.add_argument("--labelled", type=int, default=160, help="how many get a grade label (default 160)")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--size", default="480x640", help="HxW of the phantoms (default 480x640)")
+    d.add_argument("--overwrite", action="store_true")
+    d.add_argument("--serve", action="store_true", help="then start the server on it and train the grader in the background")
+    d.add_argument("--host", default="127.0.0.1")
+    d.add_argument("--port", type=int, default=8000)
+    d.add_argument("--conf", nargs=2, action="append", metavar=("KEY", "VALUE"))
+    d.set_defaults(func=cmd_demo)
+
+    s = sub.add_parser("serve", help="start the MONAI Label server with this app")
+    s.add_argument("--studies", required=True)
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--conf", nargs=2, action="append", metavar=("KEY", "VALUE"))
+    s.set_defaults(func=cmd_serve)
+
+    i = sub.add_parser("import", help="import a grades CSV and/or an IDRiD-layout lesion dataset into a datastore")
+    common(i)
+    i.add_argument("--grades", help="CSV with columns image,grade")
+    i.add_argument("--images", help="folder to take images from when the CSV names images not yet in the datastore")
+    i.add_argument("--idrid", help="folder in the IDRiD layout: images/NAME.jpg, masks/<LES>/NAME_<LES>.png")
+    i.add_argument("--limit", type=int, help="import only the first N IDRiD images")
+    i.set_defaults(func=cmd_import)
+
+    t = sub.add_parser("train", help="train a model on the datastore's final labels (same trainer as the server)")
+    t.add_argument("model")
+    common(t)
+    t.add_argument("--epochs", type=int)
+    t.add_argument("--name", help="run name (reusing one resumes from its best model)")
+    t.add_argument("--val-split", type=float)
+    t.add_argument("--params", help="extra train request JSON")
+    t.set_defaults(func=cmd_train)
+
+    f = sub.add_parser("infer", help="run a model's infer task on a datastore image or a file")
+    f.add_argument("model")
+    common(f)
+    f.add_argument("--image", help="datastore image id")
+    f.add_argument("--file", help="image file (not added to the datastore)")
+    f.add_argument("--output", help="copy the result label file here")
+    f.add_argument("--params", help="request parameters as JSON, e.g. '{\"target\": \"MA\"}'")
+    f.set_defaults(func=cmd_infer)
+
+    e = sub.add_parser("evaluate", help="metrics of a model on a datastore's labels or on fresh phantoms")
+    e.add_argument("model")
+    common(e, studies_required=False)
+    e.add_argument("--phantoms", type=int, help="evaluate on N fresh phantoms instead of a datastore")
+    e.add_argument("--seed", type=int, default=1_000_000, help="first phantom seed (default 1000000: never used by the demo)")
+    e.add_argument("--size", default="480x640")
+    e.add_argument("--json", help="also write the report here")
+    e.set_defaults(func=cmd_evaluate)
+
+    c = sub.add_parser("conf", help="print the --conf options as a table")
+    c.set_defaults(func=cmd_conf)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

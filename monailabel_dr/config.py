@@ -1,0 +1,202 @@
+"""The model table, network profiles and the app's `--conf` options.
+
+Model sizes and profiles are data (YAML files in ``configs/``); this module only
+reads them and the string-valued ``--conf`` options MONAI Label passes in.
+Nothing here imports MONAI Label, so the CLI and tests can use it directly.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+# Every --conf key the app understands, with its default and meaning (the README table
+# is generated from the same text; `monailabel-dr conf` prints it).
+CONF_OPTIONS: dict[str, tuple[str, str]] = {
+    "models": ("all", "Models to serve: `all` or a comma list of rows of configs/models.yaml (e.g. `grading`)."),
+    "device": ("auto", "`auto` (CUDA when available, else CPU), `cpu`, `cuda` or `cuda:N`."),
+    "profile": ("(per model default)", "Network profile for every model: a key of `profiles:` in the model's config (`tiny`, `demo`, `paper`)."),
+    "<model>_profile": ("", "Profile for one model, e.g. `grading_profile paper`."),
+    "image_size": ("(profile)", "Working resolution (square side, px) for every model; overrides the profile."),
+    "<model>_image_size": ("", "Working resolution for one model."),
+    "<model>_checkpoint": ("", "Serve this checkpoint file for the model instead of the one trained in `model_dir`."),
+    "model_dir": ("<app>/model", "Folder where trained models are published and runs are kept."),
+    "max_image_pixels": ("40000000", "Largest image accepted (pixels); larger uploads and requests get HTTP 422."),
+    "min_image_side": ("64", "Smallest image side accepted (px)."),
+    "train_on_start": ("", "Comma list of models to train in the background when the server starts (the demo uses `grading`)."),
+    "<model>_max_epochs": ("(profile)", "Default number of epochs for the model's trainer."),
+    "cam_threshold": ("0.65", "CAM region-proposal threshold on the min-max normalised map (the CAM paper's value)."),
+    "cam_method": ("cam", "`cam` (GAP + linear head, the paper) or `gradcam` (monai.visualize.GradCAM)."),
+}
+
+
+@dataclass
+class ModelSpec:
+    """One row of configs/models.yaml."""
+
+    name: str
+    description: str
+    network_config: str
+    infers: dict[str, str]
+    trainer: str | None
+    checkpoint: str
+    strategies: dict[str, str] = field(default_factory=dict)
+    scoring: dict[str, str] = field(default_factory=dict)
+
+    def network_profiles(self) -> dict[str, Any]:
+        with open(CONFIG_DIR / self.network_config) as f:
+            return yaml.safe_load(f)
+
+
+def load_model_table(path: str | os.PathLike | None = None) -> dict[str, ModelSpec]:
+    path = Path(path) if path else CONFIG_DIR / "models.yaml"
+    with open(path) as f:
+        raw = yaml.safe_load(f) or {}
+    table = {}
+    for name, row in raw.items():
+        table[name] = ModelSpec(
+            name=name,
+            description=row.get("description", ""),
+            network_config=row["network_config"],
+            infers=dict(row.get("infers") or {}),
+            trainer=row.get("trainer"),
+            checkpoint=row.get("checkpoint", f"{name}.pt"),
+            strategies=dict(row.get("strategies") or {}),
+            scoring=dict(row.get("scoring") or {}),
+        )
+    return table
+
+
+def import_object(ref: str):
+    """Import "package.module:Name"."""
+    module, _, name = ref.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+@dataclass
+class ModelSettings:
+    """Resolved settings of one model (profile + overrides)."""
+
+    spec: ModelSpec
+    profile_name: str
+    image_size: int
+    network: dict
+    train: dict
+    checkpoint_override: str | None
+    model_dir: str
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def published_path(self) -> str:
+        """Where the trainer publishes the best model and the infer task looks first."""
+        return os.path.join(self.model_dir, self.spec.checkpoint)
+
+    @property
+    def serve_path(self) -> str:
+        """The checkpoint the infer tasks serve: the --conf override if given, else the published one."""
+        return self.checkpoint_override or self.published_path
+
+
+@dataclass
+class AppSettings:
+    models: dict[str, ModelSettings]
+    device: str
+    max_image_pixels: int
+    min_image_side: int
+    train_on_start: list[str]
+    extra: dict = field(default_factory=dict)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.extra.get(key, default)
+
+
+class ConfError(ValueError):
+    pass
+
+
+def resolve_device(device: str) -> str:
+    device = (device or "auto").strip().lower()
+    if device == "auto":
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def parse_conf(conf: dict[str, Any] | None, app_dir: str, table: dict[str, ModelSpec] | None = None) -> AppSettings:
+    """Turn MONAI Label's string `--conf` dict into typed settings (raises ConfError on bad values)."""
+    conf = {str(k): v for k, v in (conf or {}).items()}
+    table = table or load_model_table()
+
+    wanted = str(conf.get("models", "all")).strip()
+    names = list(table) if wanted in ("", "all") else [m.strip() for m in wanted.split(",") if m.strip()]
+    unknown = [m for m in names if m not in table]
+    if unknown:
+        raise ConfError(f"--conf models: unknown model(s) {unknown}; available: {sorted(table)}")
+
+    model_dir = str(conf.get("model_dir") or os.path.join(app_dir, "model"))
+    models: dict[str, ModelSettings] = {}
+    for name in names:
+        spec = table[name]
+        profiles = spec.network_profiles()
+        profile_name = str(conf.get(f"{name}_profile") or conf.get("profile") or profiles.get("default_profile"))
+        if profile_name not in profiles["profiles"]:
+            raise ConfError(
+                f"--conf {name}_profile: unknown profile '{profile_name}' for {name}; "
+                f"available: {sorted(profiles['profiles'])}"
+            )
+        profile = copy.deepcopy(profiles["profiles"][profile_name])
+        size = conf.get(f"{name}_image_size") or conf.get("image_size") or profile["image_size"]
+        try:
+            size = int(size)
+        except ValueError as e:
+            raise ConfError(f"--conf image_size must be an integer, got {size!r}") from e
+        if size < 16 or size > 4096:
+            raise ConfError(f"--conf image_size {size} is outside 16..4096")
+        train = dict(profile.get("train") or {})
+        if conf.get(f"{name}_max_epochs"):
+            train["max_epochs"] = int(conf[f"{name}_max_epochs"])
+        ckpt = conf.get(f"{name}_checkpoint") or None
+        if ckpt:
+            ckpt = os.path.realpath(os.path.expanduser(str(ckpt)))
+        models[name] = ModelSettings(
+            spec=spec,
+            profile_name=profile_name,
+            image_size=size,
+            network=dict(profile.get("network") or {}),
+            train=train,
+            checkpoint_override=ckpt,
+            model_dir=model_dir,
+        )
+
+    train_on_start = [m.strip() for m in str(conf.get("train_on_start", "")).split(",") if m.strip()]
+    bad = [m for m in train_on_start if m not in models]
+    if bad:
+        raise ConfError(f"--conf train_on_start names models that are not served: {bad}")
+
+    return AppSettings(
+        models=models,
+        device=resolve_device(str(conf.get("device", "auto"))),
+        max_image_pixels=int(conf.get("max_image_pixels", 40_000_000)),
+        min_image_side=int(conf.get("min_image_side", 64)),
+        train_on_start=train_on_start,
+        extra={k: v for k, v in conf.items()},
+    )
+
+
+def conf_table_markdown() -> str:
+    rows = ["| `--conf` key | default | meaning |", "|---|---|---|"]
+    for k, (d, m) in CONF_OPTIONS.items():
+        rows.append(f"| `{k}` | `{d}` | {m} |")
+    return "\n".join(rows)

@@ -1,0 +1,39 @@
+"""Lesion and grade vocabulary shared by every model, label file and viewer output."""
+
+from __future__ import annotations
+
+# Order matters: it is the channel order of every multi-lesion output and the
+# label-map value minus one (MA=1, HE=2, EX=3, SE=4).
+LESIONS: tuple[str, ...] = ("MA", "HE", "EX", "SE")
+
+LESION_NAMES: dict[str, str] = {
+    "MA": "Microaneurysms",
+    "HE": "Haemorrhages",
+    "EX": "Hard exudates",
+    "SE": "Soft exudates",
+}
+
+# Label-map values (0 = background) used in every label map written for viewers.
+LESION_VALUES: dict[str, int] = {name: i + 1 for i, name in enumerate(LESIONS)}
+
+# RGB colours (0-255) shown in 3D Slicer / OHIF.
+LESION_COLORS: dict[str, tuple[int, int, int]] = {
+    "MA": (255, 0, 0),
+    "HE": (128, 0, 128),
+    "EX": (255, 255, 0),
+    "SE": (0, 170, 255),
+}
+
+# International Clinical Diabetic Retinopathy (ICDR) severity scale.
+GRADES: tuple[str, ...] = (
+    "No DR",
+    "Mild NPDR",
+    "Moderate NPDR",
+    "Severe NPDR",
+    "Proliferative DR",
+)
+REFERABLE_MIN_GRADE = 2  # referable DR = ICDR grade >= 2 (moderate NPDR or worse)
+
+
+def is_referable(grade: int) -> bool:
+    return int(grade) >= REFERABLE_MIN_GRADE

@@ -1,0 +1,154 @@
+"""Local datastore for fundus photographs: MONAI Label's LocalDatastore plus validation.
+
+Everything is checked *before* a file is copied or the datastore JSON changes:
+ids (no path traversal), file types, decodability, image size limits, a field
+of view, and label content (grade JSON schema; label maps of the image's size
+with values 0-4).  Problems raise 4xx errors from :mod:`.errors`.
+
+Final labels of different kinds live side by side in ``labels/final``:
+``ID.grade.json`` (grade / lesion presence) and ``ID.png|.nrrd|.nii.gz`` (lesion
+label map).  MONAI Label's model keeps one label per tag, pointing at the last one
+saved; :meth:`final_label_files` finds every kind on disk, so saving a lesion map
+never hides an image's grade from the grading trainer.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from typing import Any
+
+import numpy as np
+from monailabel.datastore.local import LocalDatastore
+from monailabel.interfaces.datastore import DefaultLabelTag
+
+from monailabel_dr.fundus import geometry, io
+from monailabel_dr.fundus.labels import GRADE_LABEL_SUFFIX, LabelFormatError, parse_grade_label
+from monailabel_dr.fundus.lesions import LESIONS
+from monailabel_dr.lib.errors import BadInput, Conflict, NotFound, UnsupportedType, check_id, check_tag
+
+logger = logging.getLogger(__name__)
+
+IMAGE_PATTERNS = [f"*{e}" for e in io.IMAGE_EXTENSIONS] + [f"*{e.upper()}" for e in io.IMAGE_EXTENSIONS]
+LABEL_MAP_EXTENSIONS = io.LABEL_EXTENSIONS  # .png, .nrrd, .nii.gz
+# Patterns MONAI Label lists images and labels by (``*.grade.json`` for grade labels; never
+# ``*.json``, which would register ``datastore_v2.json`` itself as an image).
+DATASTORE_PATTERNS = IMAGE_PATTERNS + ["*.nrrd", f"*{GRADE_LABEL_SUFFIX}"]
+
+
+class FundusDatastore(LocalDatastore):
+    def __init__(self, path: str, max_pixels: int = io.DEFAULT_MAX_PIXELS, min_side: int = io.DEFAULT_MIN_SIDE,
+                 auto_reload: bool = False, read_only: bool = False):
+        self.max_pixels = int(max_pixels)
+        self.min_side = int(min_side)
+        super().__init__(path, extensions=DATASTORE_PATTERNS, auto_reload=auto_reload, read_only=read_only)
+
+    # ----------------------------------------------------------------- images
+    def validate_image_file(self, filename: str) -> np.ndarray:
+        """Decode and check an image file; returns the decoded array (display orientation)."""
+        ext = io.file_extension(filename)
+        if ext not in io.IMAGE_EXTENSIONS:
+            raise UnsupportedType(
+                f"unsupported image type '{ext or os.path.basename(filename)}'; accepted: {', '.join(io.IMAGE_EXTENSIONS)}"
+            )
+        try:
+            img = io.read_image(filename, max_pixels=self.max_pixels, min_side=self.min_side)
+            geometry.detect_fov(io.to_rgb_float(img))
+        except io.FundusIOError as e:
+            raise BadInput(str(e)) from e
+        return img
+
+    def add_image(self, image_id: str, image_filename: str, image_info: dict[str, Any]) -> str:
+        if image_id:
+            check_id(image_id, "image")
+        else:
+            image_id, _ = self._to_id(os.path.basename(image_filename))
+            check_id(image_id, "image")
+        if image_id in self._datastore.objects:
+            raise Conflict(f"image '{image_id}' already exists; delete it first or upload under another id")
+        img = self.validate_image_file(image_filename)
+        info = dict(image_info or {})
+        info.update({"height": int(img.shape[0]), "width": int(img.shape[1]),
+                     "channels": 1 if img.ndim == 2 else int(img.shape[2])})
+        return super().add_image(image_id, image_filename, info)
+
+    def get_image_uri(self, image_id: str) -> str:
+        from monailabel_dr.lib.errors import is_valid_id
+
+        if not is_valid_id(str(image_id)):
+            return ""
+        return super().get_image_uri(image_id)
+
+    def image_size(self, image_id: str) -> tuple[int, int]:
+        info = self.get_image_info(image_id)
+        if "height" in info and "width" in info:
+            return int(info["height"]), int(info["width"])
+        img = io.read_image(self.get_image_uri(image_id), max_pixels=self.max_pixels, min_side=1)
+        return int(img.shape[0]), int(img.shape[1])
+
+    # ----------------------------------------------------------------- labels
+    def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any]) -> str:
+        check_id(image_id, "image")
+        check_tag(label_tag)
+        if image_id not in self._datastore.objects:
+            raise NotFound(f"image '{image_id}' is not in the datastore")
+        ext = io.file_extension(label_filename)
+        tmpdir = tempfile.mkdtemp(prefix="mldr_label_")
+        try:
+            if ext in (".json", GRADE_LABEL_SUFFIX) or label_filename.lower().endswith(GRADE_LABEL_SUFFIX):
+                try:
+                    with open(label_filename, encoding="utf-8") as f:
+                        label = parse_grade_label(json.load(f))
+                except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                    raise BadInput(f"grade label is not valid JSON: {e}") from e
+                except LabelFormatError as e:
+                    raise BadInput(str(e)) from e
+                clean = os.path.join(tmpdir, image_id + GRADE_LABEL_SUFFIX)
+                with open(clean, "w", encoding="utf-8") as f:
+                    json.dump(label.to_json(), f, indent=1)
+                info = dict(label_info or {})
+                info["kind"] = "grade"
+                info["grade"] = label.grade
+                return super().save_label(image_id, clean, label_tag, info)
+            if ext not in LABEL_MAP_EXTENSIONS:
+                raise UnsupportedType(
+                    f"unsupported label type '{ext}'; accepted: a grade label (.json) or a label map "
+                    f"({', '.join(LABEL_MAP_EXTENSIONS)}); jpg is refused because it is lossy"
+                )
+            try:
+                lab = io.read_label(label_filename)
+            except (io.FundusIOError, ValueError, OSError) as e:
+                raise BadInput(f"label map cannot be read: {e}") from e
+            h, w = self.image_size(image_id)
+            if lab.shape != (h, w):
+                raise BadInput(f"label map is {lab.shape[1]}x{lab.shape[0]} but image '{image_id}' is {w}x{h} (width x height)")
+            values = np.unique(lab)
+            if values.min() < 0 or values.max() > len(LESIONS):
+                raise BadInput(
+                    f"label map values must be 0 (background) or 1-{len(LESIONS)} "
+                    f"({', '.join(f'{i + 1}={n}' for i, n in enumerate(LESIONS))}); found {values.tolist()[:10]}"
+                )
+            clean = os.path.join(tmpdir, image_id + ext)
+            shutil.copy(label_filename, clean)
+            info = dict(label_info or {})
+            info["kind"] = "lesion_map"
+            return super().save_label(image_id, clean, label_tag, info)
+        finally:
+            shutil.rmtree(tmpdir, ignore_errors=True)
+
+    def final_label_files(self, image_id: str, tag: str = DefaultLabelTag.FINAL) -> dict[str, str]:
+        """Every kind of label of an image present on disk: {"grade": path, "lesion_map": path}."""
+        folder = self._datastore.label_path(tag)
+        found: dict[str, str] = {}
+        p = os.path.join(folder, image_id + GRADE_LABEL_SUFFIX)
+        if os.path.isfile(p):
+            found["grade"] = os.path.realpath(p)
+        for ext in LABEL_MAP_EXTENSIONS:
+            p = os.path.join(folder, image_id + ext)
+            if os.path.isfile(p):
+                found["lesion_map"] = os.path.realpath(p)
+                break
+        return found

@@ -1,0 +1,181 @@
+"""Shared behaviour of every infer task of the app, on top of MONAI Label's BasicInferTask.
+
+- never serve random weights: a model without a checkpoint answers HTTP 409 with
+  how to train it or where to put a checkpoint;
+- unusable images answer HTTP 422 (the fundus I/O error message), not 500;
+- `info()` reports the model's state (trained or not, which checkpoint, when);
+- the same MONAI pre-transforms (LoadFundusd + per-image standardisation, as in
+  the CAM paper) for every model; outputs are restored to the input geometry.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import os
+import tempfile
+from typing import Any, Callable, Sequence
+
+import torch
+from monai.transforms import NormalizeIntensityd
+from monailabel.tasks.infer.basic_infer import BasicInferTask
+
+from monailabel_dr.config import AppSettings, ModelSettings
+from monailabel_dr.fundus import io
+from monailabel_dr.lib.errors import BadInput, ClientError, ModelNotTrained, find_cause
+from monailabel_dr.transforms import LoadFundusd
+
+logger = logging.getLogger(__name__)
+
+
+def checkpoint_state(path: str) -> dict[str, Any]:
+    """Trained/untrained state of a checkpoint path, for /info and result JSON."""
+    if path and os.path.isfile(path):
+        st = os.stat(path)
+        return {
+            "trained": True,
+            "checkpoint": path,
+            "modified": _dt.datetime.fromtimestamp(st.st_mtime).isoformat(timespec="seconds"),
+            "size_bytes": st.st_size,
+        }
+    return {"trained": False, "checkpoint": path}
+
+
+def load_weights(network: torch.nn.Module, path: str, device: str, key: str = "model") -> torch.nn.Module:
+    """Load a MONAI CheckpointSaver file ({"model": state_dict}) or a bare state_dict."""
+    checkpoint = torch.load(path, map_location=torch.device(device), weights_only=True)
+    state = checkpoint.get(key, checkpoint) if isinstance(checkpoint, dict) else checkpoint
+    network.load_state_dict(state, strict=True)
+    return network
+
+
+class FundusInferTask(BasicInferTask):
+    """Base for the app's infer tasks; subclasses set type, labels and post-processing."""
+
+    require_colour = True
+
+    def __init__(
+        self,
+        name: str,
+        model: ModelSettings,
+        app: AppSettings,
+        network: torch.nn.Module,
+        type: str,
+        labels: Any,
+        description: str,
+        config: dict[str, Any] | None = None,
+    ):
+        cfg = {"device": app.device, "result_extension": ".png"}
+        cfg.update(config or {})
+        super().__init__(
+            path=[model.serve_path],
+            network=network,
+            type=type,
+            labels=labels,
+            dimension=2,
+            description=description,
+            config=cfg,
+            load_strict=True,
+        )
+        self.name = name
+        self.model = model
+        self.app_settings = app
+
+    # ------------------------------------------------------------------ state
+    def is_valid(self) -> bool:
+        # Listed in /info even when untrained, so clients see the state and how to train.
+        return True
+
+    def state(self) -> dict[str, Any]:
+        s = checkpoint_state(self.model.serve_path)
+        s.update({"profile": self.model.profile_name, "image_size": self.model.image_size,
+                  "weights_model": self.model.name})
+        if not s["trained"]:
+            s["how_to_train"] = self._untrained_message()
+        return s
+
+    def info(self) -> dict[str, Any]:
+        i = super().info()
+        i["state"] = self.state()
+        return i
+
+    def _untrained_message(self) -> str:
+        m = self.model.name
+        return (
+            f"model '{self.name}' has no trained weights yet (expected {self.model.serve_path}). "
+            f"Train it: `curl -X POST 'http://HOST:PORT/train/{m}?run_sync=false'` after saving final labels, "
+            f"or offline `monailabel-dr train {m} --studies DATASTORE`; or put a checkpoint at that path, "
+            f"or start the server with `--conf {m}_checkpoint /path/to/{m}.pt`."
+        )
+
+    # ------------------------------------------------------------- transforms
+    def pre_transforms(self, data=None) -> Sequence[Callable]:
+        return [
+            LoadFundusd(
+                keys="image",
+                size=self.model.image_size,
+                max_pixels=self.app_settings.max_image_pixels,
+                min_side=self.app_settings.min_image_side,
+                require_colour=self.require_colour,
+            ),
+            # The CAM paper standardises every image by its own mean and std.
+            NormalizeIntensityd(keys="image"),
+        ]
+
+    def post_transforms(self, data=None) -> Sequence[Callable]:
+        return []
+
+    def inverse_transforms(self, data=None):
+        return None  # outputs are restored explicitly with the recorded FundusGeometry
+
+    # ---------------------------------------------------------------- running
+    def __call__(self, request, callbacks=None):
+        if not os.path.isfile(self.model.serve_path):
+            raise ModelNotTrained(self._untrained_message())
+        ext = str(request.get("result_extension") or self._config.get("result_extension") or ".png").lower()
+        if ext not in io.LABEL_EXTENSIONS:
+            raise BadInput(f"result_extension {ext!r} is not supported; use one of {', '.join(io.LABEL_EXTENSIONS)} (never jpg)")
+        try:
+            return super().__call__(request, callbacks)
+        except ClientError:
+            raise
+        except Exception as e:  # MONAI wraps transform errors in RuntimeError: unwrap ours
+            cause = find_cause(e, (ClientError,))
+            if cause is not None:
+                raise cause
+            cause = find_cause(e, (io.FundusIOError,))
+            if cause is not None:
+                raise BadInput(str(cause)) from e
+            raise
+
+    def _get_network(self, device, data):
+        path = self.model.serve_path
+        if not os.path.isfile(path):
+            raise ModelNotTrained(self._untrained_message())
+        mtime = os.stat(path).st_mtime
+        cached = self._networks.get(device)
+        if cached and cached[1] == mtime:
+            return cached[0]
+        import copy
+
+        network = copy.deepcopy(self.network).to(torch.device(device))
+        try:
+            load_weights(network, path, device)
+        except Exception as e:
+            raise ModelNotTrained(
+                f"checkpoint {path} for model '{self.name}' cannot be loaded into the '{self.model.profile_name}' "
+                f"profile network ({type(e).__name__}: {str(e)[:300]}). Retrain the model or point "
+                f"--conf {self.model.name}_checkpoint to a checkpoint of this profile."
+            ) from e
+        network.eval()
+        self._networks[device] = (network, mtime)
+        return network
+
+    def result_path(self, data: dict) -> str:
+        ext = str(data.get("result_extension") or ".png").lower()
+        return tempfile.NamedTemporaryFile(suffix=ext, delete=False).name
+
+    def model_json(self) -> dict[str, Any]:
+        s = checkpoint_state(self.model.serve_path)
+        return {"name": self.model.name, "profile": self.model.profile_name, "checkpoint": s.get("checkpoint"),
+                "modified": s.get("modified")}

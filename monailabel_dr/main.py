@@ -1,0 +1,152 @@
+"""The MONAI Label app: `monailabel start_server --app monailabel_dr --studies DIR`.
+
+Everything served is built from one table (``configs/models.yaml``): each row's
+infer tasks, trainer, strategies and scoring methods, with network profiles and
+checkpoints chosen by ``--conf`` (see :mod:`monailabel_dr.config` and the README).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from typing import Any
+
+from monailabel.interfaces.app import MONAILabelApp
+from monailabel.interfaces.tasks.infer_v2 import InferTask
+from monailabel.interfaces.tasks.scoring import ScoringMethod
+from monailabel.interfaces.tasks.strategy import Strategy
+from monailabel.interfaces.tasks.train import TrainTask
+from monailabel.tasks.activelearning.first import First
+from monailabel.tasks.activelearning.random import Random
+
+import monailabel_dr
+from monailabel_dr.config import import_object, load_model_table, parse_conf
+from monailabel_dr.lib.errors import InvalidId, NotFound, is_valid_id
+
+logger = logging.getLogger(__name__)
+
+
+class MONAILabelDRApp(MONAILabelApp):
+    """Diabetic retinopathy app: grading + CAM (and the models later rows add)."""
+
+    def __init__(self, app_dir: str, studies: str, conf: dict[str, Any]):
+        # Attributes used by the init_* hooks must exist before MONAILabelApp.__init__ runs them.
+        self.table = load_model_table()
+        self.settings = parse_conf(conf, app_dir, self.table)
+        for model in self.settings.models.values():
+            os.makedirs(model.model_dir, exist_ok=True)
+        super().__init__(
+            app_dir=app_dir,
+            studies=studies,
+            conf=conf,
+            name="monailabel-dr",
+            description="Diabetic retinopathy in colour fundus photographs: grading, CAM, lesion models",
+            version=monailabel_dr.__version__,
+        )
+
+    # ------------------------------------------------------------- hooks
+    def init_datastore(self):
+        if self.studies.startswith(("http://", "https://")):
+            return super().init_datastore()
+        from monailabel.config import settings
+
+        from monailabel_dr.lib.datastore import FundusDatastore
+
+        return FundusDatastore(
+            self.studies,
+            max_pixels=self.settings.max_image_pixels,
+            min_side=self.settings.min_image_side,
+            auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
+            read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,
+        )
+
+    def init_infers(self) -> dict[str, InferTask]:
+        infers: dict[str, InferTask] = {}
+        for name, model in self.settings.models.items():
+            for infer_name, ref in model.spec.infers.items():
+                infers[infer_name] = import_object(ref)(infer_name, model, self.settings)
+        return infers
+
+    def init_trainers(self) -> dict[str, TrainTask]:
+        return {
+            name: import_object(model.spec.trainer)(model, self.settings)
+            for name, model in self.settings.models.items()
+            if model.spec.trainer
+        }
+
+    def init_strategies(self) -> dict[str, Strategy]:
+        strategies: dict[str, Strategy] = {"random": Random(), "first": First()}
+        for model in self.settings.models.values():
+            for name, ref in model.spec.strategies.items():
+                strategies[name] = import_object(ref)(model, self.settings)
+        return strategies
+
+    def init_scoring_methods(self) -> dict[str, ScoringMethod]:
+        methods: dict[str, ScoringMethod] = {}
+        for model in self.settings.models.values():
+            for name, ref in model.spec.scoring.items():
+                methods[name] = import_object(ref)(model, self.settings)
+        return methods
+
+    def on_init_complete(self):
+        super().on_init_complete()
+        for model in self.settings.train_on_start:
+            logger.info(f"train_on_start: starting background training of '{model}'")
+            self.async_training(model, enqueue=True)
+
+    # ------------------------------------------------------------- info
+    def info(self):
+        meta = super().info()
+        meta["model_state"] = {name: task.state() for name, task in self._infers.items() if hasattr(task, "state")}
+        meta["profiles"] = {name: m.profile_name for name, m in self.settings.models.items()}
+        return meta
+
+    # ------------------------------------------------------------- request checks (4xx, not 500)
+    def _check_model(self, model: str | None, tasks: dict, what: str) -> None:
+        if not model or model not in tasks:
+            raise NotFound(f"unknown {what} '{model}'; available: {sorted(tasks)}")
+
+    @staticmethod
+    def _is_uploaded_file(path: str) -> bool:
+        """A file the /infer endpoint itself wrote from a multipart upload (NamedTemporaryFile)."""
+        real = os.path.realpath(path)
+        return (
+            os.path.isabs(path)
+            and os.path.isfile(real)
+            and os.path.dirname(real) == os.path.realpath(tempfile.gettempdir())
+            and os.path.basename(real).startswith("tmp")
+        )
+
+    def infer(self, request, datastore=None):
+        self._check_model(request.get("model"), self._infers, "model")
+        image = request.get("image")
+        if isinstance(image, str):
+            ds = datastore or self.datastore()
+            if is_valid_id(image) and ds.get_image_uri(image):
+                request = dict(request)
+                request["image"] = ds.get_image_uri(image)  # absolute path: never resolved against the CWD
+            elif not self._is_uploaded_file(image):
+                if not is_valid_id(image):
+                    raise InvalidId(f"invalid image id {image!r} (no paths; ids are file names without extension)")
+                raise NotFound(f"image '{image}' is not in the datastore")
+        return super().infer(request, datastore)
+
+    def train(self, request):
+        self._check_model(request.get("model"), self._trainers, "trainer")
+        return super().train(request)
+
+    def bundle_path(self, model):
+        # AsyncTask.run() asks for this before spawning any train job: refuse unknown models here,
+        # or `POST /train/unknown` would start a subprocess that can only fail.
+        if model is not None and model not in self._trainers and model not in self._infers:
+            raise NotFound(f"unknown model '{model}'; available: {sorted(self._trainers)}")
+        return super().bundle_path(model)
+
+    def next_sample(self, request):
+        self._check_model(request.get("strategy") or "random", self._strategies, "strategy")
+        return super().next_sample(request)
+
+    def scoring(self, request, datastore=None):
+        self._check_model(request.get("method"), self._scoring_methods, "scoring method")
+        return super().scoring(request, datastore)

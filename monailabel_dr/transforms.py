@@ -1,0 +1,72 @@
+"""MONAI transforms for fundus photographs (shared by every model's infer task and trainer).
+
+MONAI's own ``LoadImaged`` reads png/jpg as (W, H, C) through PIL and knows nothing
+about the black border of a fundus photograph; ``LoadFundusd`` owns both: it reads
+with :mod:`monailabel_dr.fundus.io` (display orientation, H x W), detects the field of
+view, crops/pads/resizes it to the model's square working size and records the
+geometry so outputs can be restored exactly to the input's pixel grid.
+
+The output is channel-first (C, S, S) float32, MONAI's convention for 2-D images.
+"""
+
+from __future__ import annotations
+
+from typing import Hashable, Mapping
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.transforms import MapTransform
+
+from monailabel_dr.fundus import geometry, io
+
+GEOMETRY_KEY = "fundus_geometry"
+FOV_KEY = "fov"
+SOURCE_INFO_KEY = "fundus_source"
+
+
+class LoadFundusd(MapTransform):
+    """Read a fundus photograph, crop its field of view and resize it to ``size`` x ``size``.
+
+    Writes ``data[key]`` (3, S, S) float32 in [0, 1], ``data["fundus_geometry"]`` (a dict,
+    see :class:`FundusGeometry`), ``data["fov"]`` (1, S, S) float32 field-of-view mask and
+    ``data["fundus_source"]`` (original size, channels, dtype, whether it was grey).
+    Raises :class:`FundusIOError` for unusable input (caller maps it to HTTP 422).
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        size: int,
+        max_pixels: int = io.DEFAULT_MAX_PIXELS,
+        min_side: int = io.DEFAULT_MIN_SIDE,
+        require_colour: bool = False,
+        allow_missing_keys: bool = False,
+    ):
+        super().__init__(keys, allow_missing_keys)
+        self.size = int(size)
+        self.max_pixels = int(max_pixels)
+        self.min_side = int(min_side)
+        self.require_colour = require_colour
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            src = d[key]
+            if isinstance(src, (str, bytes)) or hasattr(src, "__fspath__"):
+                raw = io.read_image(src, max_pixels=self.max_pixels, min_side=self.min_side)
+            else:
+                raw = np.asarray(src)
+            grey = io.is_grey(raw)
+            if grey and self.require_colour:
+                raise io.FundusIOError(
+                    "this model needs a colour (RGB) fundus photograph; the image is single-channel/grey "
+                    "(e.g. red-free), which the model was not trained on"
+                )
+            rgb = io.to_rgb_float(raw)
+            work, geom, fov = geometry.prepare(rgb, self.size)
+            d[key] = torch.from_numpy(np.ascontiguousarray(work.transpose(2, 0, 1), dtype=np.float32))
+            d[GEOMETRY_KEY] = geom.to_dict()
+            d[FOV_KEY] = torch.from_numpy(fov[None].astype(np.float32))
+            d[SOURCE_INFO_KEY] = {"height": int(raw.shape[0]), "width": int(raw.shape[1]), "grey": bool(grey)}
+        return d
