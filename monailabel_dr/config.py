@@ -27,7 +27,7 @@ CONF_OPTIONS: dict[str, tuple[str, str]] = {
     "<model>_profile": ("", "Profile for one model, e.g. `grading_profile paper`."),
     "image_size": ("(profile)", "Working resolution (square side, px) for every model; overrides the profile."),
     "<model>_image_size": ("", "Working resolution for one model."),
-    "<model>_checkpoint": ("", "Serve this checkpoint file for the model instead of the one trained in `model_dir`."),
+    "<model>_checkpoint": ("", "A checkpoint to serve until the model is trained here, and the weights training starts from (e.g. `grading_checkpoint /data/grading.pt`)."),
     "model_dir": ("<app>/model", "Folder where trained models are published and runs are kept."),
     "max_image_pixels": ("40000000", "Largest image accepted (pixels); larger uploads and requests get HTTP 422."),
     "min_image_side": ("64", "Smallest image side accepted (px)."),
@@ -104,8 +104,15 @@ class ModelSettings:
 
     @property
     def serve_path(self) -> str:
-        """The checkpoint the infer tasks serve: the --conf override if given, else the published one."""
-        return self.checkpoint_override or self.published_path
+        """The checkpoint the infer tasks serve now.
+
+        The model trained here (published in ``model_dir``) once it exists; before that the
+        ``--conf <model>_checkpoint`` file, if given (MONAI Label's convention: the last
+        existing path of a task's list is served).
+        """
+        if os.path.isfile(self.published_path) or not self.checkpoint_override:
+            return self.published_path
+        return self.checkpoint_override
 
 
 @dataclass

@@ -118,11 +118,12 @@ class FundusDatastore(LocalDatastore):
                     f"unsupported label type '{ext}'; accepted: a grade label (.json) or a label map "
                     f"({', '.join(LABEL_MAP_EXTENSIONS)}); jpg is refused because it is lossy"
                 )
+            h, w = self.image_size(image_id)
             try:
-                lab = io.read_label(label_filename)
+                # shape=: a Slicer segmentation cropped to its extent is placed back on the image grid
+                lab = io.read_label(label_filename, shape=(h, w))
             except (io.FundusIOError, ValueError, OSError) as e:
                 raise BadInput(f"label map cannot be read: {e}") from e
-            h, w = self.image_size(image_id)
             if lab.shape != (h, w):
                 raise BadInput(f"label map is {lab.shape[1]}x{lab.shape[0]} but image '{image_id}' is {w}x{h} (width x height)")
             values = np.unique(lab)
@@ -131,8 +132,8 @@ class FundusDatastore(LocalDatastore):
                     f"label map values must be 0 (background) or 1-{len(LESIONS)} "
                     f"({', '.join(f'{i + 1}={n}' for i, n in enumerate(LESIONS))}); found {values.tolist()[:10]}"
                 )
-            clean = os.path.join(tmpdir, image_id + ext)
-            shutil.copy(label_filename, clean)
+            # Store the normalised map (display orientation, identity geometry), not the raw upload.
+            clean = io.write_label(os.path.join(tmpdir, image_id + ext), lab.astype(np.uint8))
             info = dict(label_info or {})
             info["kind"] = "lesion_map"
             return super().save_label(image_id, clean, label_tag, info)

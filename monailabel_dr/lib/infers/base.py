@@ -68,7 +68,7 @@ class FundusInferTask(BasicInferTask):
         cfg = {"device": app.device, "result_extension": ".png"}
         cfg.update(config or {})
         super().__init__(
-            path=[model.serve_path],
+            path=[p for p in (model.checkpoint_override, model.published_path) if p],
             network=network,
             type=type,
             labels=labels,
