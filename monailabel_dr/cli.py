@@ -6,7 +6,7 @@ Subcommands run the same infer tasks and trainers as the server, in-process:
   monailabel-dr serve --studies DIR         start the MONAI Label server with this app
   monailabel-dr import --studies DIR --grades CSV | --idrid PATH
   monailabel-dr train MODEL --studies DIR   run a trainer on the datastore's final labels
-  monailabel-dr infer MODEL --studies DIR --image ID | --file PATH
+  monailabel-dr infer MODEL --studies DIR --image ID | --file PATH | --all
   monailabel-dr evaluate MODEL (--studies DIR | --phantoms N)
   monailabel-dr conf                        print the --conf options
 """
@@ -127,6 +127,8 @@ def cmd_infer(args) -> int:
     request = {"model": args.model}
     if args.params:
         request.update(json.loads(args.params))
+    if args.all:
+        return _infer_all(app, request, args.output)
     if args.file:
         task = app._infers.get(args.model)
         if task is None:
@@ -144,6 +146,35 @@ def cmd_infer(args) -> int:
         result["label_file"] = label
     _print(result)
     return 0
+
+
+def _infer_all(app, request: dict, output: str | None) -> int:
+    """Every image of the studies folder: one JSON line per image; label files into `output`."""
+    from monailabel_dr.lib.errors import ClientError
+
+    if output:
+        os.makedirs(output, exist_ok=True)
+    failures = 0
+    for image_id in sorted(app.datastore().list_images()):
+        try:
+            res = app.infer({**request, "image": image_id})
+        except ClientError as e:  # one unusable image does not stop the batch
+            failures += 1
+            print(json.dumps({"image": image_id, "error": e.detail, "status": e.status_code}), flush=True)
+            continue
+        result = dict(res.get("params") or {})
+        label = res.get("file")
+        if label and output:
+            ext = next((e for e in (".nii.gz", ".nrrd", ".png") if label.endswith(e)), os.path.splitext(label)[1])
+            dst = os.path.join(output, f"{image_id}_{request['model']}{ext}")
+            shutil.move(label, dst)
+            result["label_file"] = dst
+        if output:
+            with open(os.path.join(output, f"{image_id}_{request['model']}.json"), "w") as f:
+                json.dump(result, f, indent=1)
+        result.pop("latencies", None)
+        print(json.dumps({"image": image_id, **result}, default=str), flush=True)
+    return 1 if failures else 0
 
 
 def cmd_evaluate(args) -> int:
@@ -186,8 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="write the demo datastore of synthetic fundus phantoms")
     d.add_argument("dir")
-    d.add_argument("--n", type=int, default=400, help="number of images (default 400)")
-    d.add_argument("--labelled", type=int, default=160, help="how many get a grade label (default 160)")
+    d.add_argument("--n", type=int, default=600, help="number of images (default 600)")
+    d.add_argument("--labelled", type=int, default=240, help="how many get a grade label (default 240)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--size", default="480x640", help="HxW of the phantoms (default 480x640)")
     d.add_argument("--overwrite", action="store_true")
@@ -226,7 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     common(f)
     f.add_argument("--image", help="datastore image id")
     f.add_argument("--file", help="image file (not added to the datastore)")
-    f.add_argument("--output", help="copy the result label file here")
+    f.add_argument("--all", action="store_true", help="every image of --studies (a datastore or a plain folder of images)")
+    f.add_argument("--output", help="copy the result label file here (with --all: a folder for labels and JSON)")
     f.add_argument("--params", help="request parameters as JSON, e.g. '{\"target\": \"MA\"}'")
     f.set_defaults(func=cmd_infer)
 

@@ -31,7 +31,7 @@ def _one(args):
     return image_id, ph.grade, ph.lesion_presence()
 
 
-def write_demo(folder: str, n: int = 400, labelled: int = 160, seed: int = 0, size: tuple[int, int] = (480, 640),
+def write_demo(folder: str, n: int = 600, labelled: int = 240, seed: int = 0, size: tuple[int, int] = (480, 640),
                prefix: str = "fundus_", workers: int | None = None) -> dict:
     """Generate ``n`` phantoms (seeds ``seed .. seed+n-1``); label a random ``labelled`` of them."""
     if labelled > n:

@@ -45,6 +45,15 @@ def test_demo_train_infer_evaluate(tmp_path):
     assert fio.read_label(out).shape == (200, 260)
     assert "regions" in res
 
+    # a whole folder, one JSON line per image, labels into a folder
+    outdir = tmp_path / "batch"
+    proc = subprocess.run([sys.executable, "-m", "monailabel_dr.cli", "infer", "cam", "--studies", str(store), *conf,
+                           "--all", "--output", str(outdir)], capture_output=True, text=True, cwd=str(ROOT), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{"image"')]
+    assert len(lines) == 30 and all("regions" in r for r in lines)
+    assert len(list(outdir.glob("*_cam.png"))) == 30 and len(list(outdir.glob("*_cam.json"))) == 30
+
     report = run_cli("evaluate", "grading", *conf, "--phantoms", "12", "--size", "200x260")
     assert report["n"] == 12 and report["data"]["first_seed"] == 1_000_000
     assert -1 <= report["quadratic_weighted_kappa"] <= 1

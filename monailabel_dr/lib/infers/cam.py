@@ -44,7 +44,10 @@ def level_names(edges) -> dict[str, int]:
 
 def quantise(cam: np.ndarray, edges) -> np.ndarray:
     """Label map: value i+1 where cam >= edges[i] (the highest edge reached)."""
-    return np.digitize(cam, np.asarray(edges, dtype=np.float32), right=False).astype(np.uint8)
+    cam = np.asarray(cam)
+    # edges in the map's own precision, so a value exactly at an edge counts as reaching it
+    edges = np.asarray(edges, dtype=cam.dtype if cam.dtype.kind == "f" else np.float64)
+    return np.digitize(cam, edges, right=False).astype(np.uint8)
 
 
 def region_proposals(cam: np.ndarray, threshold: float = 0.65) -> list[dict]:

@@ -1,0 +1,140 @@
+"""Unit tests: grading metrics (hand-computed), the CAM grader, config parsing, label files."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from monailabel_dr.config import ConfError, load_model_table, parse_conf
+from monailabel_dr.fundus.labels import LabelFormatError, parse_grade_label
+from monailabel_dr.lib.infers.cam import quantise, region_proposals
+from monailabel_dr.metrics.grading import accuracy, confusion_matrix, quadratic_weighted_kappa, referable_auc
+from monailabel_dr.networks.cam_grader import (
+    N_OUTPUTS,
+    CAMGrader,
+    CAMGraderConfig,
+    GraderLoss,
+    make_targets,
+    split_outputs,
+)
+
+
+# ----------------------------------------------------------------------------- metrics
+def test_quadratic_kappa_hand_computed():
+    # y_true = [0, 1, 2], y_pred = [0, 2, 2] over labels 0..4:
+    # O = diag-ish counts; weights w_ij = (i-j)^2 / 16.
+    # observed weighted disagreement = (1/3) * (1/16) = 1/48
+    # marginals: true (1/3,1/3,1/3,0,0), pred (1/3,0,2/3,0,0)
+    # expected = sum_ij r_i c_j w_ij = 1/9*(0 + 4/16*2) + 1/9*(1/16 + 1/16*2) + 1/9*(4/16 + 0)
+    expected = (1 / 9) * (8 / 16) + (1 / 9) * (3 / 16) + (1 / 9) * (4 / 16)
+    kappa = 1 - (1 / 48) / expected
+    assert quadratic_weighted_kappa([0, 1, 2], [0, 2, 2]) == pytest.approx(kappa, abs=1e-9)
+    assert quadratic_weighted_kappa([0, 1, 2, 3, 4], [0, 1, 2, 3, 4]) == pytest.approx(1.0)
+    # complete reversal is worse than chance
+    assert quadratic_weighted_kappa([0, 1, 3, 4], [4, 3, 1, 0]) < 0
+    # unknown targets (-1) are ignored
+    assert quadratic_weighted_kappa([0, -1, 2], [0, 4, 2]) == pytest.approx(1.0)
+
+
+def test_accuracy_auc_confusion():
+    assert accuracy([0, 1, 2, -1], [0, 1, 1, 3]) == pytest.approx(2 / 3)
+    # referable = grade >= 2 ; scores rank 2 of the 2 positives above both negatives -> AUC 1
+    assert referable_auc([0, 1, 2, 4], [0.1, 0.2, 0.8, 0.9]) == pytest.approx(1.0)
+    # one positive ranked below one negative: 3 of 4 pairs right
+    assert referable_auc([0, 1, 2, 4], [0.1, 0.85, 0.8, 0.9]) == pytest.approx(0.75)
+    assert np.isnan(referable_auc([0, 1], [0.2, 0.3]))
+    m = confusion_matrix([0, 0, 3, 4], [0, 1, 3, 3])
+    assert m[0, 0] == 1 and m[0, 1] == 1 and m[3, 3] == 1 and m[4, 3] == 1 and m.sum() == 4
+
+
+# ----------------------------------------------------------------------------- network
+def test_cam_is_linear_decomposition_of_the_logits():
+    net = CAMGrader(CAMGraderConfig(channels=(8, 16), strides=(2, 1), cam_channels=12)).eval()
+    x = torch.randn(2, 3, 64, 64)
+    logits, cams = net.forward_with_cam(x)
+    assert logits.shape == (2, N_OUTPUTS) and cams.shape == (2, N_OUTPUTS, 32, 32)
+    # GAP of CAM_c plus the bias is the logit (Zhou et al.'s identity)
+    torch.testing.assert_close(cams.mean(dim=(2, 3)) + net.fc.bias, logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(net(x), logits)
+
+
+def test_profile_resolutions_match_the_paper():
+    table = load_model_table()
+    profiles = table["grading"].network_profiles()["profiles"]
+    paper = profiles["paper"]
+    net = CAMGrader(paper["network"]).eval()
+    with torch.no_grad():
+        a = net.feature_maps(torch.zeros(1, 3, paper["image_size"], paper["image_size"]))
+    assert a.shape[-2:] == (32, 32) and a.shape[1] == 1024  # 32x32 at 512, 1024 kernels
+    demo = profiles["demo"]
+    assert demo["image_size"] // CAMGraderConfig.from_dict(demo["network"]).total_stride == 32
+
+
+def test_loss_masks_unknown_targets():
+    loss = GraderLoss()
+    logits = torch.zeros(2, N_OUTPUTS, requires_grad=True)
+    t = torch.tensor([make_targets(3, {"MA": True}), make_targets(None, {"EX": False})])
+    assert t[1, 0] == -1 and t[1, 1] == -1 and t[0, 1] == 1
+    value = loss(logits, t)
+    value.backward()
+    # only sample 0 has a grade: grade logits of sample 1 get no gradient
+    assert torch.all(logits.grad[1, :5] == 0) and torch.any(logits.grad[0, :5] != 0)
+    p = split_outputs(torch.zeros(N_OUTPUTS))
+    assert p["grade"].sum() == pytest.approx(1.0) and p["lesions"].shape == (4,)
+
+
+# ----------------------------------------------------------------------------- CAM post-processing
+def test_region_proposals_threshold_components_and_scores():
+    cam = np.zeros((40, 50), np.float32)
+    cam[5:10, 5:15] = 0.7
+    cam[7, 8] = 0.9
+    cam[20:30, 30:35] = 1.0
+    cam[35, 45] = 0.6  # below the threshold
+    regions = region_proposals(cam, 0.65)
+    assert [r["score"] for r in regions] == [1.0, 0.9]
+    assert regions[0]["bbox"] == [30, 20, 35, 30] and regions[0]["area_px"] == 50
+    assert regions[1]["bbox"] == [5, 5, 15, 10]
+    assert quantise(np.array([0.1, 0.2, 0.5, 0.65, 0.99]), (0.2, 0.4, 0.65, 0.8)).tolist() == [0, 1, 2, 3, 4]
+
+
+# ----------------------------------------------------------------------------- config
+def test_parse_conf_profiles_and_errors(tmp_path):
+    s = parse_conf({"profile": "tiny", "model_dir": str(tmp_path), "device": "cpu"}, "/app")
+    g = s.models["grading"]
+    assert g.profile_name == "tiny" and g.image_size == 64 and s.device == "cpu"
+    assert g.published_path == str(tmp_path / "grading.pt")
+    s = parse_conf({"grading_image_size": "96", "grading_max_epochs": "3"}, "/app")
+    assert s.models["grading"].image_size == 96 and s.models["grading"].train["max_epochs"] == 3
+    assert s.models["grading"].model_dir == "/app/model"
+    with pytest.raises(ConfError, match="unknown model"):
+        parse_conf({"models": "grading,nope"}, "/app")
+    with pytest.raises(ConfError, match="unknown profile"):
+        parse_conf({"profile": "huge"}, "/app")
+    with pytest.raises(ConfError, match="integer"):
+        parse_conf({"image_size": "big"}, "/app")
+
+
+def test_checkpoint_override_is_served_until_trained(tmp_path):
+    ext = tmp_path / "external.pt"
+    ext.write_bytes(b"x")
+    s = parse_conf({"grading_checkpoint": str(ext), "model_dir": str(tmp_path / "m")}, "/app")
+    g = s.models["grading"]
+    assert g.serve_path == str(ext)
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "grading.pt").write_bytes(b"y")
+    assert g.serve_path == str(tmp_path / "m" / "grading.pt")
+
+
+# ----------------------------------------------------------------------------- grade labels
+def test_grade_label_validation():
+    g = parse_grade_label({"grade": "2", "lesions": {"ma": True, "EX": 0}})
+    assert g.grade == 2 and g.lesions == {"MA": True, "EX": False}
+    assert parse_grade_label({"lesions": {"HE": True}}).grade is None
+    for bad in ([], {"grade": 5}, {"grade": -1}, {"grade": 1.5}, {"grade": True}, {},
+                {"grade": 1, "lesions": {"OD": True}}, {"grade": 1, "lesions": {"MA": "yes"}}):
+        with pytest.raises(LabelFormatError):
+            parse_grade_label(bad)
+    assert json.loads(json.dumps(g.to_json()))["grade"] == 2
