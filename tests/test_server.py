@@ -230,6 +230,16 @@ def test_grey_images_are_accepted_but_not_graded(client):
     r = client.post("/infer/grading?image=redfree")
     assert r.status_code == 422
     assert "colour" in r.json()["detail"]
+    # file names as reading centres have them (spaces, parentheses) are valid ids
+    r = client.put("/datastore/image", files={"file": ("left eye (2).jpg", _jpg_bytes(ph.image))})
+    assert r.status_code == 200, r.text
+    assert r.json()["image"] == "left eye (2)"
+    r = client.post("/infer/grading", params={"image": "left eye (2)"})
+    assert r.status_code == 200, r.text
+    # unusable files sent straight to /infer are 422 too, and the server keeps serving
+    r = client.post("/infer/grading", files={"file": ("bad.jpg", b"\xff\xd8garbage")})
+    assert r.status_code == 422, r.text
+    assert client.get("/info/").status_code == 200
 
 
 def test_demo_truth_matches_labels(phantom_store):

@@ -138,3 +138,21 @@ def test_grade_label_validation():
         with pytest.raises(LabelFormatError):
             parse_grade_label(bad)
     assert json.loads(json.dumps(g.to_json()))["grade"] == 2
+
+
+def test_targets_from_label_files_and_label_info(tmp_path):
+    from monailabel_dr.fundus import io as fio
+    from monailabel_dr.lib.trainers.grading import targets_from_labels
+
+    lab = np.zeros((80, 90), np.uint8)
+    lab[10:20, 10:20] = 3  # EX visible; an HE hidden under it is only known from the label info
+    p = fio.write_label(str(tmp_path / "x.png"), lab)
+    g = tmp_path / "x.grade.json"
+    g.write_text(json.dumps({"grade": 2, "lesions": {"MA": True}}))
+    t = targets_from_labels({"lesion_map": p})
+    assert t == [-1.0, -1.0, 0.0, 0.0, 1.0, 0.0]
+    t = targets_from_labels({"lesion_map": p}, presence={"HE": True, "EX": True})
+    assert t[2:] == [0.0, 1.0, 1.0, 0.0]
+    t = targets_from_labels({"grade": str(g), "lesion_map": p})
+    assert t[:2] == [2.0, 1.0] and t[2] == 1.0 and t[4] == 1.0
+    assert targets_from_labels({}) is None

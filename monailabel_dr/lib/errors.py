@@ -11,8 +11,9 @@ import re
 
 from fastapi import HTTPException
 
-# Image / label ids: file-name safe, no path separators, no "..", no leading dot.
-_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
+# Image / label ids become file names inside the datastore: no path separators, no control
+# characters, no leading dot or space, no "..". Spaces and other punctuation are fine.
+_ID_RE = re.compile(r"^[^/\\\x00-\x1f.\s][^/\\\x00-\x1f]{0,199}$")
 _TAG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 
 
@@ -64,8 +65,8 @@ def is_valid_id(value: str) -> bool:
 def check_id(value: str | None, what: str = "image") -> str:
     if value is None or not is_valid_id(str(value)):
         raise InvalidId(
-            f"invalid {what} id {value!r}: use 1-200 characters from A-Z a-z 0-9 . _ - "
-            f"starting with a letter or digit (no '/', no '..')"
+            f"invalid {what} id {value!r}: 1-200 characters, no '/' or '\\', no '..', "
+            f"not starting with '.' or a space"
         )
     return str(value)
 

@@ -103,10 +103,14 @@ class AtomicPublish(PublishStatsAndModel):
 
 
 # ---------------------------------------------------------------- targets
-def targets_from_labels(files: dict[str, str]) -> list[float] | None:
-    """Target vector from an image's final label files, or None if nothing usable."""
+def targets_from_labels(files: dict[str, str], presence: dict[str, bool] | None = None) -> list[float] | None:
+    """Target vector from an image's final label files, or None if nothing usable.
+
+    ``presence``: exact lesion flags kept in a lesion map's label info (e.g. by the IDRiD
+    import), which a single-valued label map cannot show where lesions overlap.
+    """
     grade = None
-    lesions: dict[str, Any] = {}
+    lesions: dict[str, Any] = {k.upper(): bool(v) for k, v in (presence or {}).items() if k.upper() in LESIONS}
     if "grade" in files:
         try:
             g = read_grade_label(files["grade"])
@@ -175,7 +179,12 @@ class GradingTrainer(BasicTrainTask):
                 files = {"grade": datastore.get_label_uri(lab, "final")} if lab and is_grade_label_file(datastore.get_label_uri(lab, "final")) else {}
             if not files:
                 continue
-            target = targets_from_labels(files)
+            presence = None
+            if "lesion_map" in files:
+                info = datastore.get_label_info(image_id, "final") or {}
+                if info.get("kind") == "lesion_map":
+                    presence = info.get("lesion_presence")
+            target = targets_from_labels(files, presence)
             if target is None:
                 continue
             items.append({"image": datastore.get_image_uri(image_id), "label": target, "id": image_id})
