@@ -107,6 +107,10 @@ def cmd_import(args) -> int:
 
 
 def cmd_train(args) -> int:
+    if not args.studies:
+        if not args.dataset:
+            raise SystemExit("train: give --studies DATASTORE or --dataset idrid:<folder>")
+        args.studies = _tmp_studies()
     app = make_app(args.studies, _conf(args))
     request = {"model": args.model}
     if args.epochs:
@@ -115,6 +119,8 @@ def cmd_train(args) -> int:
         request["name"] = args.name
     if args.val_split is not None:
         request["val_split"] = args.val_split
+    if args.dataset:
+        request["dataset_source"] = args.dataset
     if args.params:
         request.update(json.loads(args.params))
     stats = app.train(request)
@@ -245,10 +251,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a model on the datastore's final labels (same trainer as the server)")
     t.add_argument("model")
-    common(t)
+    common(t, studies_required=False)
     t.add_argument("--epochs", type=int)
     t.add_argument("--name", help="run name (reusing one resumes from its best model)")
     t.add_argument("--val-split", type=float)
+    t.add_argument("--dataset", help="train from a folder instead of the datastore's labels: idrid:<folder> (lesion_seg)")
     t.add_argument("--params", help="extra train request JSON")
     t.set_defaults(func=cmd_train)
 

@@ -70,3 +70,43 @@ class LoadFundusd(MapTransform):
             d[FOV_KEY] = torch.from_numpy(fov[None].astype(np.float32))
             d[SOURCE_INFO_KEY] = {"height": int(raw.shape[0]), "width": int(raw.shape[1]), "grey": bool(grey)}
         return d
+
+
+class LoadLesionTargetsd(MapTransform):
+    """Lesion targets in the working geometry of ``LoadFundusd`` (run it first).
+
+    Sources (per item): ``data["masks"]`` = {lesion: path} of binary masks (the IDRiD layout; a
+    lesion without a file is empty), or ``data[key]`` = path of a label map (0 background, 1 MA,
+    2 HE, 3 EX, 4 SE). Writes ``data[key]`` = float32 (m + 1, S, S): per-lesion coverage in
+    [0, 1] (area-averaged when the image is shrunk, so a 2-pixel microaneurysm is not lost to
+    nearest-neighbour sampling), and the field-of-view mask as the last channel.
+    """
+
+    def __init__(self, keys: KeysCollection = "label", masks_key: str = "masks", allow_missing_keys: bool = True):
+        super().__init__(keys, allow_missing_keys)
+        self.masks_key = masks_key
+
+    def __call__(self, data):
+        from monailabel_dr.fundus.lesions import LESION_VALUES, LESIONS
+
+        d = dict(data)
+        geom = geometry.FundusGeometry.from_dict(d[GEOMETRY_KEY])
+        shape = (geom.height, geom.width)
+        masks = d.pop(self.masks_key, None)
+        for key in self.keys:
+            if masks is None and key not in d:
+                continue
+            if masks is not None:
+                truth = {}
+                for les in LESIONS:
+                    p = masks.get(les)
+                    truth[les] = (io.read_label(p, shape=shape) > 0) if p else np.zeros(shape, bool)
+            else:
+                lab = io.read_label(d[key], shape=shape)
+                truth = {les: lab == LESION_VALUES[les] for les in LESIONS}
+            chans = [geometry.to_working(truth[les].astype(np.float32), geom, interpolation="area") for les in LESIONS]
+            fov = d[FOV_KEY]
+            fov = fov.numpy()[0] if torch.is_tensor(fov) else np.asarray(fov)[0]
+            out = np.stack([np.clip(c, 0, 1) for c in chans] + [fov.astype(np.float32)]).astype(np.float32)
+            d[key] = torch.from_numpy(out)
+        return d

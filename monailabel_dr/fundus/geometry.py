@@ -120,6 +120,9 @@ def _fill_holes(mask: np.ndarray) -> np.ndarray:
     return outside[1:-1, 1:-1] != 2
 
 
+FOV_DETECT_SIDE = 1024
+
+
 def detect_fov(rgb: np.ndarray) -> np.ndarray:
     """Boolean (H, W) field-of-view mask of an RGB float [0, 1] (or uint8/uint16, or grey) image.
 
@@ -128,13 +131,17 @@ def detect_fov(rgb: np.ndarray) -> np.ndarray:
     holes are filled. A borderless image gives (almost) the whole image. Raises
     :class:`FundusIOError` for a (nearly) uniform picture or a FOV under 5 % of it.
     """
-    bright = _brightness(rgb)
-    h, w = bright.shape
+    full = _brightness(rgb)
+    h, w = full.shape
+    # Detect on a copy at most FOV_DETECT_SIDE px wide: a 12 MP photograph gives the same
+    # border to within a few pixels, ~10x faster; the mask is scaled back with nearest.
+    scale = FOV_DETECT_SIDE / max(h, w)
+    bright = cv2.resize(full, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA) if scale < 1 else full
     if float(bright.std()) < 0.01:
         raise FundusIOError(
             "no field of view found: the image is (nearly) uniform; a colour fundus photograph is expected"
         )
-    sigma = float(np.clip(min(h, w) / 500.0, 1.0, 4.0))
+    sigma = float(np.clip(min(bright.shape) / 500.0, 1.0, 4.0))
     smooth = cv2.GaussianBlur(bright, (0, 0), sigma)
     lo, hi = (float(v) for v in np.percentile(smooth, (0.5, 99.5)))
     if hi - lo < 0.02:
@@ -149,6 +156,8 @@ def detect_fov(rgb: np.ndarray) -> np.ndarray:
         raise FundusIOError("no field of view found: no region is brighter than the background")
     largest = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
     fov = _fill_holes((labels == largest).astype(np.uint8))
+    if scale < 1:
+        fov = cv2.resize(fov.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST).astype(bool)
     fraction = float(fov.mean())
     if fraction < MIN_FOV_FRACTION:
         raise FundusIOError(

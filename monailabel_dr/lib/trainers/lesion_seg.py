@@ -1,0 +1,291 @@
+"""`lesion_seg` trainer: Lesion-Net from final lesion labels, or straight from an IDRiD-layout folder.
+
+Data:
+- server / datastore: every image with a final lesion label map (values 1-4, e.g. saved from
+  3D Slicer or written by ``monailabel-dr import --idrid``);
+- ``dataset: "idrid:<folder>"`` in the request (``monailabel-dr train lesion_seg --dataset
+  idrid:<folder>``): the per-lesion masks of that folder, exact multi-label, split into
+  train/validation by :func:`monailabel_dr.fundus.idrid.idrid_split` (ids ending in a multiple
+  of 5 validate).
+
+Each image's field of view is cropped and resized to the profile's working size (cached), then
+``patch_size`` crops are sampled with MONAI's ``RandCropByLabelClassesd`` centred on MA / HE /
+EX / SE / anywhere in the field of view in the profile's ratios, so microaneurysms (a few pixels)
+are seen in most batches. Everything outside the field of view is ignored by the loss.
+Validation runs on the whole working-size images and reports pooled Dice per lesion
+(``val_dice_MA`` ...) and their mean (``val_mean_dice``, the key metric).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+import torch
+from ignite.engine import Events
+from ignite.metrics import Metric
+from monai.handlers import LrScheduleHandler
+from monai.inferers import SimpleInferer
+from monai.transforms import (
+    ClassesToIndicesd,
+    DeleteItemsd,
+    EnsureTyped,
+    NormalizeIntensityd,
+    RandAdjustContrastd,
+    RandCropByLabelClassesd,
+    RandFlipd,
+    RandRotate90d,
+    RandScaleIntensityd,
+    RandShiftIntensityd,
+)
+from monailabel.interfaces.datastore import Datastore
+from monailabel.tasks.train.basic_train import BasicTrainTask, Context
+
+from monailabel_dr.config import AppSettings, ModelSettings
+from monailabel_dr.fundus.lesions import LESIONS
+from monailabel_dr.lib.errors import BadInput, Conflict
+from monailabel_dr.lib.trainers.grading import AtomicPublish, stack_pred_label
+from monailabel_dr.networks.lesion_net import LesionLoss, build_lesion_net
+from monailabel_dr.transforms import FOV_KEY, GEOMETRY_KEY, SOURCE_INFO_KEY, LoadFundusd, LoadLesionTargetsd
+
+logger = logging.getLogger(__name__)
+
+_DROP = [GEOMETRY_KEY, SOURCE_INFO_KEY, FOV_KEY, "label_cls_indices", "id", "split"]
+
+
+class PooledLesionDice(Metric):
+    """Pooled Dice 2TP / (2TP + FP + FN) over an epoch, per lesion or their mean, inside the field of view.
+
+    Targets are the soft coverages of LoadLesionTargetsd, read as lesion where >= 0.5;
+    predictions are lesion where sigmoid(logit) >= 0.5. The mean is over lesions with any
+    positive pixel (truth or prediction) in the epoch.
+    """
+
+    def __init__(self, lesion: int | None = None, output_transform=stack_pred_label):
+        self.lesion = lesion
+        super().__init__(output_transform=output_transform)
+
+    def reset(self):
+        self.tp = np.zeros(len(LESIONS))
+        self.fp = np.zeros(len(LESIONS))
+        self.fn = np.zeros(len(LESIONS))
+
+    def update(self, output):
+        logits, target = output
+        fov = target[:, -1:] > 0.5
+        pred = (torch.sigmoid(logits.float()) >= 0.5) & fov
+        truth = (target[:, :-1] >= 0.5) & fov
+        dims = (0, 2, 3)
+        self.tp += (pred & truth).sum(dims).cpu().numpy()
+        self.fp += (pred & ~truth).sum(dims).cpu().numpy()
+        self.fn += (~pred & truth).sum(dims).cpu().numpy()
+
+    def compute(self):
+        denom = 2 * self.tp + self.fp + self.fn
+        dice = np.where(denom > 0, 2 * self.tp / np.maximum(denom, 1), np.nan)
+        if self.lesion is not None:
+            v = dice[self.lesion]
+            return 0.0 if np.isnan(v) else float(v)
+        return float(np.nanmean(dice)) if np.any(~np.isnan(dice)) else 0.0
+
+
+def idrid_items(folder: str) -> list[dict]:
+    from monailabel_dr.fundus.idrid import idrid_image_path, idrid_split, list_idrid
+
+    ids = list_idrid(folder)
+    if not ids:
+        raise BadInput(f"{folder}: no images/ in the IDRiD layout (images/NAME.jpg, masks/<LES>/NAME_<LES>.png)")
+    _, val = idrid_split(ids)
+    val = set(val)
+    items = []
+    for image_id in ids:
+        masks = {}
+        for les in LESIONS:
+            for ext in (".png", ".tif"):
+                p = os.path.join(folder, "masks", les, f"{image_id}_{les}{ext}")
+                if os.path.isfile(p):
+                    masks[les] = p
+                    break
+        items.append({"image": idrid_image_path(folder, image_id), "masks": masks, "id": image_id,
+                      "split": "val" if image_id in val else "train"})
+    return items
+
+
+class LesionSegTrainer(BasicTrainTask):
+    def __init__(self, model: ModelSettings, app: AppSettings):
+        self.model = model
+        self.app_settings = app
+        t = model.train
+        config = {
+            "name": "train_01",
+            "pretrained": True,
+            "device": app.device,
+            "max_epochs": int(t.get("max_epochs", 20)),
+            "early_stop_patience": -1,
+            "val_split": float(t.get("val_split", 0.2)),
+            "train_batch_size": int(t.get("batch_size", 2)),
+            "val_batch_size": 1,
+            "learning_rate": float(t.get("learning_rate", 1e-3)),
+            "dataset": "CacheDataset",
+            "dataloader": "DataLoader",
+            "multi_gpu": True,
+            "gpus": "all",
+            "tracking": "None",
+            "tracking_uri": "",
+            "tracking_experiment_name": "",
+        }
+        super().__init__(
+            model_dir=os.path.join(model.model_dir, model.name),
+            description=f"Train Lesion-Net ({model.profile_name} profile, {model.image_size} px) from final lesion labels",
+            config=config,
+            amp=app.device.startswith("cuda"),
+            publish_path=model.published_path,
+            load_path=model.checkpoint_override,
+            key_metric_filename="model.pt",
+            val_interval=int(t.get("val_interval", 1)),
+            tracking=None,
+        )
+        self._loss: LesionLoss | None = None
+
+    # ------------------------------------------------------------ data
+    def pre_process(self, request, datastore: Datastore):
+        dataset = request.get("dataset_source") or ""
+        if dataset:
+            kind, _, folder = str(dataset).partition(":")
+            if kind != "idrid" or not folder:
+                raise BadInput(f"dataset {dataset!r}: use idrid:<folder>")
+            return idrid_items(os.path.realpath(os.path.expanduser(folder)))
+        items = []
+        finder = getattr(datastore, "final_label_files", None)
+        for image_id in sorted(datastore.list_images()):
+            files = finder(image_id) if finder else {}
+            if "lesion_map" in files:
+                items.append({"image": datastore.get_image_uri(image_id), "label": files["lesion_map"], "id": image_id})
+        if not items:
+            raise Conflict("no final lesion label maps to train Lesion-Net on: save label maps (values 1-4) "
+                           "from 3D Slicer / PUT /datastore/label, or `monailabel-dr import --idrid FOLDER`")
+        return items
+
+    def partition_datalist(self, context: Context, shuffle=False):
+        if any("split" in d for d in context.datalist):
+            train = [d for d in context.datalist if d.get("split") != "val"]
+            val = [d for d in context.datalist if d.get("split") == "val"]
+            return train, val
+        if len(context.datalist) < 3:
+            context.request["val_split"] = 0.0
+        return super().partition_datalist(context, shuffle=shuffle)
+
+    def _load(self):
+        return [
+            LoadFundusd(keys="image", size=self.model.image_size, max_pixels=self.app_settings.max_image_pixels,
+                        min_side=self.app_settings.min_image_side),
+            LoadLesionTargetsd(keys="label"),
+            NormalizeIntensityd(keys="image"),
+        ]
+
+    def train_pre_transforms(self, context: Context):
+        t = self.model.train
+        p = int(t.get("patch_size", 384))
+        ratios = [float(r) for r in t.get("class_ratios", [1] * (len(LESIONS) + 1))]
+        return [
+            *self._load(),
+            ClassesToIndicesd(keys="label", num_classes=len(LESIONS) + 1),
+            RandCropByLabelClassesd(
+                keys=["image", "label"], label_key="label", spatial_size=(p, p), ratios=ratios,
+                num_classes=len(LESIONS) + 1, num_samples=int(t.get("samples_per_image", 4)),
+                indices_key="label_cls_indices", allow_smaller=True,
+            ),
+            DeleteItemsd(keys=_DROP),
+            RandFlipd(keys=["image", "label"], prob=0.5, spatial_axis=0),
+            RandFlipd(keys=["image", "label"], prob=0.5, spatial_axis=1),
+            RandRotate90d(keys=["image", "label"], prob=0.5),
+            RandScaleIntensityd(keys="image", factors=0.1, prob=0.5),
+            RandShiftIntensityd(keys="image", offsets=0.1, prob=0.5),
+            RandAdjustContrastd(keys="image", gamma=(0.8, 1.25), prob=0.3),
+            EnsureTyped(keys=["image", "label"], track_meta=False),
+        ]
+
+    def val_pre_transforms(self, context: Context):
+        return [*self._load(), DeleteItemsd(keys=_DROP), EnsureTyped(keys=["image", "label"], track_meta=False)]
+
+    def train_post_transforms(self, context: Context):
+        return None
+
+    def val_post_transforms(self, context: Context):
+        return None
+
+    # ------------------------------------------------------------ model
+    def network(self, context: Context):
+        return build_lesion_net(self.model.network)
+
+    def optimizer(self, context: Context):
+        lr = float(context.request.get("learning_rate", self.model.train.get("learning_rate", 1e-3)))
+        return torch.optim.AdamW(context.network.parameters(), lr=lr,
+                                 weight_decay=float(self.model.train.get("weight_decay", 1e-4)))
+
+    def loss_function(self, context: Context):
+        t = self.model.train
+        self._loss = LesionLoss(kind=str(t.get("loss", "dual_dice")), lam=float(t.get("lambda", 0.8)),
+                                pos_weight=t.get("pos_weight"))
+        if str(t.get("loss_schedule", "dual")) == "paper" and self._loss.kind == "dual_dice":
+            self._loss.use_dual = False  # pixel Dice until the learning rate first drops
+        return self._loss
+
+    def lr_scheduler_handler(self, context: Context):
+        epochs = int(context.max_epochs)
+        if str(self.model.train.get("loss_schedule", "dual")) == "paper":
+            # a 10x drop at 60 % of the epochs; the dual loss starts there (the paper's schedule)
+            sched = torch.optim.lr_scheduler.StepLR(context.optimizer, step_size=max(1, int(0.6 * epochs)), gamma=0.1)
+        else:
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(context.optimizer, T_max=max(1, epochs))
+        return LrScheduleHandler(sched, print_lr=True, epoch_level=True)
+
+    def train_handlers(self, context: Context):
+        handlers = super().train_handlers(context)
+        if str(self.model.train.get("loss_schedule", "dual")) == "paper":
+            handlers.append(_SwitchToDualOnLrDrop(self))
+        return handlers
+
+    def train_inferer(self, context: Context):
+        return SimpleInferer()
+
+    def val_inferer(self, context: Context):
+        return SimpleInferer()
+
+    def train_key_metric(self, context: Context):
+        return {"train_mean_dice": PooledLesionDice()}
+
+    def val_key_metric(self, context: Context):
+        return {"val_mean_dice": PooledLesionDice()}
+
+    def val_additional_metrics(self, context: Context):
+        return {f"val_dice_{les}": PooledLesionDice(i) for i, les in enumerate(LESIONS)}
+
+    def finalize(self, context: Context):
+        if context.local_rank == 0:
+            publisher = AtomicPublish(
+                self._stats_path, self._publish_path, self._key_metric_filename, context.start_ts,
+                context.run_id, context.output_dir, context.trainer, context.evaluator,
+            )
+            (context.evaluator or context.trainer).add_event_handler(Events.EPOCH_COMPLETED, publisher)
+
+
+class _SwitchToDualOnLrDrop:
+    """The paper's schedule: train with the pixel Dice, switch to the dual Dice when the lr first drops."""
+
+    def __init__(self, task: LesionSegTrainer):
+        self.task = task
+        self.initial_lr = None
+
+    def attach(self, engine):
+        engine.add_event_handler(Events.EPOCH_STARTED, self)
+
+    def __call__(self, engine):
+        lr = engine.optimizer.param_groups[0]["lr"]
+        if self.initial_lr is None:
+            self.initial_lr = lr
+        loss = self.task._loss
+        if loss is not None and not loss.use_dual and lr < self.initial_lr:
+            loss.use_dual = True
+            logger.info(f"epoch {engine.state.epoch}: learning rate dropped to {lr:g}; switching to the dual Dice loss")

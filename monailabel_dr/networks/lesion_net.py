@@ -1,0 +1,159 @@
+"""Lesion-Net (Wei et al., ``../shared/papers/Lesion-Net.md``) and its losses.
+
+- Contracting path: a MONAI ResNet (widths and depths from the profile; the paper
+  used Inception-v3, METHODS.md allows any MONAI/torchvision backbone). Its
+  feature maps sit at strides 2 (stem), 4, 8, 16 and 32.
+- Expansive path of adjustable length, "Lesion-Net-Xs" for X in {32, 16, 8, 4, 2}:
+  starting from the stride-32 map, at each kept stride a 1x1 convolution maps the
+  features to the lesion channels, a parameter-free bilinear x2 upsampling
+  enlarges them, and the result is concatenated with the next finer feature map
+  (U-Net-style merge); a final 1x1 convolution gives one logit map per lesion,
+  bilinearly upsampled to the input size. Per-lesion sigmoid outputs: a pixel may
+  carry several lesions.
+- Image-level presence P_j = global max of map j.
+- Dual Dice loss: lambda * Dice_pixel + (1 - lambda) * Dice_image (lambda = 0.8),
+  with the paper's schedule as an option (pixel Dice until the learning rate
+  first drops); weighted BCE and focal loss as alternatives.
+
+This module knows nothing of MONAI Label.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from monai.losses import DiceLoss, FocalLoss
+from monai.networks.nets import ResNet
+
+from monailabel_dr.fundus.lesions import LESIONS
+
+N_LESIONS = len(LESIONS)
+VALID_CUTS = (32, 16, 8, 4, 2)
+
+
+@dataclass
+class LesionNetConfig:
+    in_channels: int = 3
+    widths: Sequence[int] = (32, 64, 128, 256)   # ResNet block widths of layer1..layer4
+    depths: Sequence[int] = (1, 1, 1, 1)         # blocks per layer
+    cut: int = 8                                  # Lesion-Net-<cut>s
+    out_channels: int = N_LESIONS
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LesionNetConfig":
+        keys = ("in_channels", "widths", "depths", "cut", "out_channels")
+        return cls(**{k: d[k] for k in keys if k in d})
+
+
+class LesionNet(nn.Module):
+    def __init__(self, config: LesionNetConfig | dict | None = None):
+        super().__init__()
+        cfg = LesionNetConfig.from_dict(config) if isinstance(config, dict) else (config or LesionNetConfig())
+        if int(cfg.cut) not in VALID_CUTS:
+            raise ValueError(f"cut must be one of {VALID_CUTS} (Lesion-Net-Xs), got {cfg.cut}")
+        self.config = cfg
+        self.backbone = ResNet(
+            block="basic",
+            layers=list(cfg.depths),
+            block_inplanes=list(cfg.widths),
+            spatial_dims=2,
+            n_input_channels=cfg.in_channels,
+            conv1_t_size=7,
+            conv1_t_stride=2,
+            feed_forward=False,
+            num_classes=1,
+        )
+        self.backbone.avgpool = nn.Identity()
+        m = cfg.out_channels
+        # channels of the feature maps at strides 2, 4, 8, 16, 32
+        stem = self.backbone.bn1.num_features
+        chans = {2: stem, 4: cfg.widths[0], 8: cfg.widths[1], 16: cfg.widths[2], 32: cfg.widths[3]}
+        self.levels = [s for s in (32, 16, 8, 4, 2) if s >= cfg.cut]  # coarse -> fine, ending at the cut
+        # At every kept stride but the finest: 1x1 conv to the lesion channels, then x2 bilinear
+        # and concatenation with the next finer map (so the next 1x1 sees m + C_finer channels).
+        self.reduce = nn.ModuleDict()
+        in_ch = chans[32]
+        for coarse, fine in zip(self.levels[:-1], self.levels[1:]):
+            self.reduce[str(coarse)] = nn.Conv2d(in_ch, m, kernel_size=1)
+            in_ch = m + chans[fine]
+        self.head = nn.Conv2d(in_ch, m, kernel_size=1)
+
+    def features(self, x: torch.Tensor) -> dict[int, torch.Tensor]:
+        b = self.backbone
+        f2 = b.act(b.bn1(b.conv1(x)))
+        f4 = b.layer1(b.maxpool(f2))
+        f8 = b.layer2(f4)
+        f16 = b.layer3(f8)
+        f32 = b.layer4(f16)
+        return {2: f2, 4: f4, 8: f8, 16: f16, 32: f32}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-lesion logits (B, m, H, W) at the input size."""
+        size = x.shape[-2:]
+        f = self.features(x)
+        y = f[32]
+        for coarse, fine in zip(self.levels[:-1], self.levels[1:]):
+            y = self.reduce[str(coarse)](y)
+            y = F.interpolate(y, size=f[fine].shape[-2:], mode="bilinear", align_corners=False)
+            y = torch.cat([y, f[fine]], dim=1)
+        y = self.head(y)
+        return F.interpolate(y, size=size, mode="bilinear", align_corners=False)
+
+
+def presence_from_probs(probs: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Image-level presence P_j = global max of map j (inside `mask` when given): (B, m)."""
+    if mask is not None:
+        probs = probs * mask
+    return torch.amax(probs, dim=(-2, -1))
+
+
+class LesionLoss(nn.Module):
+    """Segmentation losses of the paper and its comparisons, restricted to the field of view.
+
+    kind: ``dual_dice`` (default: lambda*Dice_pixel + (1-lambda)*Dice_image), ``dice`` (pixel Dice only),
+    ``wbce`` (BCE with per-lesion positive weights), ``focal`` (alpha 0.8, gamma 2 as in the paper's comparison).
+    ``use_dual`` can be switched by the trainer for the paper's schedule.
+    Dice terms are computed over the whole mini-batch per lesion (MONAI DiceLoss with batch=True), as the paper's
+    batch-level formulation.
+    """
+
+    def __init__(self, kind: str = "dual_dice", lam: float = 0.8, pos_weight: Sequence[float] | None = None,
+                 focal_alpha: float = 0.8, focal_gamma: float = 2.0):
+        super().__init__()
+        if kind not in ("dual_dice", "dice", "wbce", "focal"):
+            raise ValueError(f"unknown loss {kind!r}")
+        self.kind = kind
+        self.lam = float(lam)
+        self.use_dual = kind == "dual_dice"
+        self.pixel_dice = DiceLoss(sigmoid=False, batch=True, smooth_nr=1e-5, smooth_dr=1e-5)
+        self.image_dice = DiceLoss(sigmoid=False, batch=True, smooth_nr=1e-5, smooth_dr=1e-5)
+        self.register_buffer("pos_weight", torch.as_tensor(pos_weight if pos_weight is not None else [1.0] * N_LESIONS,
+                                                           dtype=torch.float32))
+        self.focal = FocalLoss(alpha=focal_alpha, gamma=focal_gamma, use_softmax=False)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """target: (B, m + 1, H, W): m lesion masks, then the field-of-view mask (1 inside)."""
+        target = target.to(logits.dtype)
+        fov = target[:, -1:]
+        truth = target[:, :-1]
+        if self.kind == "wbce":
+            w = fov * (1 + (self.pos_weight.view(1, -1, 1, 1) - 1) * truth)
+            return F.binary_cross_entropy_with_logits(logits, truth, weight=w, reduction="sum") / fov.sum().clamp_min(1)
+        if self.kind == "focal":
+            return self.focal(logits * fov, truth * fov)
+        probs = torch.sigmoid(logits) * fov
+        truth = truth * fov
+        loss = self.pixel_dice(probs, truth)
+        if self.use_dual:
+            p_img = presence_from_probs(probs)[..., None]           # (B, m, 1)
+            t_img = torch.amax(truth, dim=(-2, -1))[..., None]
+            loss = self.lam * loss + (1 - self.lam) * self.image_dice(p_img, t_img)
+        return loss
+
+
+def build_lesion_net(network_config: dict) -> LesionNet:
+    return LesionNet(LesionNetConfig.from_dict(network_config))
