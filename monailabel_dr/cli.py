@@ -184,10 +184,28 @@ def _infer_all(app, request: dict, output: str | None) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from monailabel_dr.lib.evaluation import evaluate_grading
+    from monailabel_dr.lib.evaluation import evaluate_grading, evaluate_lesions, lesion_summary
 
+    if args.model == "lesion_seg":
+        if not args.dataset:
+            raise SystemExit("evaluate lesion_seg: give --dataset idrid:<folder>")
+        task = None
+        if not args.predictions:
+            conf = _conf(args)
+            conf.setdefault("models", "lesion_seg")
+            if args.checkpoint:  # exactly this checkpoint: an empty model dir so nothing shadows it
+                conf["lesion_seg_checkpoint"] = os.path.realpath(args.checkpoint)
+                conf["model_dir"] = _tmp_studies()
+            task = make_app(args.studies or _tmp_studies(), conf)._infers["lesion_seg"]
+        report = evaluate_lesions(args.dataset, task=task, predictions=args.predictions, split=args.split,
+                                  n_boot=args.n_boot)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(report, f, indent=1, default=str)
+        print(lesion_summary(report))
+        return 0
     if args.model not in ("grading",):
-        raise SystemExit(f"evaluate: {args.model} is not evaluable yet (grading is)")
+        raise SystemExit(f"evaluate: {args.model} is not evaluable yet (grading, lesion_seg are)")
     app = make_app(args.studies or _tmp_studies(), _conf(args))
     report = evaluate_grading(app, studies=args.studies if args.phantoms is None else None,
                               phantoms=args.phantoms, seed=args.seed, size=args.size)
@@ -276,6 +294,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=1_000_000, help="first phantom seed (default 1000000: never used by the demo)")
     e.add_argument("--size", default="480x640")
     e.add_argument("--json", help="also write the report here")
+    e.add_argument("--dataset", help="lesion_seg: idrid:<folder> with images/ and masks/<LES>/")
+    e.add_argument("--checkpoint", help="lesion_seg: evaluate exactly this checkpoint")
+    e.add_argument("--predictions", help="lesion_seg: evaluate a folder of predicted masks (<LES>/<ID>_<LES>.png) instead of a model")
+    e.add_argument("--split", default="val", choices=["val", "train", "all"], help="lesion_seg: which IDRiD ids (default val)")
+    e.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the 95 %% CIs")
     e.set_defaults(func=cmd_evaluate)
 
     c = sub.add_parser("conf", help="print the --conf options as a table")

@@ -62,3 +62,96 @@ def evaluate_grading(app, studies: str | None = None, phantoms: int | None = Non
     report["model"] = task.model_json()
     report["seconds"] = round(time.time() - t0, 1)
     return report
+
+
+def _predicted_masks_folder(folder: str, image_id: str, shape) -> dict[str, np.ndarray]:
+    """Probabilities from a folder of predicted masks in the IDRiD layout (<LES>/<ID>_<LES>.png, 0-255 or 0/1)."""
+    from monailabel_dr.fundus.lesions import LESIONS
+
+    out = {}
+    for les in LESIONS:
+        p = os.path.join(folder, les, f"{image_id}_{les}.png")
+        if os.path.isfile(p):
+            a = io.read_label(p, shape=shape).astype(np.float32)
+            out[les] = a / 255.0 if a.max() > 1 else a
+        else:
+            out[les] = np.zeros(shape, np.float32)
+    return out
+
+
+def evaluate_lesions(dataset: str, task=None, predictions: str | None = None, split: str = "val",
+                     n_boot: int = 1000, threshold: float = 0.5, froc_threshold: float = 0.5) -> dict:
+    """Lesion segmentation metrics on an IDRiD-layout folder, at full resolution.
+
+    Either ``task`` (a lesion_seg infer task: its probability maps) or ``predictions`` (a folder of
+    predicted masks in the IDRiD layout) is evaluated against ``dataset``'s masks, inside the field
+    of view detected on each photograph. ``split``: ``val`` (ids ending in a multiple of 5, as the
+    trainer holds out), ``train`` or ``all``.
+    """
+    from monailabel_dr.fundus import geometry
+    from monailabel_dr.fundus.idrid import idrid_image_path, idrid_masks, idrid_split, list_idrid
+    from monailabel_dr.fundus.lesions import LESIONS
+    from monailabel_dr.metrics.lesions import FROCAccumulator, LesionSegAccumulator
+
+    kind, _, folder = dataset.partition(":")
+    if kind != "idrid" or not folder:
+        raise SystemExit(f"--dataset {dataset!r}: use idrid:<folder>")
+    ids = list_idrid(folder)
+    train, val = idrid_split(ids)
+    ids = {"val": val, "train": train, "all": ids}[split]
+    seg = LesionSegAccumulator(threshold=threshold)
+    froc = {les: FROCAccumulator() for les in LESIONS}
+    t0 = time.time()
+    for image_id in ids:
+        img_path = idrid_image_path(folder, image_id)
+        if task is not None:
+            probs_arr, fov = task.predict(img_path)
+            probs = {les: probs_arr[i] for i, les in enumerate(LESIONS)}
+            shape = fov.shape
+        else:
+            img = io.read_image(img_path)
+            fov = geometry.detect_fov(io.to_rgb_float(img))
+            shape = fov.shape
+            probs = _predicted_masks_folder(predictions, image_id, shape)
+        truth = idrid_masks(folder, image_id, shape=shape)
+        seg.update(image_id, probs, truth, fov)
+        for les in LESIONS:
+            froc[les].update_from_map(image_id, probs[les] * fov, truth[les] & fov, threshold=froc_threshold)
+    report = {
+        "dataset": os.path.realpath(folder),
+        "split": split,
+        "images": ids,
+        "segmentation": seg.compute(n_boot=n_boot),
+        "froc": {les: froc[les].compute() for les in LESIONS},
+        "froc_variant": f"proposals: connected components of probability >= {froc_threshold}, scored by their max; "
+                        "TP when overlapping a ground-truth lesion by >= 50 % of its area",
+        "seconds": round(time.time() - t0, 1),
+    }
+    if task is not None:
+        report["model"] = task.model_json()
+        report["working_size"] = task.model.image_size
+    else:
+        report["predictions"] = os.path.realpath(predictions)
+    return report
+
+
+def lesion_summary(report: dict) -> str:
+    from monailabel_dr.fundus.lesions import LESIONS
+
+    seg = report["segmentation"]
+    rows = ["lesion  dice_pooled [95% CI]      auc_pr [95% CI]          auc_roc  image_auc  froc"]
+    for les in (*LESIONS, "mean"):
+        m = seg.get(les, {})
+        ci = m.get("ci", {})
+
+        def f(v):
+            return "  nan" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{v:.3f}"
+
+        def c(k):
+            lo, hi = ci.get(k, [None, None])
+            return f"[{f(lo)}, {f(hi)}]"
+
+        fr = report["froc"].get(les, {}).get("froc_score") if les != "mean" else None
+        rows.append(f"{les:6s}  {f(m.get('dice_pooled'))} {c('dice_pooled'):16s}  {f(m.get('auc_pr'))} {c('auc_pr'):16s}"
+                    f"  {f(m.get('auc_roc'))}    {f(m.get('image_auc'))}      {f(fr)}")
+    return "\n".join(rows)

@@ -81,15 +81,27 @@ class LesionSegInfer(FundusInferTask):
             config={"threshold": 0.5, "output": "label", "result_extension": ".png"},
         )
 
-    def writer(self, data, extension=None, dtype=None):
+    @staticmethod
+    def full_resolution(data) -> tuple[np.ndarray, np.ndarray, geometry.FundusGeometry]:
+        """(m, H, W) probabilities (zero outside the field of view), FOV mask and geometry at the input's size."""
         geom = geometry.FundusGeometry.from_dict(data["fundus_geometry"])
-        logits = data[self.output_label_key]
+        logits = data["pred"]
         logits = logits if torch.is_tensor(logits) else torch.as_tensor(logits)
         work = torch.sigmoid(logits.float()).cpu().numpy()  # (m, S, S)
         fov_w = (data["fov"][0].numpy() if torch.is_tensor(data["fov"]) else np.asarray(data["fov"])[0]) > 0.5
         work = work * fov_w[None]
         probs = np.stack([geometry.to_original(c, geom, interpolation="linear") for c in work]).astype(np.float32)
         fov = geometry.to_original(fov_w.astype(np.uint8), geom, interpolation="nearest") > 0
+        return probs, fov, geom
+
+    def predict(self, image_path: str) -> tuple[np.ndarray, np.ndarray]:
+        """Probabilities (m, H, W) and FOV mask of one image file, through the same pipeline as /infer."""
+        _, data = self({"image": image_path, "skip_writer": True})
+        probs, fov, _ = self.full_resolution(data)
+        return probs, fov
+
+    def writer(self, data, extension=None, dtype=None):
+        probs, fov, geom = self.full_resolution(data)
         threshold = float(data.get("threshold", 0.5))
         kind = str(data.get("output", "label")).lower()
         path = self.result_path(data)

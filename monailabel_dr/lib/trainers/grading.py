@@ -12,10 +12,8 @@ weighted kappa and accuracy of the grade for training and validation epochs.
 
 from __future__ import annotations
 
-import filecmp
 import logging
 import os
-import shutil
 from typing import Any
 
 import numpy as np
@@ -23,7 +21,7 @@ import torch
 from ignite.engine import Events
 from ignite.handlers import EarlyStopping
 from ignite.metrics import EpochMetric
-from monai.handlers import LrScheduleHandler, from_engine, stopping_fn_from_metric
+from monai.handlers import LrScheduleHandler, stopping_fn_from_metric
 from monai.inferers import SimpleInferer
 from monai.transforms import (
     EnsureTyped,
@@ -36,13 +34,13 @@ from monai.transforms import (
 )
 from monailabel.interfaces.datastore import Datastore
 from monailabel.tasks.train.basic_train import BasicTrainTask, Context
-from monailabel.tasks.train.handler import PublishStatsAndModel
 
 from monailabel_dr.config import AppSettings, ModelSettings
 from monailabel_dr.fundus import io
 from monailabel_dr.fundus.labels import LabelFormatError, is_grade_label_file, read_grade_label
 from monailabel_dr.fundus.lesions import LESIONS
 from monailabel_dr.lib.errors import Conflict
+from monailabel_dr.lib.trainers.common import attach_publisher, resume_path, stack_pred_label
 from monailabel_dr.metrics.grading import accuracy, quadratic_weighted_kappa
 from monailabel_dr.networks.cam_grader import N_GRADES, GraderLoss, build_cam_grader, make_targets
 from monailabel_dr.transforms import LoadFundusd
@@ -51,14 +49,6 @@ logger = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------- metrics glue
-def stack_pred_label(output) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ignite output transform for MONAI's decollated engine output (list of dicts)."""
-    if isinstance(output, dict):
-        return output["pred"], output["label"]
-    preds, labels = from_engine(["pred", "label"])(output)
-    return torch.stack([torch.as_tensor(p) for p in preds]), torch.stack([torch.as_tensor(t) for t in labels])
-
-
 def _kappa(y_pred: torch.Tensor, y: torch.Tensor) -> float:
     k = quadratic_weighted_kappa(y[:, 0].cpu().numpy(), y_pred[:, :N_GRADES].argmax(1).cpu().numpy())
     return 0.0 if np.isnan(k) else k
@@ -75,31 +65,6 @@ def kappa_metric() -> EpochMetric:
 
 def accuracy_metric() -> EpochMetric:
     return EpochMetric(_accuracy, output_transform=stack_pred_label, check_compute_fn=False)
-
-
-# ---------------------------------------------------------------- publishing
-class AtomicPublish(PublishStatsAndModel):
-    """MONAI Label's publisher, but the model file is replaced atomically.
-
-    The stock handler copies over the served file in place, so an /infer request
-    arriving mid-copy could read half a checkpoint.
-    """
-
-    def iteration_completed(self):
-        publish_path, self._publish_path = self._publish_path, None
-        try:
-            stats = super().iteration_completed()
-        finally:
-            self._publish_path = publish_path
-        if publish_path:
-            best = os.path.join(self.output_dir, self._key_metric_filename)
-            if os.path.exists(best) and (not os.path.exists(publish_path) or not filecmp.cmp(publish_path, best, shallow=False)):
-                os.makedirs(os.path.dirname(publish_path) or ".", exist_ok=True)
-                tmp = f"{publish_path}.tmp{os.getpid()}"
-                shutil.copyfile(best, tmp)
-                os.replace(tmp, publish_path)
-                logger.info(f"New model published: {best} => {publish_path}")
-        return stats
 
 
 # ---------------------------------------------------------------- targets
@@ -278,14 +243,11 @@ class GradingTrainer(BasicTrainTask):
             context.request["val_split"] = 0.0
         return super().partition_datalist(context, shuffle=shuffle)
 
+    def load_path(self, output_dir, pretrained=True):
+        return resume_path(self, output_dir, pretrained)
+
     def finalize(self, context: Context):
-        if context.local_rank == 0:
-            publisher = AtomicPublish(
-                self._stats_path, self._publish_path, self._key_metric_filename, context.start_ts,
-                context.run_id, context.output_dir, context.trainer, context.evaluator,
-            )
-            engine = context.evaluator if context.evaluator else context.trainer
-            engine.add_event_handler(Events.EPOCH_COMPLETED, publisher)
+        attach_publisher(self, context)
         patience = int(context.request.get("early_stop_patience", 0) or 0)
         if patience > 0 and context.evaluator:
             stopper = EarlyStopping(patience=patience, score_function=stopping_fn_from_metric("val_kappa"),

@@ -45,7 +45,7 @@ from monailabel.tasks.train.basic_train import BasicTrainTask, Context
 from monailabel_dr.config import AppSettings, ModelSettings
 from monailabel_dr.fundus.lesions import LESIONS
 from monailabel_dr.lib.errors import BadInput, Conflict
-from monailabel_dr.lib.trainers.grading import AtomicPublish, stack_pred_label
+from monailabel_dr.lib.trainers.common import attach_publisher, resume_path, stack_pred_label
 from monailabel_dr.networks.lesion_net import LesionLoss, build_lesion_net
 from monailabel_dr.transforms import FOV_KEY, GEOMETRY_KEY, SOURCE_INFO_KEY, LoadFundusd, LoadLesionTargetsd
 
@@ -262,13 +262,11 @@ class LesionSegTrainer(BasicTrainTask):
     def val_additional_metrics(self, context: Context):
         return {f"val_dice_{les}": PooledLesionDice(i) for i, les in enumerate(LESIONS)}
 
+    def load_path(self, output_dir, pretrained=True):
+        return resume_path(self, output_dir, pretrained)
+
     def finalize(self, context: Context):
-        if context.local_rank == 0:
-            publisher = AtomicPublish(
-                self._stats_path, self._publish_path, self._key_metric_filename, context.start_ts,
-                context.run_id, context.output_dir, context.trainer, context.evaluator,
-            )
-            (context.evaluator or context.trainer).add_event_handler(Events.EPOCH_COMPLETED, publisher)
+        attach_publisher(self, context)
 
 
 class _SwitchToDualOnLrDrop:

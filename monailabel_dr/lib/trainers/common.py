@@ -1,0 +1,87 @@
+"""What every trainer of the app shares: publishing, resuming and the metric glue."""
+
+from __future__ import annotations
+
+import filecmp
+import logging
+import os
+import shutil
+
+import torch
+from ignite.engine import Events
+from monai.handlers import from_engine
+from monailabel.tasks.train.handler import PublishStatsAndModel
+
+logger = logging.getLogger(__name__)
+
+
+def stack_pred_label(output) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ignite output transform for MONAI's decollated engine output (list of dicts)."""
+    if isinstance(output, dict):
+        return output["pred"], output["label"]
+    preds, labels = from_engine(["pred", "label"])(output)
+    return torch.stack([torch.as_tensor(p) for p in preds]), torch.stack([torch.as_tensor(t) for t in labels])
+
+
+def _atomic_copy(src: str, dst: str) -> None:
+    os.makedirs(os.path.dirname(dst) or ".", exist_ok=True)
+    tmp = f"{dst}.tmp{os.getpid()}"
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+class AtomicPublish(PublishStatsAndModel):
+    """MONAI Label's publisher, with two changes.
+
+    - The served file is replaced atomically (the stock handler copies over it in place, so an
+      /infer arriving mid-copy could read half a checkpoint).
+    - Without validation images the *latest* weights are published each epoch: the stock rule
+      (best training metric) selects by a metric measured on random augmented patches, which is
+      noise, and can publish an early epoch that never saw a correction.
+    """
+
+    def __init__(self, *args, network=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.network = network
+
+    def iteration_completed(self):
+        publish_path, self._publish_path = self._publish_path, None
+        try:
+            stats = super().iteration_completed()
+        finally:
+            self._publish_path = publish_path
+        if not publish_path:
+            return stats
+        if self.evaluator is None and self.network is not None:
+            net = self.network.module if hasattr(self.network, "module") else self.network
+            tmp = f"{publish_path}.tmp{os.getpid()}"
+            torch.save({"model": net.state_dict()}, tmp)
+            os.replace(tmp, publish_path)
+            logger.info(f"Latest model published (no validation set): {publish_path}")
+            return stats
+        best = os.path.join(self.output_dir, self._key_metric_filename)
+        if os.path.exists(best) and (not os.path.exists(publish_path) or not filecmp.cmp(publish_path, best, shallow=False)):
+            _atomic_copy(best, publish_path)
+            logger.info(f"New model published: {best} => {publish_path}")
+        return stats
+
+
+def attach_publisher(task, context) -> None:
+    """Use in a BasicTrainTask.finalize(): publish after every validation (or epoch)."""
+    if context.local_rank != 0:
+        return
+    publisher = AtomicPublish(
+        task._stats_path, task._publish_path, task._key_metric_filename, context.start_ts,
+        context.run_id, context.output_dir, context.trainer, context.evaluator, network=context.network,
+    )
+    (context.evaluator or context.trainer).add_event_handler(Events.EPOCH_COMPLETED, publisher)
+
+
+def resume_path(task, output_dir: str, pretrained: bool = True) -> str | None:
+    """Fine-tuning starts from the model being served (published), then the run's own best, then --conf <model>_checkpoint."""
+    if pretrained and task._publish_path and os.path.exists(task._publish_path):
+        return task._publish_path
+    own = os.path.join(output_dir, task._key_metric_filename)
+    if os.path.exists(own):
+        return own
+    return task._load_path if pretrained else None

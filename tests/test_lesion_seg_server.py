@@ -1,0 +1,120 @@
+"""lesion_seg through the in-process server: Slicer-style label maps in, Lesion-Net out."""
+
+from __future__ import annotations
+
+import io as _io
+import json
+
+import nrrd
+import numpy as np
+import pytest
+
+from conftest import serve_in_process, tiny_conf
+from monailabel_dr.fundus import io as fio
+from monailabel_dr.fundus.lesions import LESION_VALUES, LESIONS
+from monailabel_dr.fundus.phantoms import make_phantom
+
+
+def slicer_nrrd(label: np.ndarray) -> bytes:
+    """A label map as 3D Slicer saves one: 3-D single slice (W, H, 1), LPS, identity directions."""
+    buf = _io.BytesIO()
+    header = {"type": "unsigned char", "dimension": 3, "space": "left-posterior-superior",
+              "space directions": np.eye(3), "space origin": np.zeros(3), "kinds": ["domain"] * 3, "encoding": "gzip"}
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(suffix=".nrrd") as f:
+        nrrd.write(f.name, label.T[:, :, None].astype(np.uint8), header, index_order="F")
+        buf.write(open(f.name, "rb").read())
+    return buf.getvalue()
+
+
+def phantom_label_map(seed: int, size=(240, 320)) -> np.ndarray:
+    ph = make_phantom(seed, size=size)
+    lab = np.zeros(size, np.uint8)
+    for les in ("EX", "SE", "HE", "MA"):
+        lab[ph.masks[les]] = LESION_VALUES[les]
+    return lab
+
+
+@pytest.fixture()
+def seg_client(phantom_store, tmp_path):
+    with serve_in_process(phantom_store, tiny_conf(tmp_path / "model", lesion_seg_image_size=128)) as c:
+        yield c
+
+
+def _save(client, image_id, label):
+    r = client.put(f"/datastore/label?image={image_id}&tag=final",
+                   files={"label": (f"{image_id}.nrrd", slicer_nrrd(label))})
+    assert r.status_code == 200, r.text
+
+
+def _infer_label(client, image_id, tmp_path):
+    r = client.post(f"/infer/lesion_seg?image={image_id}&output=all", data={"params": json.dumps({"result_extension": ".nrrd"})})
+    assert r.status_code == 200, r.text
+    from requests_toolbelt.multipart.decoder import MultipartDecoder
+
+    parts = {p.headers[b"Content-Disposition"].decode(): p.content
+             for p in MultipartDecoder(r.content, r.headers["content-type"]).parts}
+    params = json.loads(next(v for k, v in parts.items() if 'name="params"' in k))
+    out = tmp_path / f"{image_id}_pred.nrrd"
+    out.write_bytes(next(v for k, v in parts.items() if 'name="image"' in k))
+    return fio.read_label(out), params
+
+
+def test_lesion_seg_untrained_then_trained_from_slicer_labels(seg_client, phantom_store, tmp_path):
+    assert seg_client.post("/infer/lesion_seg?image=fundus_0001").status_code == 409
+    info = seg_client.get("/info/").json()
+    assert info["models"]["lesion_seg"]["type"] == "segmentation"
+    assert info["models"]["lesion_seg"]["labels"] == {les: LESION_VALUES[les] for les in LESIONS}
+    for i in range(6):
+        _save(seg_client, f"fundus_{i:04d}", phantom_label_map(i))
+    stored = fio.read_label(phantom_store / "labels" / "final" / "fundus_0000.nrrd")
+    assert np.array_equal(stored, phantom_label_map(0))  # the Slicer nrrd is stored in image orientation
+    r = seg_client.post("/train/lesion_seg?run_sync=true", json={"max_epochs": 2})
+    assert r.status_code == 200, r.text
+    stats = r.json()
+    assert "train_mean_dice" in stats["train"]["metrics"]
+    assert {f"val_dice_{les}" for les in LESIONS} <= set(stats["eval"]["metrics"])
+    lab, params = _infer_label(seg_client, "fundus_0001", tmp_path)
+    assert lab.shape == (240, 320) and set(np.unique(lab)) <= {0, 1, 2, 3, 4}
+    assert set(params["lesions"]) == set(LESIONS)
+    for les in LESIONS:
+        s = params["lesions"][les]
+        assert 0 <= s["presence_probability"] <= 1
+        assert sum(s["components_per_quadrant"].values()) == s["components"]
+    assert params["image_size"] == [240, 320]
+    # probability maps on request, as a 4-channel nrrd
+    r = seg_client.post("/infer/lesion_seg?image=fundus_0001&output=image",
+                        data={"params": json.dumps({"output": "probabilities", "result_extension": ".nrrd"})})
+    assert r.status_code == 200, r.text
+    p = tmp_path / "probs.nrrd"
+    p.write_bytes(r.content)
+    maps, names = fio.read_multichannel(p)
+    assert maps.shape == (4, 240, 320) and names == list(LESIONS)
+    assert float(maps.min()) >= 0 and float(maps.max()) <= 1
+
+
+def test_correction_is_learned(seg_client, tmp_path):
+    """Model sees no lesion -> annotator paints one and saves -> retrain (resuming) -> /infer shows it."""
+    image_id = "fundus_0005"
+    region = np.zeros((240, 320), bool)
+    region[60:180, 100:220] = True
+    _save(seg_client, image_id, np.zeros((240, 320), np.uint8))
+    _save(seg_client, "fundus_0006", np.zeros((240, 320), np.uint8))
+    r = seg_client.post("/train/lesion_seg?run_sync=true", json={"max_epochs": 10, "val_split": 0.0, "learning_rate": 0.01})
+    assert r.status_code == 200, r.text
+    before, _ = _infer_label(seg_client, image_id, tmp_path)
+    se_before = float(np.mean(before[region] == LESION_VALUES["SE"]))
+
+    corrected = np.zeros((240, 320), np.uint8)
+    corrected[region] = LESION_VALUES["SE"]  # the annotator paints a large cotton-wool region
+    _save(seg_client, image_id, corrected)
+    r = seg_client.post("/train/lesion_seg?run_sync=true", json={"max_epochs": 30, "val_split": 0.0, "learning_rate": 0.01})
+    assert r.status_code == 200, r.text
+    after, params = _infer_label(seg_client, image_id, tmp_path)
+    se_after = float(np.mean(after[region] == LESION_VALUES["SE"]))
+    outside_after = float(np.mean(after[~region] == LESION_VALUES["SE"]))
+    assert se_before < 0.2, se_before
+    assert se_after > se_before + 0.3, (se_before, se_after)
+    assert se_after > outside_after + 0.3, (se_after, outside_after)
+    assert params["lesions"]["SE"]["present"] is True
