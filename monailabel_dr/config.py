@@ -33,6 +33,8 @@ CONF_OPTIONS: dict[str, tuple[str, str]] = {
     "min_image_side": ("64", "Smallest image side accepted (px)."),
     "train_on_start": ("", "Comma list of models to train in the background when the server starts (the demo uses `grading`)."),
     "<model>_max_epochs": ("(profile)", "Default number of epochs for the model's trainer."),
+    "<model>_lesion_checkpoint": ("<model_dir>/lesion_seg.pt", "Lesion-Net weights for a lesion-attention grading profile (`grading_profile attention`); frozen while the grader trains."),
+    "<model>_attention_mode": ("FA", "Lesion attention as `FA` (F x A, the paper) or `F(1+A)`."),
     "cam_threshold": ("0.65", "CAM region-proposal threshold on the min-max normalised map (the CAM paper's value)."),
     "cam_method": ("cam", "`cam` (GAP + linear head, the paper) or `gradcam` (monai.visualize.GradCAM)."),
 }
@@ -174,6 +176,9 @@ def parse_conf(conf: dict[str, Any] | None, app_dir: str, table: dict[str, Model
         train = dict(profile.get("train") or {})
         if conf.get(f"{name}_max_epochs"):
             train["max_epochs"] = int(conf[f"{name}_max_epochs"])
+        network = dict(profile.get("network") or {})
+        if network.get("attention"):
+            network["attention"] = _resolve_attention(name, network["attention"], conf, table, model_dir)
         ckpt = conf.get(f"{name}_checkpoint") or None
         if ckpt:
             ckpt = os.path.realpath(os.path.expanduser(str(ckpt)))
@@ -181,7 +186,7 @@ def parse_conf(conf: dict[str, Any] | None, app_dir: str, table: dict[str, Model
             spec=spec,
             profile_name=profile_name,
             image_size=size,
-            network=dict(profile.get("network") or {}),
+            network=network,
             train=train,
             checkpoint_override=ckpt,
             model_dir=model_dir,
@@ -200,6 +205,27 @@ def parse_conf(conf: dict[str, Any] | None, app_dir: str, table: dict[str, Model
         train_on_start=train_on_start,
         extra={k: v for k, v in conf.items()},
     )
+
+
+def _resolve_attention(name: str, att: dict, conf: dict, table: dict[str, ModelSpec], model_dir: str) -> dict:
+    """Make a grader's ``attention`` block self-contained: the lesion network of a lesion_seg profile,
+    its working size, and the checkpoint of the lesion branch (``--conf <model>_lesion_checkpoint``,
+    default the lesion_seg model published in ``model_dir``)."""
+    if "lesion_seg" not in table:
+        raise ConfError(f"{name}: an attention profile needs the lesion_seg model in the table")
+    lesion_profiles = table["lesion_seg"].network_profiles()["profiles"]
+    lp = str(att.get("lesion_profile", "cpu"))
+    if lp not in lesion_profiles:
+        raise ConfError(f"{name}: attention.lesion_profile '{lp}' is not a lesion_seg profile ({sorted(lesion_profiles)})")
+    ckpt = conf.get(f"{name}_lesion_checkpoint") or os.path.join(model_dir, table["lesion_seg"].checkpoint)
+    return {
+        "lesion": dict(lesion_profiles[lp]["network"]),
+        "lesion_size": int(lesion_profiles[lp]["image_size"]),
+        "lesion_profile": lp,
+        "lesion_checkpoint": os.path.realpath(os.path.expanduser(str(ckpt))),
+        "mode": str(conf.get(f"{name}_attention_mode") or att.get("mode", "FA")),
+        "mid_channels": int(att.get("mid_channels", 16)),
+    }
 
 
 def conf_table_markdown() -> str:

@@ -118,3 +118,32 @@ def test_correction_is_learned(seg_client, tmp_path):
     assert se_after > se_before + 0.3, (se_before, se_after)
     assert se_after > outside_after + 0.3, (se_after, outside_after)
     assert params["lesions"]["SE"]["present"] is True
+
+
+def test_lesion_attention_grading_on_a_trained_lesion_seg(phantom_store, tmp_path):
+    conf = tiny_conf(tmp_path / "model", grading_profile="tiny_attention")
+    with serve_in_process(phantom_store, conf) as c:
+        r = c.post("/train/grading?run_sync=true", json={"max_epochs": 1})
+        assert r.status_code == 409 and "lesion_seg" in r.json()["detail"]  # needs a trained Lesion-Net first
+        for i in range(4):
+            _save(c, f"fundus_{i:04d}", phantom_label_map(i))
+        assert c.post("/train/lesion_seg?run_sync=true", json={"max_epochs": 1}).status_code == 200
+        lesion_before = (tmp_path / "model" / "lesion_seg.pt").read_bytes()
+        r = c.post("/train/grading?run_sync=true", json={"max_epochs": 2})
+        assert r.status_code == 200, r.text
+        # the lesion branch inside the published grader equals the published Lesion-Net (frozen)
+        import torch
+
+        def state(path):  # ignite saves a lone object unwrapped; our latest-publisher wraps it in {"model": ...}
+            s = torch.load(path, weights_only=True)
+            return s.get("model", s)
+
+        grader = state(tmp_path / "model" / "grading.pt")
+        lesion = state(tmp_path / "model" / "lesion_seg.pt")
+        assert (tmp_path / "model" / "lesion_seg.pt").read_bytes() == lesion_before
+        for k, v in lesion.items():
+            assert torch.equal(grader[f"lesion_net.{k}"], v), k
+        r = c.post("/infer/grading?image=fundus_0010")
+        assert r.status_code == 200 and len(r.json()["grade_probabilities"]) == 5
+        r = c.post("/infer/cam?image=fundus_0010&output=json")
+        assert r.status_code == 200, r.text

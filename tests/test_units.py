@@ -156,3 +156,41 @@ def test_targets_from_label_files_and_label_info(tmp_path):
     t = targets_from_labels({"grade": str(g), "lesion_map": p})
     assert t[:2] == [2.0, 1.0] and t[2] == 1.0 and t[4] == 1.0
     assert targets_from_labels({}) is None
+
+
+# ----------------------------------------------------------------------------- lesion-attention grader
+def test_lesion_attention_grader_freezes_lesion_branch_and_keeps_cam_identity():
+    from monailabel_dr.networks.attention_grader import LesionAttentionGrader
+
+    grader = {"channels": [8, 16], "strides": [2, 1], "cam_channels": 12, "dropout": 0.0}
+    lesion = {"widths": [8, 8, 16, 16], "depths": [1, 1, 1, 1], "cut": 8}
+    net = LesionAttentionGrader(grader, lesion, lesion_size=64)
+    net.freeze_lesion_branch()
+    frozen = {k: v.clone() for k, v in net.lesion_net.state_dict().items()}
+    opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.1)
+    net.train()
+    assert not net.lesion_net.training  # batch-norm statistics of the frozen branch stay fixed
+    x = torch.randn(2, 3, 32, 32)
+    net(x).sum().backward()
+    opt.step()
+    for k, v in net.lesion_net.state_dict().items():
+        assert torch.equal(v, frozen[k]), k
+    assert net.attention[0].weight.grad is not None and net.grader.fc.weight.grad is not None
+    net.eval()
+    logits, cams = net.forward_with_cam(x)
+    torch.testing.assert_close(cams.mean(dim=(2, 3)) + net.grader.fc.bias, logits, atol=1e-5, rtol=1e-5)
+    other = LesionAttentionGrader(grader, lesion, lesion_size=64, mode="F(1+A)")
+    other.load_state_dict(net.state_dict())
+    other.eval()
+    assert not torch.allclose(other(x), logits)
+
+
+def test_attention_profile_resolves_lesion_network(tmp_path):
+    s = parse_conf({"grading_profile": "tiny_attention", "model_dir": str(tmp_path)}, "/app")
+    att = s.models["grading"].network["attention"]
+    assert att["lesion_profile"] == "tiny" and att["lesion_size"] == 96
+    assert att["lesion_checkpoint"] == str(tmp_path / "lesion_seg.pt") and att["mode"] == "FA"
+    s = parse_conf({"grading_profile": "tiny_attention", "grading_lesion_checkpoint": "/x/l.pt",
+                    "grading_attention_mode": "F(1+A)"}, "/app")
+    assert s.models["grading"].network["attention"]["lesion_checkpoint"] == "/x/l.pt"
+    assert s.models["grading"].network["attention"]["mode"] == "F(1+A)"

@@ -186,7 +186,3 @@ class GraderLoss(nn.Module):
                 logits[:, LESION_SLICE][known], les[known]
             )
         return total
-
-
-def build_cam_grader(network_config: dict) -> CAMGrader:
-    return CAMGrader(CAMGraderConfig.from_dict(network_config))

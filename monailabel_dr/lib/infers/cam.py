@@ -32,7 +32,8 @@ from monailabel_dr.fundus import geometry, io
 from monailabel_dr.fundus.lesions import GRADES, LESIONS
 from monailabel_dr.lib.errors import BadInput
 from monailabel_dr.lib.infers.base import FundusInferTask
-from monailabel_dr.networks.cam_grader import LESION_SLICE, N_GRADES, REFERABLE_INDEX, build_cam_grader, split_outputs
+from monailabel_dr.networks.attention_grader import build_grader
+from monailabel_dr.networks.cam_grader import LESION_SLICE, N_GRADES, REFERABLE_INDEX, split_outputs
 
 DEFAULT_LEVELS = (0.2, 0.4, 0.65, 0.8)
 LEVEL_COLORS = [(0, 90, 255), (0, 200, 120), (255, 170, 0), (255, 0, 0)]
@@ -98,7 +99,7 @@ class CAMInfer(FundusInferTask):
             name=name,
             model=model,
             app=app,
-            network=build_cam_grader(model.network),
+            network=build_grader(model.network),
             type=InferType.SEGMENTATION,
             labels=level_names(edges),
             description="Class activation map of the DR grader (CAM paper) with lesion region proposals",
@@ -125,7 +126,7 @@ class CAMInfer(FundusInferTask):
         if method == "cam":
             cam = F.interpolate(cams[:, index : index + 1], size=size, mode="bilinear", align_corners=False)[0, 0]
         else:
-            gc = GradCAM(nn_module=network, target_layers="cam_conv")
+            gc = GradCAM(nn_module=network, target_layers=getattr(network, "cam_layer", "cam_conv"))
             with torch.enable_grad():
                 cam = gc(x.clone().requires_grad_(True), class_idx=index)[0, 0]
         data["cam_raw"] = cam.detach().float().cpu().numpy()

@@ -10,7 +10,8 @@ from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel_dr.config import AppSettings, ModelSettings
 from monailabel_dr.fundus.lesions import GRADES, LESIONS, REFERABLE_MIN_GRADE
 from monailabel_dr.lib.infers.base import FundusInferTask
-from monailabel_dr.networks.cam_grader import build_cam_grader, split_outputs
+from monailabel_dr.networks.attention_grader import build_grader
+from monailabel_dr.networks.cam_grader import split_outputs
 
 
 class GradingInfer(FundusInferTask):
@@ -28,7 +29,7 @@ class GradingInfer(FundusInferTask):
             name=name,
             model=model,
             app=app,
-            network=build_cam_grader(model.network),
+            network=build_grader(model.network),
             type=InferType.CLASSIFICATION,
             labels={g: i for i, g in enumerate(GRADES)},
             description="DR grading: ICDR grade 0-4, referable DR and lesion-presence probabilities",

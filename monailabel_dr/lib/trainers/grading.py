@@ -42,7 +42,8 @@ from monailabel_dr.fundus.lesions import LESIONS
 from monailabel_dr.lib.errors import Conflict
 from monailabel_dr.lib.trainers.common import attach_publisher, resume_path, stack_pred_label
 from monailabel_dr.metrics.grading import accuracy, quadratic_weighted_kappa
-from monailabel_dr.networks.cam_grader import N_GRADES, GraderLoss, build_cam_grader, make_targets
+from monailabel_dr.networks.attention_grader import build_grader
+from monailabel_dr.networks.cam_grader import N_GRADES, GraderLoss, make_targets
 from monailabel_dr.transforms import LoadFundusd
 
 logger = logging.getLogger(__name__)
@@ -198,16 +199,27 @@ class GradingTrainer(BasicTrainTask):
 
     # ------------------------------------------------------------ model
     def network(self, context: Context):
-        return build_cam_grader(self.model.network)
+        net = build_grader(self.model.network)
+        att = self.model.network.get("attention")
+        if att:  # the paper trains the grader with a pre-trained, fixed Lesion-Net
+            path = att["lesion_checkpoint"]
+            if not os.path.isfile(path):
+                raise Conflict(f"the '{self.model.profile_name}' grading profile needs a trained lesion_seg model at {path}: "
+                               f"train lesion_seg first, or set --conf {self.model.name}_lesion_checkpoint PATH")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            net.lesion_net.load_state_dict(state.get("model", state))
+            net.freeze_lesion_branch()
+        return net
 
     def optimizer(self, context: Context):
         t = self.model.train
         lr = float(context.request.get("learning_rate", t.get("learning_rate", 1e-3)))
         wd = float(t.get("weight_decay", 0.0))
-        params = context.network.parameters()
+        params = [p for p in context.network.parameters() if p.requires_grad]
         if str(t.get("optimizer", "adamw")).lower() == "sgd":
             return torch.optim.SGD(params, lr=lr, momentum=float(t.get("momentum", 0.9)), weight_decay=wd)
         return torch.optim.AdamW(params, lr=lr, weight_decay=wd)
+
 
     def loss_function(self, context: Context):
         return GraderLoss()
