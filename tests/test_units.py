@@ -194,3 +194,45 @@ def test_attention_profile_resolves_lesion_network(tmp_path):
                     "grading_attention_mode": "F(1+A)"}, "/app")
     assert s.models["grading"].network["attention"]["lesion_checkpoint"] == "/x/l.pt"
     assert s.models["grading"].network["attention"]["mode"] == "F(1+A)"
+
+
+def test_readme_documents_every_conf_option():
+    from conftest import ROOT
+    from monailabel_dr.config import CONF_OPTIONS
+
+    readme = (ROOT / "README.md").read_text()
+    missing = [k for k in CONF_OPTIONS if f"| `{k}` |" not in readme]
+    assert not missing, f"--conf options missing from the README table: {missing}"
+
+
+# ----------------------------------------------------------------------------- Lesion-Net losses
+def test_lesion_losses_dual_dice_fov_and_alternatives():
+    from monailabel_dr.networks.lesion_net import LesionLoss, LesionNet
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 4, 16, 16)
+    target = torch.zeros(2, 5, 16, 16)
+    target[:, 4] = 1  # everything inside the FOV
+    target[0, 0, 4:8, 4:8] = 1
+    pixel = LesionLoss("dice")(logits, target)
+    dual = LesionLoss("dual_dice", lam=0.8)(logits, target)
+    # hand-computed image term: presence P = max of sigmoid maps, T = any truth, Dice over the batch per lesion
+    p = torch.sigmoid(logits)
+    P, T = p.amax(dim=(2, 3)), target[:, :4].amax(dim=(2, 3))
+    img = 1 - ((2 * (P * T).sum(0) + 1e-5) / (P.sum(0) + T.sum(0) + 1e-5)).mean()
+    torch.testing.assert_close(dual, 0.8 * pixel + 0.2 * img, atol=1e-5, rtol=1e-5)
+    sched = LesionLoss("dual_dice")
+    sched.use_dual = False  # the paper's schedule before the first lr drop
+    torch.testing.assert_close(sched(logits, target), pixel)
+    # outside the field of view nothing counts: changing logits there leaves the loss unchanged
+    t2 = target.clone()
+    t2[:, 4, :, 8:] = 0
+    l2 = logits.clone()
+    l2[..., 8:] += 5
+    for kind in ("dual_dice", "wbce", "focal"):
+        loss = LesionLoss(kind)
+        torch.testing.assert_close(loss(logits, t2), loss(l2, t2), atol=1e-5, rtol=1e-4)
+    net = LesionNet({"widths": [8, 8, 8, 8], "cut": 2})
+    assert net(torch.zeros(1, 3, 64, 64)).shape == (1, 4, 64, 64)
+    with pytest.raises(ValueError):
+        LesionNet({"cut": 3})
