@@ -23,6 +23,7 @@ from monailabel_dr.fundus import geometry, io
 GEOMETRY_KEY = "fundus_geometry"
 FOV_KEY = "fov"
 SOURCE_INFO_KEY = "fundus_source"
+SOURCE_FOV_KEY = "fundus_source_fov"
 
 
 class LoadFundusd(MapTransform):
@@ -30,7 +31,8 @@ class LoadFundusd(MapTransform):
 
     Writes ``data[key]`` (3, S, S) float32 in [0, 1], ``data["fundus_geometry"]`` (a dict,
     see :class:`FundusGeometry`), ``data["fov"]`` (1, S, S) float32 field-of-view mask and
-    ``data["fundus_source"]`` (original size, channels, dtype, whether it was grey).
+    ``data["fundus_source"]`` (original size, channels, dtype, whether it was grey) and, with
+    ``keep_source_fov``, ``data["fundus_source_fov"]`` (bool (H, W) FOV at the input's size).
     Raises :class:`FundusIOError` for unusable input (caller maps it to HTTP 422).
     """
 
@@ -41,9 +43,11 @@ class LoadFundusd(MapTransform):
         max_pixels: int = io.DEFAULT_MAX_PIXELS,
         min_side: int = io.DEFAULT_MIN_SIDE,
         require_colour: bool = False,
+        keep_source_fov: bool = False,
         allow_missing_keys: bool = False,
     ):
         super().__init__(keys, allow_missing_keys)
+        self.keep_source_fov = keep_source_fov
         self.size = int(size)
         self.max_pixels = int(max_pixels)
         self.min_side = int(min_side)
@@ -64,7 +68,10 @@ class LoadFundusd(MapTransform):
                     "(e.g. red-free), which the model was not trained on"
                 )
             rgb = io.to_rgb_float(raw)
-            work, geom, fov = geometry.prepare(rgb, self.size)
+            source_fov = geometry.detect_fov(rgb)
+            work, geom, fov = geometry.prepare(rgb, self.size, fov=source_fov)
+            if self.keep_source_fov:  # inference: outputs are masked with the exact input-resolution FOV
+                d[SOURCE_FOV_KEY] = source_fov
             d[key] = torch.from_numpy(np.ascontiguousarray(work.transpose(2, 0, 1), dtype=np.float32))
             d[GEOMETRY_KEY] = geom.to_dict()
             d[FOV_KEY] = torch.from_numpy(fov[None].astype(np.float32))

@@ -101,23 +101,27 @@ def test_correction_is_learned(seg_client, tmp_path):
     region[60:180, 100:220] = True
     _save(seg_client, image_id, np.zeros((240, 320), np.uint8))
     _save(seg_client, "fundus_0006", np.zeros((240, 320), np.uint8))
-    r = seg_client.post("/train/lesion_seg?run_sync=true", json={"max_epochs": 10, "val_split": 0.0, "learning_rate": 0.01})
+    r = seg_client.post("/train/lesion_seg?run_sync=true", json={"max_epochs": 40, "val_split": 0.0, "learning_rate": 0.01,
+                                                                          "samples_per_image": 4, "patch_size": 128})
     assert r.status_code == 200, r.text
-    before, _ = _infer_label(seg_client, image_id, tmp_path)
+    before, params_before = _infer_label(seg_client, image_id, tmp_path)
     se_before = float(np.mean(before[region] == LESION_VALUES["SE"]))
 
     corrected = np.zeros((240, 320), np.uint8)
     corrected[region] = LESION_VALUES["SE"]  # the annotator paints a large cotton-wool region
     _save(seg_client, image_id, corrected)
-    r = seg_client.post("/train/lesion_seg?run_sync=true", json={"max_epochs": 30, "val_split": 0.0, "learning_rate": 0.01})
+    r = seg_client.post("/train/lesion_seg?run_sync=true", json={"max_epochs": 80, "val_split": 0.0, "learning_rate": 0.01,
+                                                                 "samples_per_image": 4, "patch_size": 128})
     assert r.status_code == 200, r.text
     after, params = _infer_label(seg_client, image_id, tmp_path)
-    se_after = float(np.mean(after[region] == LESION_VALUES["SE"]))
-    outside_after = float(np.mean(after[~region] == LESION_VALUES["SE"]))
-    assert se_before < 0.2, se_before
-    assert se_after > se_before + 0.3, (se_before, se_after)
-    assert se_after > outside_after + 0.3, (se_after, outside_after)
-    assert params["lesions"]["SE"]["present"] is True
+    se = after == LESION_VALUES["SE"]
+    se_after = float(np.mean(se[region]))
+    # before: the model had learned "no SE on this image"
+    assert se_before < 0.1, (params_before["lesions"]["SE"], se_before)
+    # after: SE is found, covers a real part of the painted region, and lies mostly inside it
+    assert params["lesions"]["SE"]["present"] is True and params["lesions"]["SE"]["presence_probability"] > 0.8
+    assert se_after > se_before + 0.15, (se_before, se_after)
+    assert se[region].sum() / max(1, se.sum()) > 0.8, (se[region].sum(), se.sum())
 
 
 def test_lesion_attention_grading_on_a_trained_lesion_seg(phantom_store, tmp_path):

@@ -219,7 +219,7 @@ def test_lesion_losses_dual_dice_fov_and_alternatives():
     # hand-computed image term: presence P = max of sigmoid maps, T = any truth, Dice over the batch per lesion
     p = torch.sigmoid(logits)
     P, T = p.amax(dim=(2, 3)), target[:, :4].amax(dim=(2, 3))
-    img = 1 - ((2 * (P * T).sum(0) + 1e-5) / (P.sum(0) + T.sum(0) + 1e-5)).mean()
+    img = 1 - ((2 * (P * T).sum(0) + 1.0) / (P.sum(0) + T.sum(0) + 1.0)).mean()  # smooth 1 (Laplace)
     torch.testing.assert_close(dual, 0.8 * pixel + 0.2 * img, atol=1e-5, rtol=1e-5)
     sched = LesionLoss("dual_dice")
     sched.use_dual = False  # the paper's schedule before the first lr drop

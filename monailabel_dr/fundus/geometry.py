@@ -324,10 +324,13 @@ def to_original(arr: np.ndarray, geom: FundusGeometry, interpolation: str = "lin
     return out
 
 
-def prepare(img: np.ndarray, out_size: int) -> tuple[np.ndarray, FundusGeometry, np.ndarray]:
-    """RGB image -> (working RGB float32 (S, S, 3), geometry, working FOV mask bool (S, S))."""
+def prepare(img: np.ndarray, out_size: int, fov: np.ndarray | None = None) -> tuple[np.ndarray, FundusGeometry, np.ndarray]:
+    """RGB image -> (working RGB float32 (S, S, 3), geometry, working FOV mask bool (S, S)).
+
+    ``fov``: a field-of-view mask already detected on this image (else it is detected here).
+    """
     rgb = to_rgb_float(img)
-    fov = detect_fov(rgb)
+    fov = detect_fov(rgb) if fov is None else np.asarray(fov, dtype=bool)
     geom = compute_geometry(fov, out_size)
     interpolation = "area" if out_size < geom.side else "linear"
     work = to_working(rgb, geom, interpolation).astype(np.float32, copy=False)

@@ -117,6 +117,7 @@ class FundusInferTask(BasicInferTask):
                 max_pixels=self.app_settings.max_image_pixels,
                 min_side=self.app_settings.min_image_side,
                 require_colour=self.require_colour,
+                keep_source_fov=True,
             ),
             # The CAM paper standardises every image by its own mean and std.
             NormalizeIntensityd(keys="image"),

@@ -144,6 +144,7 @@ class CAMInfer(FundusInferTask):
         norm = np.zeros_like(cam) if hi - lo < 1e-12 else np.clip((cam - lo) / (hi - lo), 0.0, 1.0)
         norm[~fov] = 0.0
         full = geometry.to_original(norm, geom, interpolation="linear").astype(np.float32)
+        full[~data["fundus_source_fov"]] = 0.0  # nothing outside the field of view
         threshold = float(data.get("threshold", 0.65))
         label = quantise(full, self.edges)
         names = {v: k for k, v in self.labels.items()}

@@ -91,7 +91,10 @@ class LesionSegInfer(FundusInferTask):
         fov_w = (data["fov"][0].numpy() if torch.is_tensor(data["fov"]) else np.asarray(data["fov"])[0]) > 0.5
         work = work * fov_w[None]
         probs = np.stack([geometry.to_original(c, geom, interpolation="linear") for c in work]).astype(np.float32)
-        fov = geometry.to_original(fov_w.astype(np.uint8), geom, interpolation="nearest") > 0
+        fov = data.get("fundus_source_fov")
+        if fov is None:
+            fov = geometry.to_original(fov_w.astype(np.uint8), geom, interpolation="nearest") > 0
+        probs[:, ~fov] = 0.0
         return probs, fov, geom
 
     def predict(self, image_path: str) -> tuple[np.ndarray, np.ndarray]:

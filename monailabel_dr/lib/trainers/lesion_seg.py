@@ -186,14 +186,15 @@ class LesionSegTrainer(BasicTrainTask):
 
     def train_pre_transforms(self, context: Context):
         t = self.model.train
-        p = int(t.get("patch_size", 384))
+        p = int(context.request.get("patch_size", t.get("patch_size", 384)))
         ratios = [float(r) for r in t.get("class_ratios", [1] * (len(LESIONS) + 1))]
         return [
             *self._load(),
             ClassesToIndicesd(keys="label", num_classes=len(LESIONS) + 1),
             RandCropByLabelClassesd(
                 keys=["image", "label"], label_key="label", spatial_size=(p, p), ratios=ratios,
-                num_classes=len(LESIONS) + 1, num_samples=int(t.get("samples_per_image", 4)),
+                num_classes=len(LESIONS) + 1,
+                num_samples=int(context.request.get("samples_per_image", t.get("samples_per_image", 4))),
                 indices_key="label_cls_indices", allow_smaller=True,
             ),
             DeleteItemsd(keys=_DROP),
@@ -227,7 +228,8 @@ class LesionSegTrainer(BasicTrainTask):
     def loss_function(self, context: Context):
         t = self.model.train
         self._loss = LesionLoss(kind=str(t.get("loss", "dual_dice")), lam=float(t.get("lambda", 0.8)),
-                                pos_weight=t.get("pos_weight"))
+                                pos_weight=t.get("pos_weight"), smooth=float(t.get("dice_smooth", 1.0)),
+                                bce_weight=float(t.get("bce_weight", 0.0)))
         if str(t.get("loss_schedule", "dual")) == "paper" and self._loss.kind == "dual_dice":
             self._loss.use_dual = False  # pixel Dice until the learning rate first drops
         return self._loss
