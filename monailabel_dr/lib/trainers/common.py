@@ -85,3 +85,28 @@ def resume_path(task, output_dir: str, pretrained: bool = True) -> str | None:
     if os.path.exists(own):
         return own
     return task._load_path if pretrained else None
+
+
+def trainer_config(model, app, **overrides) -> dict:
+    """The MONAI Label train config (shown in /info, overridable per request) from a model's profile."""
+    t = model.train
+    cfg = {
+        "name": "train_01",  # reusing a run name resumes it (fine-tuning)
+        "pretrained": True,
+        "device": app.device,
+        "max_epochs": int(t.get("max_epochs", 20)),
+        "early_stop_patience": -1,
+        "val_split": float(t.get("val_split", 0.2)),
+        "train_batch_size": int(t.get("batch_size", 16)),
+        "val_batch_size": int(t.get("batch_size", 16)),
+        "learning_rate": float(t.get("learning_rate", 1e-3)),
+        "multi_gpu": True,
+        "gpus": "all",
+        "dataset": "CacheDataset",
+        "dataloader": "DataLoader",
+        "tracking": "None",
+        "tracking_uri": "",
+        "tracking_experiment_name": "",
+    }
+    cfg.update(overrides)
+    return cfg

@@ -40,7 +40,7 @@ from monailabel_dr.fundus import io
 from monailabel_dr.fundus.labels import LabelFormatError, is_grade_label_file, read_grade_label
 from monailabel_dr.fundus.lesions import LESIONS
 from monailabel_dr.lib.errors import Conflict
-from monailabel_dr.lib.trainers.common import attach_publisher, resume_path, stack_pred_label
+from monailabel_dr.lib.trainers.common import attach_publisher, resume_path, stack_pred_label, trainer_config
 from monailabel_dr.metrics.grading import accuracy, quadratic_weighted_kappa
 from monailabel_dr.networks.attention_grader import build_grader
 from monailabel_dr.networks.cam_grader import N_GRADES, GraderLoss, make_targets
@@ -103,25 +103,7 @@ class GradingTrainer(BasicTrainTask):
     def __init__(self, model: ModelSettings, app: AppSettings):
         self.model = model
         self.app_settings = app
-        t = model.train
-        config = {
-            "name": "train_01",
-            "pretrained": True,
-            "device": app.device,
-            "max_epochs": int(t.get("max_epochs", 20)),
-            "early_stop_patience": -1,
-            "val_split": float(t.get("val_split", 0.2)),
-            "train_batch_size": int(t.get("batch_size", 16)),
-            "val_batch_size": int(t.get("batch_size", 16)),
-            "learning_rate": float(t.get("learning_rate", 1e-3)),
-            "multi_gpu": True,
-            "gpus": "all",
-            "dataset": "CacheDataset",
-            "dataloader": "DataLoader",
-            "tracking": "None",
-            "tracking_uri": "",
-            "tracking_experiment_name": "",
-        }
+        config = trainer_config(model, app)
         super().__init__(
             model_dir=os.path.join(model.model_dir, model.name),
             description=f"Train the DR grader ({model.profile_name} profile, {model.image_size} px) from final grade labels",

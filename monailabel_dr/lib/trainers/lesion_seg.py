@@ -45,7 +45,7 @@ from monailabel.tasks.train.basic_train import BasicTrainTask, Context
 from monailabel_dr.config import AppSettings, ModelSettings
 from monailabel_dr.fundus.lesions import LESIONS
 from monailabel_dr.lib.errors import BadInput, Conflict
-from monailabel_dr.lib.trainers.common import attach_publisher, resume_path, stack_pred_label
+from monailabel_dr.lib.trainers.common import attach_publisher, resume_path, stack_pred_label, trainer_config
 from monailabel_dr.networks.lesion_net import LesionLoss, build_lesion_net
 from monailabel_dr.transforms import FOV_KEY, GEOMETRY_KEY, SOURCE_INFO_KEY, LoadFundusd, LoadLesionTargetsd
 
@@ -117,24 +117,7 @@ class LesionSegTrainer(BasicTrainTask):
         self.model = model
         self.app_settings = app
         t = model.train
-        config = {
-            "name": "train_01",
-            "pretrained": True,
-            "device": app.device,
-            "max_epochs": int(t.get("max_epochs", 20)),
-            "early_stop_patience": -1,
-            "val_split": float(t.get("val_split", 0.2)),
-            "train_batch_size": int(t.get("batch_size", 2)),
-            "val_batch_size": 1,
-            "learning_rate": float(t.get("learning_rate", 1e-3)),
-            "dataset": "CacheDataset",
-            "dataloader": "DataLoader",
-            "multi_gpu": True,
-            "gpus": "all",
-            "tracking": "None",
-            "tracking_uri": "",
-            "tracking_experiment_name": "",
-        }
+        config = trainer_config(model, app, val_batch_size=1)
         super().__init__(
             model_dir=os.path.join(model.model_dir, model.name),
             description=f"Train Lesion-Net ({model.profile_name} profile, {model.image_size} px) from final lesion labels",
