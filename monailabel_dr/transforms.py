@@ -19,11 +19,13 @@ from monai.config import KeysCollection
 from monai.transforms import MapTransform
 
 from monailabel_dr.fundus import geometry, io
+from monailabel_dr.fundus.landmarks import detect_landmarks
 
 GEOMETRY_KEY = "fundus_geometry"
 FOV_KEY = "fov"
 SOURCE_INFO_KEY = "fundus_source"
 SOURCE_FOV_KEY = "fundus_source_fov"
+LANDMARKS_KEY = "fundus_landmarks"
 
 
 class LoadFundusd(MapTransform):
@@ -32,7 +34,9 @@ class LoadFundusd(MapTransform):
     Writes ``data[key]`` (3, S, S) float32 in [0, 1], ``data["fundus_geometry"]`` (a dict,
     see :class:`FundusGeometry`), ``data["fov"]`` (1, S, S) float32 field-of-view mask and
     ``data["fundus_source"]`` (original size, channels, dtype, whether it was grey) and, with
-    ``keep_source_fov``, ``data["fundus_source_fov"]`` (bool (H, W) FOV at the input's size).
+    ``keep_source_fov``, ``data["fundus_source_fov"]`` (bool (H, W) FOV at the input's size)
+    and, with ``landmarks``, ``data["fundus_landmarks"]`` (optic disc and fovea,
+    :class:`monailabel_dr.fundus.landmarks.Landmarks`, input pixels).
     Raises :class:`FundusIOError` for unusable input (caller maps it to HTTP 422).
     """
 
@@ -44,10 +48,12 @@ class LoadFundusd(MapTransform):
         min_side: int = io.DEFAULT_MIN_SIDE,
         require_colour: bool = False,
         keep_source_fov: bool = False,
+        landmarks: bool = False,
         allow_missing_keys: bool = False,
     ):
         super().__init__(keys, allow_missing_keys)
         self.keep_source_fov = keep_source_fov
+        self.landmarks = landmarks
         self.size = int(size)
         self.max_pixels = int(max_pixels)
         self.min_side = int(min_side)
@@ -72,6 +78,8 @@ class LoadFundusd(MapTransform):
             work, geom, fov = geometry.prepare(rgb, self.size, fov=source_fov)
             if self.keep_source_fov:  # inference: outputs are masked with the exact input-resolution FOV
                 d[SOURCE_FOV_KEY] = source_fov
+            if self.landmarks:  # on the full-resolution photograph, before it is resized
+                d[LANDMARKS_KEY] = detect_landmarks(rgb, source_fov)
             d[key] = torch.from_numpy(np.ascontiguousarray(work.transpose(2, 0, 1), dtype=np.float32))
             d[GEOMETRY_KEY] = geom.to_dict()
             d[FOV_KEY] = torch.from_numpy(fov[None].astype(np.float32))

@@ -11,6 +11,7 @@ import pytest
 
 from conftest import serve_in_process, tiny_conf
 from monailabel_dr.fundus import io as fio
+from monailabel_dr.fundus.landmarks import ANATOMICAL_QUADRANTS
 from monailabel_dr.fundus.lesions import LESION_VALUES, LESIONS
 from monailabel_dr.fundus.phantoms import make_phantom
 
@@ -83,6 +84,13 @@ def test_lesion_seg_untrained_then_trained_from_slicer_labels(seg_client, phanto
         assert 0 <= s["presence_probability"] <= 1
         assert sum(s["components_per_quadrant"].values()) == s["components"]
     assert params["image_size"] == [240, 320]
+    # Quadrants around the detected fovea on the disc-fovea axis (phantom 1: right eye layout).
+    truth = make_phantom(1, size=(240, 320)).info
+    assert params["quadrants"]["names"] == list(ANATOMICAL_QUADRANTS)
+    disc, fovea = params["landmarks"]["optic_disc"], params["landmarks"]["fovea"]
+    assert np.hypot(*np.subtract(disc, truth["disc_center"])) < 0.5 * truth["disc_diameter"]
+    assert np.hypot(*np.subtract(fovea, truth["fovea_center"])) < 0.5 * truth["disc_diameter"]
+    assert params["quadrants"]["centre"] == fovea
     # probability maps on request, as a 4-channel nrrd
     r = seg_client.post("/infer/lesion_seg?image=fundus_0001&output=image",
                         data={"params": json.dumps({"output": "probabilities", "result_extension": ".nrrd"})})

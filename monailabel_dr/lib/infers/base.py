@@ -53,6 +53,7 @@ class FundusInferTask(BasicInferTask):
     """Base for the app's infer tasks; subclasses set type, labels and post-processing."""
 
     require_colour = True
+    detect_landmarks = False  # optic disc / fovea on the input photograph (lesion quadrants)
 
     def __init__(
         self,
@@ -118,6 +119,7 @@ class FundusInferTask(BasicInferTask):
                 min_side=self.app_settings.min_image_side,
                 require_colour=self.require_colour,
                 keep_source_fov=True,
+                landmarks=self.detect_landmarks,
             ),
             # The CAM paper standardises every image by its own mean and std.
             NormalizeIntensityd(keys="image"),

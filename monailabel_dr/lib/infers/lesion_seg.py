@@ -8,9 +8,11 @@ maps as a multi-channel ``.nrrd`` / ``.nii.gz`` (channel names MA, HE, EX, SE).
 
 JSON: per lesion the presence probability (global max inside the field of view, the
 paper's P_j), the pixel area and the number of connected components above the threshold,
-and the components per retinal quadrant. Quadrants are centred on the field-of-view
-centre with a horizontal axis (superior/inferior x nasal/temporal needs the eye side and
-the fovea/disc axis, which this version does not detect yet: the JSON says so).
+and the components per retinal quadrant. Quadrants are centred on the fovea and split
+by the disc-fovea axis and its perpendicular (superior/inferior x nasal/temporal, nasal
+= the disc side) when :mod:`monailabel_dr.fundus.landmarks` finds both; otherwise on
+the field-of-view centre with a horizontal axis (upper/lower x left/right), and the JSON
+says which (``quadrants.reference``) and where the landmarks were found.
 
 The working resolution is the profile's ``image_size`` (``--conf lesion_seg_image_size``);
 inference runs on the whole field of view at that size and is mapped back to the input's
@@ -26,12 +28,12 @@ from monailabel.interfaces.tasks.infer_v2 import InferType
 
 from monailabel_dr.config import AppSettings, ModelSettings
 from monailabel_dr.fundus import geometry, io
+from monailabel_dr.fundus.landmarks import QuadrantFrame, quadrant_frame
 from monailabel_dr.fundus.lesions import LESION_VALUES, LESIONS
 from monailabel_dr.lib.errors import BadInput
 from monailabel_dr.lib.infers.base import FundusInferTask
 from monailabel_dr.networks.lesion_net import build_lesion_net
-
-QUADRANTS = ("upper_left", "upper_right", "lower_left", "lower_right")
+from monailabel_dr.transforms import LANDMARKS_KEY
 
 
 def label_map_from_probs(probs: np.ndarray, threshold: float) -> np.ndarray:
@@ -43,21 +45,20 @@ def label_map_from_probs(probs: np.ndarray, threshold: float) -> np.ndarray:
     return lab
 
 
-def lesion_stats(probs: np.ndarray, fov: np.ndarray, threshold: float, centre: tuple[float, float]) -> dict:
+def lesion_stats(probs: np.ndarray, fov: np.ndarray, threshold: float, frame: QuadrantFrame) -> dict:
     """Presence, area, component count and per-quadrant counts per lesion (input pixels).
 
     ``probs`` must already be zero outside the field of view. Components are 8-connected
     (OpenCV's labelling, which also gives the centroids, ~3x faster than scipy on 12 MP).
     """
-    cy, cx = centre
     out = {}
     for i, les in enumerate(LESIONS):
         p = probs[i]
         mask = ((p >= threshold) & fov).astype(np.uint8)
         n, _, stats, cents = cv2.connectedComponentsWithStats(mask, connectivity=8)
-        quads = dict.fromkeys(QUADRANTS, 0)
-        for x, y in cents[1:]:
-            quads[("upper" if y < cy else "lower") + "_" + ("left" if x < cx else "right")] += 1
+        quads = dict.fromkeys(frame.names, 0)
+        for q in frame.classify(cents[1:, 0], cents[1:, 1]) if n > 1 else []:
+            quads[q] += 1
         out[les] = {
             "presence_probability": round(float(p.max()), 4),
             "present": bool(n > 1),
@@ -69,6 +70,8 @@ def lesion_stats(probs: np.ndarray, fov: np.ndarray, threshold: float, centre: t
 
 
 class LesionSegInfer(FundusInferTask):
+    detect_landmarks = True
+
     def __init__(self, name: str, model: ModelSettings, app: AppSettings):
         super().__init__(
             name=name,
@@ -116,15 +119,16 @@ class LesionSegInfer(FundusInferTask):
             io.write_label(path, label_map_from_probs(probs, threshold))
         else:
             raise BadInput(f"output must be 'label' or 'probabilities', got {kind!r}")
-        x0, y0 = geom.bbox[2], geom.bbox[0]
-        centre = ((geom.bbox[0] + geom.bbox[1]) / 2.0, (x0 + geom.bbox[3]) / 2.0)
+        fov_centre = ((geom.bbox[2] + geom.bbox[3] - 1) / 2.0, (geom.bbox[0] + geom.bbox[1] - 1) / 2.0)
+        landmarks = data.get(LANDMARKS_KEY)
+        frame = quadrant_frame(landmarks, fov_centre)
         result = {
-            "lesions": lesion_stats(probs, fov, threshold, centre),
+            "lesions": lesion_stats(probs, fov, threshold, frame),
             "threshold": threshold,
             "output": kind,
             "overlap_rule": "highest probability among lesions >= threshold",
-            "quadrants": {"centre": [round(centre[1], 1), round(centre[0], 1)],
-                          "axis": "horizontal through the field-of-view centre (fovea/disc axis not detected yet)"},
+            "quadrants": frame.to_dict(),
+            "landmarks": landmarks.to_dict() if landmarks is not None else None,
             "working_size": self.model.image_size,
             "image_size": [geom.height, geom.width],
             "model": self.model_json(),
