@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import sys
@@ -52,8 +53,19 @@ def make_app(studies: str, conf: dict[str, str]):
     return MONAILabelDRApp(app_dir=APP_DIR, studies=os.path.realpath(studies), conf=conf)
 
 
+def json_safe(obj):
+    """NaN / inf -> None, recursively: the JSON files are read by strict parsers (jq, JavaScript)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
 def _print(obj) -> None:
-    print(json.dumps(obj, indent=2, default=str))
+    print(json.dumps(json_safe(obj), indent=2, default=str))
 
 
 # ----------------------------------------------------------------------------- commands
@@ -198,10 +210,11 @@ def cmd_evaluate(args) -> int:
                 conf["model_dir"] = _tmp_studies()
             task = make_app(args.studies or _tmp_studies(), conf)._infers["lesion_seg"]
         report = evaluate_lesions(args.dataset, task=task, predictions=args.predictions, split=args.split,
-                                  n_boot=args.n_boot)
+                                  n_boot=args.n_boot, threshold=args.threshold, froc_mode=args.froc_mode,
+                                  froc_overlap=args.froc_overlap)
         if args.json:
             with open(args.json, "w") as f:
-                json.dump(report, f, indent=1, default=str)
+                json.dump(json_safe(report), f, indent=1, default=str)
         print(lesion_summary(report))
         return 0
     if args.model not in ("grading",):
@@ -211,7 +224,7 @@ def cmd_evaluate(args) -> int:
                               phantoms=args.phantoms, seed=args.seed, size=args.size)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
+            json.dump(json_safe(report), f, indent=2)
     _print(report)
     return 0
 
@@ -297,7 +310,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dataset", help="lesion_seg: idrid:<folder> with images/ and masks/<LES>/")
     e.add_argument("--checkpoint", help="lesion_seg: evaluate exactly this checkpoint")
     e.add_argument("--predictions", help="lesion_seg: evaluate a folder of predicted masks (<LES>/<ID>_<LES>.png) instead of a model")
-    e.add_argument("--split", default="val", choices=["val", "train", "all"], help="lesion_seg: which IDRiD ids (default val)")
+    e.add_argument("--split", default="all", choices=["val", "train", "all"],
+                   help="lesion_seg: which ids of the folder: all (default; e.g. a test folder), or val / train of "
+                        "the fixed split the trainer uses (ids ending in 0 or 5 validate)")
+    e.add_argument("--threshold", type=float, default=0.5, help="lesion_seg: probability threshold for Dice / IoU")
+    e.add_argument("--froc-mode", default="gt", choices=["gt", "iou", "pixel"],
+                   help="lesion_seg FROC hit rule: intersection / lesion area (gt, the documented default), "
+                        "intersection / union (iou) or one shared pixel (pixel, the lenient variant)")
+    e.add_argument("--froc-overlap", type=float, default=0.5, help="lesion_seg FROC overlap for gt / iou (default 0.5)")
     e.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the 95 %% CIs")
     e.set_defaults(func=cmd_evaluate)
 

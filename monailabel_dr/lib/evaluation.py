@@ -79,14 +79,19 @@ def _predicted_masks_folder(folder: str, image_id: str, shape) -> dict[str, np.n
     return out
 
 
-def evaluate_lesions(dataset: str, task=None, predictions: str | None = None, split: str = "val",
-                     n_boot: int = 1000, threshold: float = 0.5, froc_threshold: float = 0.5) -> dict:
+def evaluate_lesions(dataset: str, task=None, predictions: str | None = None, split: str = "all",
+                     n_boot: int = 1000, threshold: float = 0.5, froc_threshold: float = 0.5,
+                     froc_mode: str = "gt", froc_overlap: float = 0.5) -> dict:
     """Lesion segmentation metrics on an IDRiD-layout folder, at full resolution.
 
     Either ``task`` (a lesion_seg infer task: its probability maps) or ``predictions`` (a folder of
     predicted masks in the IDRiD layout) is evaluated against ``dataset``'s masks, inside the field
-    of view detected on each photograph. ``split``: ``val`` (ids ending in a multiple of 5, as the
-    trainer holds out), ``train`` or ``all``.
+    of view detected on each photograph. ``split``: ``all`` (every image of the folder), ``val``
+    (ids ending in a multiple of 5, as the trainer holds out) or ``train``. FROC proposals are the
+    connected components of probability >= ``froc_threshold``; a proposal hits a lesion by
+    ``froc_mode`` / ``froc_overlap`` (:class:`FROCAccumulator`; ``gt`` = intersection / lesion
+    area, the documented default, which credits one large proposal with every lesion it covers
+    by half; ``iou`` does not).
     """
     from monailabel_dr.fundus import geometry
     from monailabel_dr.fundus.idrid import idrid_image_path, idrid_masks, idrid_split, list_idrid
@@ -99,8 +104,10 @@ def evaluate_lesions(dataset: str, task=None, predictions: str | None = None, sp
     ids = list_idrid(folder)
     train, val = idrid_split(ids)
     ids = {"val": val, "train": train, "all": ids}[split]
+    if not ids:
+        raise SystemExit(f"evaluate: no image of split '{split}' in {folder}/images")
     seg = LesionSegAccumulator(threshold=threshold)
-    froc = {les: FROCAccumulator() for les in LESIONS}
+    froc = {les: FROCAccumulator(overlap=froc_overlap, mode=froc_mode) for les in LESIONS}
     t0 = time.time()
     for image_id in ids:
         img_path = idrid_image_path(folder, image_id)
@@ -124,7 +131,9 @@ def evaluate_lesions(dataset: str, task=None, predictions: str | None = None, sp
         "segmentation": seg.compute(n_boot=n_boot),
         "froc": {les: froc[les].compute() for les in LESIONS},
         "froc_variant": f"proposals: connected components of probability >= {froc_threshold}, scored by their max; "
-                        "TP when overlapping a ground-truth lesion by >= 50 % of its area",
+                        + {"gt": f"TP when covering >= {froc_overlap:.0%} of a ground-truth lesion's area",
+                           "iou": f"TP when intersection / union with a ground-truth lesion >= {froc_overlap:.0%}",
+                           "pixel": "TP when sharing at least one pixel with a ground-truth lesion"}[froc_mode],
         "seconds": round(time.time() - t0, 1),
     }
     if task is not None:
@@ -139,7 +148,9 @@ def lesion_summary(report: dict) -> str:
     from monailabel_dr.fundus.lesions import LESIONS
 
     seg = report["segmentation"]
-    rows = ["lesion  dice_pooled [95% CI]      auc_pr [95% CI]          auc_roc  image_auc  froc"]
+    src = report.get("predictions") or (report.get("model") or {}).get("checkpoint", "")
+    rows = [f"{len(report['images'])} images (split {report['split']}) of {report['dataset']}; predictions: {src}",
+            "lesion  dice_pooled [95% CI]      auc_pr [95% CI]          auc_roc  image_auc  froc"]
     for les in (*LESIONS, "mean"):
         m = seg.get(les, {})
         ci = m.get("ci", {})

@@ -1,0 +1,112 @@
+"""`monailabel-dr evaluate lesion_seg` end to end on a folder in the IDRiD layout.
+
+The folder is built from phantoms (images/NAME.jpg, masks/<LES>/NAME_<LES>.png, a missing
+file = an empty mask), so the metrics of known predictions are known exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import ROOT
+from monailabel_dr.fundus import io as fio
+from monailabel_dr.fundus.lesions import LESIONS
+from monailabel_dr.fundus.phantoms import make_phantom
+
+# Grades 0 (no lesion at all), 1, 2, 2, 3, 4: every lesion is absent from at least one image.
+GRADES = (0, 1, 2, 2, 3, 4)
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    out = subprocess.run([sys.executable, "-m", "monailabel_dr.cli", *args], capture_output=True, text=True,
+                         cwd=str(ROOT), timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def idrid_folder(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("idrid_like")
+    (root / "images").mkdir()
+    for les in LESIONS:
+        (root / "masks" / les).mkdir(parents=True)
+    for i, grade in enumerate(GRADES):
+        name = f"IDRiD_{i + 1:02d}"
+        ph = make_phantom(300 + i, size=(240, 320), grade=grade)
+        fio.write_image(root / "images" / f"{name}.jpg", ph.image)
+        for les in LESIONS:
+            if ph.masks[les].any():  # absent lesion: no file, as in IDRiD
+                Image.fromarray(ph.masks[les].astype(np.uint8) * 255).save(root / "masks" / les / f"{name}_{les}.png")
+    return root
+
+
+def _evaluate(folder: Path, out: Path, *extra: str) -> dict:
+    proc = cli("evaluate", "lesion_seg", "--dataset", f"idrid:{folder}", "--json", str(out), "--n-boot", "50", *extra)
+    assert "dice_pooled" in proc.stdout  # the printed table
+    text = out.read_text()
+    assert "NaN" not in text  # strict JSON: undefined metrics are null
+    return json.loads(text)
+
+
+def test_true_masks_as_predictions_score_perfectly(idrid_folder, tmp_path):
+    report = _evaluate(idrid_folder, tmp_path / "perfect.json", "--predictions", str(idrid_folder / "masks"))
+    assert len(report["images"]) == len(GRADES) and report["split"] == "all"
+    seg = report["segmentation"]
+    for les in LESIONS:
+        m = seg[les]
+        assert m["n_pos_images"] >= 1 and m["n_neg_images"] >= 1, les
+        assert m["dice_pooled"] == pytest.approx(1.0, abs=1e-6)
+        assert m["iou_pooled"] == pytest.approx(1.0, abs=1e-6)
+        assert m["auc_pr"] == pytest.approx(1.0, abs=1e-3)
+        assert m["auc_roc"] == pytest.approx(1.0, abs=1e-3)
+        assert m["image_auc"] == pytest.approx(1.0)
+        lo, hi = m["ci"]["dice_pooled"]
+        assert lo == pytest.approx(1.0, abs=1e-6) and hi == pytest.approx(1.0, abs=1e-6)
+        froc = report["froc"][les]
+        assert froc["froc_score"] == pytest.approx(1.0) and froc["n_false_positive_proposals"] == 0
+    assert seg["mean"]["dice_pooled"] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_missing_prediction_files_count_as_empty(idrid_folder, tmp_path):
+    pred = tmp_path / "pred"
+    shutil.copytree(idrid_folder / "masks", pred)
+    shutil.rmtree(pred / "HE")  # no haemorrhage predicted anywhere
+    # EX predicted everywhere in the image: every FOV pixel is a false positive where there is no EX
+    for p in (idrid_folder / "images").glob("*.jpg"):
+        Image.fromarray(np.full((240, 320), 255, np.uint8)).save(pred / "EX" / f"{p.stem}_EX.png")
+    report = _evaluate(idrid_folder, tmp_path / "r.json", "--predictions", str(pred), "--froc-mode", "iou")
+    seg = report["segmentation"]
+    assert seg["HE"]["dice_pooled"] == pytest.approx(0.0)
+    assert seg["HE"]["fn"] == seg["HE"]["n_pos_pixels"] > 0
+    assert seg["MA"]["dice_pooled"] == pytest.approx(1.0, abs=1e-6)
+    ex = seg["EX"]
+    assert ex["tp"] == ex["n_pos_pixels"] and ex["fp"] == ex["n_neg_pixels"]  # everything inside the FOV is "EX"
+    assert ex["dice_pooled"] == pytest.approx(2 * ex["tp"] / (2 * ex["tp"] + ex["fp"]))
+    assert "intersection / union" in report["froc_variant"]
+    # one FOV-sized proposal per image: under IoU >= 50 % it matches no small exudate
+    assert report["froc"]["EX"]["froc_score"] == pytest.approx(0.0)
+
+
+def test_checkpoint_of_a_tiny_model_and_the_val_split(idrid_folder, tmp_path):
+    model = tmp_path / "model"
+    conf = ["--conf", "models", "lesion_seg", "--conf", "profile", "tiny", "--conf", "model_dir", str(model)]
+    cli("train", "lesion_seg", "--dataset", f"idrid:{idrid_folder}", *conf, "--epochs", "2")
+    ckpt = model / "lesion_seg.pt"
+    assert ckpt.is_file()
+    report = _evaluate(idrid_folder, tmp_path / "ckpt.json", "--checkpoint", str(ckpt), "--split", "val",
+                       "--conf", "profile", "tiny")
+    assert report["images"] == ["IDRiD_05"] and report["split"] == "val"
+    assert report["model"]["checkpoint"] == str(ckpt.resolve())
+    for les in LESIONS:
+        m = report["segmentation"][les]
+        assert set(m) >= {"dice_pooled", "dice_per_image_mean", "iou_pooled", "auc_pr", "auc_roc", "image_auc", "ci"}
+        assert m["auc_roc"] is None or 0.0 <= m["auc_roc"] <= 1.0
+        assert set(report["froc"][les]) >= {"froc_score", "sensitivity", "fp_rates"}
