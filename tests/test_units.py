@@ -236,3 +236,72 @@ def test_lesion_losses_dual_dice_fov_and_alternatives():
     assert net(torch.zeros(1, 3, 64, 64)).shape == (1, 4, 64, 64)
     with pytest.raises(ValueError):
         LesionNet({"cut": 3})
+
+
+@pytest.mark.parametrize("cut", [32, 16, 8, 4, 2])
+def test_lesion_net_backbones_and_expansive_path(cut):
+    """Both contracting paths give input-sized maps at every cut; the expansive path is 1x1 convs only
+    (plus BN/ReLU when it adjusts to expansive_width maps) and its length follows the cut."""
+    from monailabel_dr.networks.lesion_net import LesionNet
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 96, 96)
+    for cfg in ({"widths": [8, 8, 8, 8], "cut": cut},
+                {"backbone": "unet_encoder", "widths": [4, 4, 8, 8, 8, 8], "cut": cut, "expansive_width": 6}):
+        net = LesionNet(cfg).eval()
+        assert net(x).shape == (2, 4, 96, 96)
+        assert net.levels == [s for s in (32, 16, 8, 4, 2) if s >= cut]
+        assert len(net.reduce) == len(net.levels) - 1
+        convs = [m for m in list(net.reduce.modules()) + [net.head] if isinstance(m, torch.nn.Conv2d)]
+        assert all(c.kernel_size == (1, 1) for c in convs)
+        if cfg.get("expansive_width") and len(net.reduce):
+            assert all(seq[0].out_channels == 6 for seq in net.reduce.values())
+        # features at strides 2..32 from both backbones
+        f = net.features(x)
+        assert f[32].shape[-1] == 3 and f[2].shape[-1] == 48
+    with pytest.raises(ValueError):
+        LesionNet({"backbone": "vgg"})
+    with pytest.raises(ValueError):
+        LesionNet({"backbone": "unet_encoder", "widths": [8, 8, 8, 8]})
+
+
+def test_lesion_net_paper_schedule_plateau_drop_switch_and_early_stop():
+    """The paper's schedule: lr / 10 after `plateau_patience` validations without a better mean Dice,
+    the dual Dice from the first drop on, early stop after `early_stop_patience` validations."""
+    from types import SimpleNamespace
+
+    from ignite.engine import Engine, Events
+
+    from monailabel_dr.lib.trainers.lesion_seg import LesionSegTrainer, _SwitchToDualOnLrDrop
+    from monailabel_dr.networks.lesion_net import LesionLoss
+
+    task = LesionSegTrainer.__new__(LesionSegTrainer)  # only the schedule wiring is exercised
+    task.model = SimpleNamespace(train={"loss_schedule": "paper", "plateau_patience": 2, "early_stop_patience": 4})
+    task._loss = LesionLoss("dual_dice")
+    task._loss.use_dual = False
+    opt = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=1e-3)
+    scores = iter([0.1, 0.2, 0.2, 0.2, 0.2, 0.2, 0.2, 0.2, 0.2])
+    evaluator = Engine(lambda e, b: None)
+
+    @evaluator.on(Events.EPOCH_COMPLETED)
+    def _metric(engine):  # registered first, so the handlers below see this validation's score
+        engine.state.metrics["val_mean_dice"] = next(scores)
+
+    trainer = Engine(lambda e, b: None)
+    trainer.optimizer = opt
+    lrs, dual = [], []
+    task._attach_paper_schedule(SimpleNamespace(evaluator=evaluator, trainer=trainer, optimizer=opt))
+    _SwitchToDualOnLrDrop(task).attach(trainer)
+
+    @trainer.on(Events.EPOCH_COMPLETED)
+    def _validate(engine):
+        evaluator.run([0])
+        lrs.append(opt.param_groups[0]["lr"])
+        dual.append(task._loss.use_dual)
+
+    trainer.run([0], max_epochs=9)
+    # best at validation 2; validations 3, 4 do not improve (patience 2) -> drop after validation 5
+    assert lrs[:4] == [1e-3] * 4 and lrs[4] == pytest.approx(1e-4)
+    assert dual[:5] == [False] * 5 and dual[5]  # switched at the start of the epoch after the drop
+    assert trainer.state.epoch == 6  # 4 validations without improvement after the best (2) -> stop
+    assert len(lrs) == 6

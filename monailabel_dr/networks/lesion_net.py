@@ -28,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from monai.losses import DiceLoss, FocalLoss
 from monai.networks.nets import ResNet
+from monai.networks.nets.basic_unet import Down, TwoConv
 
 from monailabel_dr.fundus.lesions import LESIONS
 
@@ -35,18 +36,44 @@ N_LESIONS = len(LESIONS)
 VALID_CUTS = (32, 16, 8, 4, 2)
 
 
+BACKBONES = ("resnet", "unet_encoder")
+
+
 @dataclass
 class LesionNetConfig:
     in_channels: int = 3
-    widths: Sequence[int] = (32, 64, 128, 256)   # ResNet block widths of layer1..layer4
-    depths: Sequence[int] = (1, 1, 1, 1)         # blocks per layer
+    backbone: str = "resnet"                      # contracting path: "resnet" or "unet_encoder"
+    widths: Sequence[int] = (32, 64, 128, 256)   # resnet: block widths of layer1..layer4;
+    #                                              unet_encoder: 6 widths, strides 1, 2, 4, 8, 16, 32
+    depths: Sequence[int] = (1, 1, 1, 1)         # resnet: blocks per layer
     cut: int = 8                                  # Lesion-Net-<cut>s
+    expansive_width: int | None = None            # None: the 1x1 convs map to the lesion channels
     out_channels: int = N_LESIONS
 
     @classmethod
     def from_dict(cls, d: dict) -> "LesionNetConfig":
-        keys = ("in_channels", "widths", "depths", "cut", "out_channels")
+        keys = ("in_channels", "backbone", "widths", "depths", "cut", "expansive_width", "out_channels")
         return cls(**{k: d[k] for k in keys if k in d})
+
+
+class UNetEncoder(nn.Module):
+    """The contracting path of MONAI's BasicUNet (TwoConv, then Down blocks: max-pool + two 3x3
+    conv, instance norm, LeakyReLU), one more Down so it reaches stride 32."""
+
+    def __init__(self, in_channels: int, widths: Sequence[int]):
+        super().__init__()
+        if len(widths) != 6:
+            raise ValueError(f"unet_encoder needs 6 widths (strides 1..32), got {list(widths)}")
+        act, norm = ("LeakyReLU", {"negative_slope": 0.1, "inplace": True}), ("instance", {"affine": True})
+        self.conv_0 = TwoConv(2, in_channels, widths[0], act, norm, True)
+        self.downs = nn.ModuleList(Down(2, widths[i], widths[i + 1], act, norm, True) for i in range(5))
+        self.channels = {2**i: int(w) for i, w in enumerate(widths)}
+
+    def forward(self, x: torch.Tensor) -> dict[int, torch.Tensor]:
+        f = {1: self.conv_0(x)}
+        for i, down in enumerate(self.downs):
+            f[2 ** (i + 1)] = down(f[2**i])
+        return f
 
 
 class LesionNet(nn.Module):
@@ -55,34 +82,48 @@ class LesionNet(nn.Module):
         cfg = LesionNetConfig.from_dict(config) if isinstance(config, dict) else (config or LesionNetConfig())
         if int(cfg.cut) not in VALID_CUTS:
             raise ValueError(f"cut must be one of {VALID_CUTS} (Lesion-Net-Xs), got {cfg.cut}")
+        if cfg.backbone not in BACKBONES:
+            raise ValueError(f"backbone must be one of {BACKBONES}, got {cfg.backbone!r}")
         self.config = cfg
-        self.backbone = ResNet(
-            block="basic",
-            layers=list(cfg.depths),
-            block_inplanes=list(cfg.widths),
-            spatial_dims=2,
-            n_input_channels=cfg.in_channels,
-            conv1_t_size=7,
-            conv1_t_stride=2,
-            feed_forward=False,
-            num_classes=1,
-        )
-        self.backbone.avgpool = nn.Identity()
         m = cfg.out_channels
-        # channels of the feature maps at strides 2, 4, 8, 16, 32
-        stem = self.backbone.bn1.num_features
-        chans = {2: stem, 4: cfg.widths[0], 8: cfg.widths[1], 16: cfg.widths[2], 32: cfg.widths[3]}
+        if cfg.backbone == "resnet":
+            self.backbone = ResNet(
+                block="basic",
+                layers=list(cfg.depths),
+                block_inplanes=list(cfg.widths),
+                spatial_dims=2,
+                n_input_channels=cfg.in_channels,
+                conv1_t_size=7,
+                conv1_t_stride=2,
+                feed_forward=False,
+                num_classes=1,
+            )
+            self.backbone.avgpool = nn.Identity()
+            # channels of the feature maps at strides 2, 4, 8, 16, 32
+            stem = self.backbone.bn1.num_features
+            chans = {2: stem, 4: cfg.widths[0], 8: cfg.widths[1], 16: cfg.widths[2], 32: cfg.widths[3]}
+        else:
+            self.backbone = UNetEncoder(cfg.in_channels, cfg.widths)
+            chans = self.backbone.channels
         self.levels = [s for s in (32, 16, 8, 4, 2) if s >= cfg.cut]  # coarse -> fine, ending at the cut
-        # At every kept stride but the finest: 1x1 conv to the lesion channels, then x2 bilinear
-        # and concatenation with the next finer map (so the next 1x1 sees m + C_finer channels).
+        # At every kept stride but the finest: a 1x1 conv adjusts the number of maps -- to the lesion
+        # channels (expansive_width None, the reading of METHODS.md) or to expansive_width maps
+        # followed by batch norm + ReLU (the paper: "a 1x1 convolution to adjust the number of
+        # feature maps") -- then x2 bilinear and concatenation with the next finer map.
         self.reduce = nn.ModuleDict()
+        width = cfg.expansive_width or m
         in_ch = chans[32]
         for coarse, fine in zip(self.levels[:-1], self.levels[1:]):
-            self.reduce[str(coarse)] = nn.Conv2d(in_ch, m, kernel_size=1)
-            in_ch = m + chans[fine]
+            conv = nn.Conv2d(in_ch, width, kernel_size=1)
+            self.reduce[str(coarse)] = (
+                conv if cfg.expansive_width is None else nn.Sequential(conv, nn.BatchNorm2d(width), nn.ReLU(inplace=True))
+            )
+            in_ch = width + chans[fine]
         self.head = nn.Conv2d(in_ch, m, kernel_size=1)
 
     def features(self, x: torch.Tensor) -> dict[int, torch.Tensor]:
+        if self.config.backbone == "unet_encoder":
+            return self.backbone(x)
         b = self.backbone
         f2 = b.act(b.bn1(b.conv1(x)))
         f4 = b.layer1(b.maxpool(f2))

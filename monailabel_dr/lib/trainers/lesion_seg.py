@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from ignite.engine import Events
 from ignite.metrics import Metric
-from monai.handlers import LrScheduleHandler
+from monai.handlers import EarlyStopHandler, LrScheduleHandler
 from monai.inferers import SimpleInferer
 from monai.transforms import (
     ClassesToIndicesd,
@@ -217,18 +217,18 @@ class LesionSegTrainer(BasicTrainTask):
             self._loss.use_dual = False  # pixel Dice until the learning rate first drops
         return self._loss
 
+    def _paper_schedule(self) -> bool:
+        return str(self.model.train.get("loss_schedule", "dual")) == "paper"
+
     def lr_scheduler_handler(self, context: Context):
-        epochs = int(context.max_epochs)
-        if str(self.model.train.get("loss_schedule", "dual")) == "paper":
-            # a 10x drop at 60 % of the epochs; the dual loss starts there (the paper's schedule)
-            sched = torch.optim.lr_scheduler.StepLR(context.optimizer, step_size=max(1, int(0.6 * epochs)), gamma=0.1)
-        else:
-            sched = torch.optim.lr_scheduler.CosineAnnealingLR(context.optimizer, T_max=max(1, epochs))
+        if self._paper_schedule():
+            return None  # plateau-driven, attached to the evaluator in finalize()
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(context.optimizer, T_max=max(1, int(context.max_epochs)))
         return LrScheduleHandler(sched, print_lr=True, epoch_level=True)
 
     def train_handlers(self, context: Context):
         handlers = super().train_handlers(context)
-        if str(self.model.train.get("loss_schedule", "dual")) == "paper":
+        if self._paper_schedule():
             handlers.append(_SwitchToDualOnLrDrop(self))
         return handlers
 
@@ -252,6 +252,24 @@ class LesionSegTrainer(BasicTrainTask):
 
     def finalize(self, context: Context):
         attach_publisher(self, context)
+        if self._paper_schedule():
+            self._attach_paper_schedule(context)
+
+    def _attach_paper_schedule(self, context: Context) -> None:
+        """The paper's schedule, counted in validations (``val_interval`` epochs each): the learning
+        rate is divided by 10 when the validation mean Dice has not improved for ``plateau_patience``
+        validations (paper: 4), and training stops after ``early_stop_patience`` (paper: 10). Without
+        a validation set the learning rate stays constant and the pixel Dice is used throughout."""
+        t = self.model.train
+        if context.evaluator is None:
+            logger.warning("paper schedule without a validation set: constant learning rate, pixel Dice only")
+            return
+        score = lambda engine: engine.state.metrics.get("val_mean_dice", 0.0)  # noqa: E731
+        plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            context.optimizer, mode="max", factor=0.1, patience=int(t.get("plateau_patience", 4)))
+        LrScheduleHandler(plateau, print_lr=True, epoch_level=True, step_transform=score).attach(context.evaluator)
+        EarlyStopHandler(patience=int(t.get("early_stop_patience", 10)), score_function=score,
+                         trainer=context.trainer).attach(context.evaluator)
 
 
 class _SwitchToDualOnLrDrop:
