@@ -46,6 +46,7 @@ def check_idrid(folder: str) -> dict:
             hit = bool(od[int(round(y)), int(round(x))])
             rows.append({"id": image_id, "found": True, "error_px": err, "error_dd": err / dd, "hit": hit,
                          "fovea_found": lm.fovea is not None, "seconds": dt})
+        rows[-1]["disc_score"] = lm.disc_score
         r = rows[-1]
         print(f"{image_id}: found={r['found']} err={r.get('error_px', float('nan')):.0f}px "
               f"({r.get('error_dd', float('nan')):.2f} DD) hit={r.get('hit')} fovea={r.get('fovea_found')} {dt:.2f}s")
@@ -58,6 +59,8 @@ def check_idrid(folder: str) -> dict:
         "disc_error_dd_median": float(np.median(errs)),
         "disc_error_dd_max": float(np.max(errs)),
         "fovea_found": sum(r.get("fovea_found", False) for r in rows),
+        "disc_score_min": float(min(r["disc_score"] for r in rows)),
+        "disc_score_max": float(max(r["disc_score"] for r in rows)),
         "seconds_per_image": float(np.mean([r["seconds"] for r in rows])),
     }
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+from PIL import Image
 import pytest
 import torch
 
@@ -305,3 +306,33 @@ def test_lesion_net_paper_schedule_plateau_drop_switch_and_early_stop():
     assert dual[:5] == [False] * 5 and dual[5]  # switched at the start of the epoch after the drop
     assert trainer.state.epoch == 6  # 4 validations without improvement after the best (2) -> stop
     assert len(lrs) == 6
+
+
+def test_lesion_targets_align_with_the_image_at_working_resolution(tmp_path):
+    """A dot painted into the photograph and the same dot in the mask land on the same
+    working-resolution centroid (a sub-pixel shift would be enough to lose microaneurysms)."""
+    from scipy import ndimage
+
+    from monailabel_dr.fundus import io as fio
+    from monailabel_dr.transforms import LoadFundusd, LoadLesionTargetsd
+
+    h, w = 1424, 2144
+    yy, xx = np.mgrid[0:h, 0:w]
+    fov = (yy - h / 2) ** 2 + (xx - w / 2) ** 2 < (0.6 * h) ** 2
+    img = np.zeros((h, w, 3), np.uint8)
+    img[fov] = 60
+    mask = np.zeros((h, w), np.uint8)
+    for y, x in [(300, 800), (700, 1050), (1100, 1500), (500, 1750)]:
+        img[y - 3:y + 4, x - 3:x + 4] = 255
+        mask[y - 3:y + 4, x - 3:x + 4] = 255
+    Image.fromarray(mask).save(tmp_path / "ma.png")
+    d = LoadFundusd("image", 512)({"image": img, "masks": {"MA": str(tmp_path / "ma.png")}})
+    d = LoadLesionTargetsd("label")(d)
+    target = d["label"][0].numpy()
+    bright = np.clip(d["image"][0].numpy() - 60 / 255, 0, None)
+    labels, n = ndimage.label(target > 0)
+    assert n == 4
+    for i in range(1, n + 1):
+        zone = ndimage.binary_dilation(labels == i, iterations=3)
+        np.testing.assert_allclose(ndimage.center_of_mass(target * (labels == i)),
+                                   ndimage.center_of_mass(bright * zone), atol=0.02)
