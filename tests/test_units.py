@@ -233,6 +233,15 @@ def test_lesion_losses_dual_dice_fov_and_alternatives():
     for kind in ("dual_dice", "wbce", "focal"):
         loss = LesionLoss(kind)
         torch.testing.assert_close(loss(logits, t2), loss(l2, t2), atol=1e-5, rtol=1e-4)
+    # the optional BCE term: hand-computed, with lesion pixels weighted by pos_weight (MA x10 here)
+    pw = [10.0, 1.0, 1.0, 1.0]
+    with_bce = LesionLoss("dice", pos_weight=pw, bce_weight=0.5)(logits, target)
+    truth = target[:, :4]
+    wts = 1 + (torch.tensor(pw).view(1, 4, 1, 1) - 1) * truth
+    bce = -(wts * (truth * torch.log(p) + (1 - truth) * torch.log(1 - p))).sum() / (2 * 16 * 16 * 4)
+    torch.testing.assert_close(with_bce, pixel + 0.5 * bce, atol=1e-5, rtol=1e-5)
+    unweighted = LesionLoss("dice", bce_weight=0.5)(logits, target)
+    assert with_bce > unweighted  # the MA square's positive pixels now count ten times
     net = LesionNet({"widths": [8, 8, 8, 8], "cut": 2})
     assert net(torch.zeros(1, 3, 64, 64)).shape == (1, 4, 64, 64)
     with pytest.raises(ValueError):
