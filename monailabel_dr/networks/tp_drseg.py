@@ -1,0 +1,482 @@
+"""TP-DRSeg: text-prompted SAM for DR lesion segmentation (Li et al., MICCAI 2024).
+
+``../shared/papers/TP-DRSeg.md`` and ``../shared/METHODS.md`` §3. Built from ``segment_anything``
+(image encoder, prompt encoder, mask decoder, all unchanged) and ``open_clip`` (image and text towers):
+
+- **Explicit prior encoder**: CLIP patch tokens projected into the joint space, cosine similarity
+  with the embedding of the lesion's explicit description(s) (several are averaged), min-max
+  normalised per image: ``P_e`` in [0, 1] on CLIP's patch grid.
+- **Prior-aligned injector** after every SAM encoder block: ``F_act = F * P_e``; q from ``F``, k and
+  v from ``F_act`` (METHODS.md's reading of the paper's Eq. 2), each a 1x1 convolution with stride 4;
+  ``softmax(q k^T / sqrt(d)) v``; upsampled back to the token grid and added as
+  ``F' = F + gamma * attention`` with ``gamma`` initialised to 0, so a frozen pretrained SAM starts
+  exactly unchanged (METHODS.md's default; the paper's Eq. 3 writes ``gamma * F + attention``, which
+  cannot start unchanged).
+- **Class-specific prompt generator**: ``F_p = F_e * P_e`` on the encoder output; the class picks its
+  own projections (the paper's "replicate c times, keep the class channel"): a 1x1 convolution gives
+  the dense embedding and a linear map over the ``H_e W_e`` positions gives ``n_sparse`` sparse tokens.
+  Both go into SAM's original mask decoder, with SAM's own point/box tokens appended when a
+  physician refines the result.
+- **Loss** (``TPDRSegLoss``): BCE + IoU (MONAI's Jaccard-form Dice loss), inside the field of view.
+
+Modes: ``faithful`` runs the encoder once per lesion, with that lesion's prior in every injector
+(the paper). ``fast`` runs the encoder once with the union (pixel-wise max) of the requested
+lesions' priors in the injectors, then the prompt generator and decoder once per lesion with each
+lesion's own prior, so its masks differ from ``faithful`` wherever the injected priors differ.
+
+Weights: SAM from its official checkpoint format (a local file, or the official URL when
+``checkpoint: official`` and online); CLIP from an ``open_clip`` pretrained tag (``openai``) or a local
+file. Every part also builds without weights (``load_weights=False``), for tests and from-scratch
+profiles. This module knows nothing of MONAI Label.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import yaml
+import torch.nn.functional as F
+from monai.losses import DiceLoss
+
+from monailabel_dr.fundus.lesions import LESIONS
+
+logger = logging.getLogger(__name__)
+
+N_LESIONS = len(LESIONS)
+DEFAULT_DESCRIPTIONS = Path(__file__).resolve().parents[1] / "configs" / "lesion_descriptions.yaml"
+SAM_URLS = {"vit_b": "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth"}
+# SAM's pixel statistics (0-255 scale), as in segment_anything's Sam; CLIP's from open_clip.
+SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
+SAM_PIXEL_STD = (58.395, 57.12, 57.375)
+
+
+class WeightsUnavailable(RuntimeError):
+    """Pretrained weights were asked for and could not be loaded (offline, missing file)."""
+
+
+@dataclass
+class SamConfig:
+    variant: str = "vit_b"          # names the official checkpoint when checkpoint == "official"
+    img_size: int = 1024
+    patch_size: int = 16
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    global_attn_indexes: Sequence[int] = (2, 5, 8, 11)
+    window_size: int = 14
+    prompt_dim: int = 256
+    decoder_mlp_dim: int = 2048
+    decoder_heads: int = 8
+    iou_head_hidden_dim: int = 256
+    checkpoint: str | None = None   # local file in the official format, "official" (download), or None
+
+    @property
+    def grid(self) -> int:
+        return self.img_size // self.patch_size
+
+
+@dataclass
+class ClipConfig:
+    model_name: str = "ViT-B-16-quickgelu"   # open_clip name; ignored when `custom` is given
+    pretrained: str | None = None            # open_clip tag ("openai") or a local file, None = random
+    image_size: int = 224
+    custom: dict | None = None               # {embed_dim, vision_cfg, text_cfg}: a from-scratch tower
+
+
+@dataclass
+class TPDRSegConfig:
+    sam: SamConfig = field(default_factory=SamConfig)
+    clip: ClipConfig = field(default_factory=ClipConfig)
+    injector: bool = True            # ablation switch (the paper's Table 3)
+    injector_stride: int = 4
+    injector_dim: int | None = None  # q/k width; None = embed_dim // 4
+    n_sparse: int = 2                # sparse tokens per lesion (the paper leaves it open)
+    text_mode: str = "description"   # or "name": the bare-lesion-name ablation
+    descriptions: dict = field(default_factory=dict)   # lesion -> [descriptions]
+    names: dict = field(default_factory=dict)          # lesion -> bare name
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TPDRSegConfig":
+        d = dict(d)
+        # descriptions / names come from a YAML file (default: the package's lesion_descriptions.yaml)
+        # unless given inline
+        path = d.pop("descriptions_file", None) or DEFAULT_DESCRIPTIONS
+        if not d.get("descriptions") or not d.get("names"):
+            with open(path) as f:
+                texts = yaml.safe_load(f) or {}
+            d.setdefault("descriptions", texts.get("descriptions", {}))
+            d.setdefault("names", texts.get("names", {}))
+            d["descriptions"] = d["descriptions"] or texts.get("descriptions", {})
+            d["names"] = d["names"] or texts.get("names", {})
+        sam = SamConfig(**{k: v for k, v in (d.pop("sam", None) or {}).items()})
+        clip = ClipConfig(**{k: v for k, v in (d.pop("clip", None) or {}).items()})
+        if d.get("text_mode", "description") not in ("description", "name"):
+            raise ValueError(f"text_mode must be 'description' or 'name', not {d['text_mode']!r}")
+        return cls(sam=sam, clip=clip, **d)
+
+    def lesion_texts(self) -> list[list[str]]:
+        """The text prompt(s) per lesion in LESIONS order, following text_mode."""
+        out = []
+        for les in LESIONS:
+            if self.text_mode == "name":
+                out.append([str(self.names.get(les, les))])
+            else:
+                texts = self.descriptions.get(les)
+                if not texts:
+                    raise ValueError(f"no description for lesion {les} in the lesion_sam config")
+                out.append([texts] if isinstance(texts, str) else [str(t) for t in texts])
+        return out
+
+
+# --------------------------------------------------------------------------------------------
+# building blocks from the paper
+
+
+class PriorAlignedInjector(nn.Module):
+    """Cross-modality interaction after one SAM encoder block (tokens as (B, H, W, C))."""
+
+    def __init__(self, dim: int, stride: int = 4, attn_dim: int | None = None):
+        super().__init__()
+        d = int(attn_dim or max(dim // 4, 8))
+        self.q = nn.Conv2d(dim, d, 1, stride=stride)
+        self.k = nn.Conv2d(dim, d, 1, stride=stride)
+        self.v = nn.Conv2d(dim, dim, 1, stride=stride)
+        self.gamma = nn.Parameter(torch.zeros(1))
+
+    def forward(self, tokens: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
+        """tokens (B, H, W, C); prior (B, 1, H, W) in [0, 1]."""
+        x = tokens.permute(0, 3, 1, 2)
+        act = x * prior
+        q, k, v = self.q(x), self.k(act), self.v(act)
+        b, d, h, w = q.shape
+        att = F.scaled_dot_product_attention(q.flatten(2).transpose(1, 2), k.flatten(2).transpose(1, 2),
+                                             v.flatten(2).transpose(1, 2))          # (B, h*w, C)
+        att = att.transpose(1, 2).reshape(b, -1, h, w)
+        att = F.interpolate(att, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return tokens + self.gamma * att.permute(0, 2, 3, 1)
+
+
+class ClassSpecificPromptGenerator(nn.Module):
+    """Dense and sparse prompt embeddings from the prior-weighted encoder output, per lesion class."""
+
+    def __init__(self, dim: int, grid: int, n_classes: int = N_LESIONS, n_sparse: int = 2):
+        super().__init__()
+        self.dense_weight = nn.Parameter(torch.empty(n_classes, dim, dim))
+        self.dense_bias = nn.Parameter(torch.zeros(n_classes, dim))
+        self.sparse_weight = nn.Parameter(torch.empty(n_classes, grid * grid, n_sparse))
+        self.sparse_bias = nn.Parameter(torch.zeros(n_classes, n_sparse))
+        nn.init.normal_(self.dense_weight, std=1.0 / math.sqrt(dim))
+        nn.init.normal_(self.sparse_weight, std=1.0 / math.sqrt(grid * grid))
+
+    def forward(self, feats: torch.Tensor, prior: torch.Tensor, cls: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """feats (B, C, h, w) SAM encoder output; prior (B, 1, h, w); cls (B,) lesion indices.
+        Returns sparse (B, n_sparse, C) and dense (B, C, h, w)."""
+        fp = feats * prior
+        # a 1x1 convolution whose kernel is chosen per sample (its class): einsum instead of nn.Conv2d
+        dense = torch.einsum("bchw,bdc->bdhw", fp, self.dense_weight[cls]) + self.dense_bias[cls][:, :, None, None]
+        sparse = torch.einsum("bcn,bnt->btc", fp.flatten(2), self.sparse_weight[cls]) + self.sparse_bias[cls][:, :, None]
+        return sparse, dense
+
+
+class TPDRSegLoss(nn.Module):
+    """BCE + IoU loss of the paper, on logits, restricted to the field of view (mask 1 inside)."""
+
+    def __init__(self):
+        super().__init__()
+        self.iou = DiceLoss(sigmoid=False, jaccard=True, smooth_nr=1.0, smooth_dr=1.0)
+
+    def forward(self, logits: torch.Tensor, truth: torch.Tensor, fov: torch.Tensor | None = None) -> torch.Tensor:
+        truth = truth.to(logits.dtype)
+        fov = torch.ones_like(truth) if fov is None else fov.to(logits.dtype).expand_as(truth)
+        bce = F.binary_cross_entropy_with_logits(logits, truth, weight=fov, reduction="sum") / fov.sum().clamp_min(1)
+        return bce + self.iou(torch.sigmoid(logits) * fov, truth * fov)
+
+
+# --------------------------------------------------------------------------------------------
+# SAM and CLIP
+
+
+def build_sam(cfg: SamConfig, load_weights: bool = True):
+    """A segment_anything ``Sam`` of the configured size; official-format weights when asked for."""
+    from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+
+    g = cfg.grid
+    sam = Sam(
+        image_encoder=ImageEncoderViT(
+            img_size=cfg.img_size, patch_size=cfg.patch_size, embed_dim=cfg.embed_dim, depth=cfg.depth,
+            num_heads=cfg.num_heads, mlp_ratio=4, out_chans=cfg.prompt_dim, qkv_bias=True,
+            norm_layer=partial(nn.LayerNorm, eps=1e-6), use_rel_pos=True, window_size=cfg.window_size,
+            global_attn_indexes=tuple(cfg.global_attn_indexes)),
+        prompt_encoder=PromptEncoder(embed_dim=cfg.prompt_dim, image_embedding_size=(g, g),
+                                     input_image_size=(cfg.img_size, cfg.img_size), mask_in_chans=16),
+        mask_decoder=MaskDecoder(
+            num_multimask_outputs=3, transformer_dim=cfg.prompt_dim, iou_head_depth=3,
+            iou_head_hidden_dim=cfg.iou_head_hidden_dim,
+            transformer=TwoWayTransformer(depth=2, embedding_dim=cfg.prompt_dim, mlp_dim=cfg.decoder_mlp_dim,
+                                          num_heads=cfg.decoder_heads)),
+        pixel_mean=list(SAM_PIXEL_MEAN), pixel_std=list(SAM_PIXEL_STD))
+    if load_weights and cfg.checkpoint:
+        sam.load_state_dict(load_sam_state_dict(cfg), strict=True)
+    return sam
+
+
+def load_sam_state_dict(cfg: SamConfig) -> dict:
+    """The official checkpoint format: a plain state dict with image_encoder./prompt_encoder./mask_decoder. keys."""
+    src = str(cfg.checkpoint)
+    try:
+        if src == "official" or src.startswith(("http://", "https://")):
+            url = SAM_URLS.get(cfg.variant) if src == "official" else src
+            if url is None:
+                raise WeightsUnavailable(f"no official SAM checkpoint known for variant {cfg.variant!r}")
+            return torch.hub.load_state_dict_from_url(url, map_location="cpu", weights_only=True)
+        return torch.load(src, map_location="cpu", weights_only=True)
+    except WeightsUnavailable:
+        raise
+    except Exception as e:  # offline, missing or unreadable file: say which and why
+        raise WeightsUnavailable(f"SAM weights {src!r} could not be loaded: {e}") from e
+
+
+def build_clip(cfg: ClipConfig, load_weights: bool = True):
+    """An open_clip CLIP model (eval mode); a custom from-scratch tower when ``cfg.custom`` is set."""
+    import open_clip
+
+    if cfg.custom:
+        from open_clip.model import CLIP
+
+        c = dict(cfg.custom)
+        vision = dict(c.get("vision_cfg", {}))
+        vision.setdefault("image_size", cfg.image_size)
+        model = CLIP(embed_dim=int(c["embed_dim"]), vision_cfg=vision, text_cfg=dict(c.get("text_cfg", {})))
+        if load_weights and cfg.pretrained:
+            try:
+                open_clip.load_checkpoint(model, cfg.pretrained)
+            except Exception as e:
+                raise WeightsUnavailable(f"CLIP weights {cfg.pretrained!r} could not be loaded: {e}") from e
+        return model.eval()
+    kwargs = {"force_image_size": cfg.image_size} if cfg.image_size != 224 else {}
+    pretrained = cfg.pretrained if load_weights else None
+    try:
+        model = open_clip.create_model(cfg.model_name, pretrained=pretrained, **kwargs)
+    except Exception as e:
+        if pretrained:
+            raise WeightsUnavailable(f"CLIP weights {pretrained!r} for {cfg.model_name} could not be loaded: {e}") from e
+        raise
+    return model.eval()
+
+
+# --------------------------------------------------------------------------------------------
+# the model
+
+
+class TPDRSeg(nn.Module):
+    """Text-prompted lesion segmentation. Input images are (B, 3, S, S) floats in [0, 1] with
+    S = ``sam.img_size`` (the square working image of the fundus pipeline)."""
+
+    def __init__(self, config: TPDRSegConfig | dict, load_weights: bool = True):
+        super().__init__()
+        import open_clip
+
+        self.config = config if isinstance(config, TPDRSegConfig) else TPDRSegConfig.from_dict(config)
+        cfg = self.config
+        self.sam = build_sam(cfg.sam, load_weights)
+        self.clip = build_clip(cfg.clip, load_weights)
+        self.sam_pretrained = bool(load_weights and cfg.sam.checkpoint)
+        self.clip_pretrained = bool(load_weights and cfg.clip.pretrained)
+        self._tokenizer = open_clip.get_tokenizer("ViT-B-16")   # CLIP's BPE tokenizer (vocab 49408)
+        self.context_length = int(getattr(self.clip, "context_length", 77))
+        self.injectors = nn.ModuleList(
+            PriorAlignedInjector(cfg.sam.embed_dim, cfg.injector_stride, cfg.injector_dim) for _ in range(cfg.sam.depth)
+        ) if cfg.injector else None
+        self.prompt_generator = ClassSpecificPromptGenerator(cfg.sam.prompt_dim, cfg.sam.grid, N_LESIONS, cfg.n_sparse)
+        self.register_buffer("clip_mean", torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("clip_std", torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1), persistent=False)
+        self.lesion_texts = cfg.lesion_texts()
+        self.freeze_pretrained()
+
+    # ---- parameter-efficient training --------------------------------------------------------
+    def freeze_pretrained(self) -> None:
+        """SAM's image and prompt encoders are frozen when their pretrained weights were loaded, CLIP when
+        its weights were; injectors, prompt generator and SAM's mask decoder always train."""
+        for p in self.sam.image_encoder.parameters():
+            p.requires_grad_(not self.sam_pretrained)
+        for p in self.sam.prompt_encoder.parameters():
+            p.requires_grad_(not self.sam_pretrained)
+        for p in self.clip.parameters():
+            p.requires_grad_(not self.clip_pretrained)
+
+    def trainable_state_dict(self) -> dict:
+        """Only what training changes (plus the prompt encoder's Fourier buffer when SAM is not pretrained)."""
+        names = {n for n, p in self.named_parameters() if p.requires_grad}
+        frozen_prefixes = []
+        if self.sam_pretrained:
+            frozen_prefixes += ["sam.image_encoder.", "sam.prompt_encoder."]
+        if self.clip_pretrained:
+            frozen_prefixes += ["clip."]
+        return {k: v for k, v in self.state_dict().items()
+                if k in names or (not any(k.startswith(p) for p in frozen_prefixes) and k not in dict(self.named_parameters()))}
+
+    def weights_source(self) -> dict:
+        c = self.config
+        return {"sam": c.sam.checkpoint if self.sam_pretrained else None,
+                "sam_variant": c.sam.variant,
+                "clip": c.clip.pretrained if self.clip_pretrained else None,
+                "clip_model": c.clip.model_name if not c.clip.custom else "custom"}
+
+    # ---- explicit prior encoder ---------------------------------------------------------------
+    def encode_texts(self, groups: Sequence[Sequence[str]]) -> torch.Tensor:
+        """(K, D) unit text embeddings, one per group; several texts in a group are averaged."""
+        flat = [t for g in groups for t in g]
+        tokens = self._tokenizer(flat, context_length=self.context_length).to(self.clip_mean.device)
+        emb = F.normalize(self.clip.encode_text(tokens), dim=-1)
+        out, i = [], 0
+        for g in groups:
+            out.append(F.normalize(emb[i:i + len(g)].mean(0), dim=-1))
+            i += len(g)
+        return torch.stack(out)
+
+    def lesion_text_embeddings(self) -> torch.Tensor:
+        return self.encode_texts(self.lesion_texts)
+
+    def clip_patch_embeddings(self, image: torch.Tensor) -> torch.Tensor:
+        """(B, gh, gw, D) CLIP patch tokens projected into the joint image-text space.
+        open_clip's VisionTransformer returns unprojected tokens (output_tokens), so the last
+        layer's tokens go through its own ln_post and proj here."""
+        v = self.clip.visual
+        s = self.config.clip.image_size
+        x = F.interpolate(image, size=(s, s), mode="bilinear", align_corners=False, antialias=True)
+        x = (x - self.clip_mean) / self.clip_std
+        h = v.ln_post(v.transformer(v._embeds(x)))
+        gh, gw = v.grid_size
+        tokens = h[:, -gh * gw:]
+        if v.proj is not None:
+            tokens = tokens @ v.proj
+        return tokens.reshape(x.shape[0], gh, gw, -1)
+
+    @staticmethod
+    def explicit_prior(patches: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """patches (B, gh, gw, D); text (B, K, D) or (K, D) -> P_e (B, K, gh, gw), min-max normalised per map."""
+        if text.dim() == 2:
+            text = text.unsqueeze(0).expand(patches.shape[0], -1, -1)
+        sim = torch.einsum("bhwd,bkd->bkhw", F.normalize(patches, dim=-1), F.normalize(text, dim=-1))
+        lo = sim.amin(dim=(-2, -1), keepdim=True)
+        hi = sim.amax(dim=(-2, -1), keepdim=True)
+        return (sim - lo) / (hi - lo).clamp_min(1e-6)
+
+    # ---- SAM with injectors --------------------------------------------------------------------
+    def sam_input(self, image: torch.Tensor) -> torch.Tensor:
+        mean = torch.tensor(SAM_PIXEL_MEAN, device=image.device, dtype=image.dtype).view(1, 3, 1, 1)
+        std = torch.tensor(SAM_PIXEL_STD, device=image.device, dtype=image.dtype).view(1, 3, 1, 1)
+        return (image * 255.0 - mean) / std
+
+    def encode_image(self, x: torch.Tensor, prior: torch.Tensor | None) -> torch.Tensor:
+        """SAM's ImageEncoderViT forward, block by block, with an injector after each block.
+        x: SAM-normalised (B, 3, S, S); prior: (B, 1, gh, gw) or None (no injection)."""
+        enc = self.sam.image_encoder
+        t = enc.patch_embed(x)
+        if enc.pos_embed is not None:
+            t = t + enc.pos_embed
+        p = None
+        if self.injectors is not None and prior is not None:
+            p = F.interpolate(prior, size=t.shape[1:3], mode="bilinear", align_corners=False)
+        for i, blk in enumerate(enc.blocks):
+            t = blk(t)
+            if p is not None:
+                t = self.injectors[i](t, p)
+        return enc.neck(t.permute(0, 3, 1, 2))
+
+    def user_prompts(self, points=None, point_labels=None, boxes=None, n: int = 1):
+        """SAM's own sparse tokens for refinement points (N, 2) in working-image pixels (x, y) with labels 1/0,
+        and/or a box (4,) x0, y0, x1, y1. Returns (n, T, C) or None."""
+        if points is None and boxes is None:
+            return None
+        dev = self.clip_mean.device
+        pts = None
+        if points is not None:
+            coords = torch.as_tensor(points, dtype=torch.float32, device=dev).reshape(1, -1, 2)
+            labels = torch.as_tensor(point_labels, dtype=torch.int64, device=dev).reshape(1, -1)
+            pts = (coords, labels)
+        box = None if boxes is None else torch.as_tensor(boxes, dtype=torch.float32, device=dev).reshape(1, 4)
+        sparse, _ = self.sam.prompt_encoder(points=pts, boxes=box, masks=None)
+        return sparse.expand(n, -1, -1)
+
+    def decode(self, emb: torch.Tensor, prior: torch.Tensor, cls: torch.Tensor, extra_sparse=None):
+        """emb (1 or K, C, g, g); prior (K, 1, gh, gw); cls (K,) -> logits (K, 1, 4g, 4g), iou (K, 1).
+        With one image embedding, SAM's decoder takes all K prompts in one call; with K embeddings it is
+        called per embedding (its batching repeats each image for every prompt)."""
+        p = F.interpolate(prior, size=emb.shape[-2:], mode="bilinear", align_corners=False)
+        sparse, dense = self.prompt_generator(emb.expand(prior.shape[0], -1, -1, -1), p, cls)
+        if extra_sparse is not None:
+            sparse = torch.cat([sparse, extra_sparse.to(sparse.dtype)], dim=1)
+        pe = self.sam.prompt_encoder.get_dense_pe()
+        if emb.shape[0] == 1:
+            return self.sam.mask_decoder(image_embeddings=emb, image_pe=pe, sparse_prompt_embeddings=sparse,
+                                         dense_prompt_embeddings=dense, multimask_output=False)
+        outs = [self.sam.mask_decoder(image_embeddings=emb[i:i + 1], image_pe=pe, sparse_prompt_embeddings=sparse[i:i + 1],
+                                      dense_prompt_embeddings=dense[i:i + 1], multimask_output=False)
+                for i in range(emb.shape[0])]
+        return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
+
+    # ---- forward passes ------------------------------------------------------------------------
+    def forward_train(self, image: torch.Tensor, cls: torch.Tensor, text_emb: torch.Tensor | None = None) -> torch.Tensor:
+        """One lesion per sample (the paper's training): image (B, 3, S, S), cls (B,) -> logits (B, 1, S, S)."""
+        if text_emb is None:
+            text_emb = self.lesion_text_embeddings()
+        prior = self.explicit_prior(self.clip_patch_embeddings(image), text_emb[cls].unsqueeze(1))   # (B, 1, gh, gw)
+        emb = self.encode_image(self.sam_input(image), prior)
+        logits = []
+        for i in range(image.shape[0]):   # one image x one prompt per decoder call
+            lg, _ = self.decode(emb[i:i + 1], prior[i:i + 1], cls[i:i + 1])
+            logits.append(lg)
+        return F.interpolate(torch.cat(logits), size=image.shape[-2:], mode="bilinear", align_corners=False)
+
+    def forward(self, image: torch.Tensor, lesions: Sequence[int] | None = None, texts: Sequence[str] | None = None,
+                mode: str = "faithful", points=None, point_labels=None, boxes=None) -> dict:
+        """Inference on ONE image (1, 3, S, S). Prompts: lesion indices (their configured texts) and/or free
+        texts (each uses the prompt-generator class of the most similar lesion description).
+        Returns logits (K, S, S), prior (K, gh, gw), the class used per prompt and the texts used."""
+        if image.shape[0] != 1:
+            raise ValueError("TPDRSeg.forward takes one image; use forward_train for batches")
+        if mode not in ("faithful", "fast"):
+            raise ValueError(f"mode must be 'faithful' or 'fast', not {mode!r}")
+        lesions = list(lesions or [])
+        texts = list(texts or [])
+        if not lesions and not texts:
+            raise ValueError("give at least one lesion or text prompt")
+        les_emb = self.lesion_text_embeddings()
+        embs, classes, used = [], [], []
+        for k in lesions:
+            embs.append(les_emb[k])
+            classes.append(int(k))
+            used.append(self.lesion_texts[k])
+        if texts:
+            free = self.encode_texts([[t] for t in texts])
+            nearest = (free @ les_emb.T).argmax(dim=1)
+            for t, e, c in zip(texts, free, nearest.tolist()):
+                embs.append(e)
+                classes.append(int(c))
+                used.append([t])
+        text = torch.stack(embs)                                   # (K, D)
+        cls = torch.as_tensor(classes, device=image.device)
+        k = text.shape[0]
+        prior = self.explicit_prior(self.clip_patch_embeddings(image), text)[0].unsqueeze(1)   # (K, 1, gh, gw)
+        x = self.sam_input(image)
+        extra = self.user_prompts(points, point_labels, boxes, n=1)
+        if mode == "fast":
+            emb = self.encode_image(x, prior.amax(dim=0, keepdim=True))
+            logits, iou = self.decode(emb, prior, cls, None if extra is None else extra.expand(k, -1, -1))
+        else:
+            outs = [self.decode(self.encode_image(x, prior[i:i + 1]), prior[i:i + 1], cls[i:i + 1], extra) for i in range(k)]
+            logits, iou = torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
+        logits = F.interpolate(logits, size=image.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+        return {"logits": logits, "prior": prior[:, 0], "classes": classes, "texts": used, "iou": iou[:, 0]}
+
+
+def build_tp_drseg(network_config: dict, load_weights: bool = True) -> TPDRSeg:
+    return TPDRSeg(TPDRSegConfig.from_dict(network_config), load_weights=load_weights)
