@@ -153,6 +153,12 @@ def test_official_format_sam_checkpoint_loads_and_freezes(tmp_path):
     net_cfg["sam"]["checkpoint"] = str(tmp_path / "missing.pth")
     with pytest.raises(WeightsUnavailable, match="missing.pth"):
         build_tp_drseg(net_cfg)
+    # a download that cannot happen (nothing listens on port 9) says so and how to work offline
+    net_cfg["sam"]["checkpoint"] = "http://127.0.0.1:9/sam_vit_b_01ec64.pth"
+    with pytest.raises(WeightsUnavailable, match="local file"):
+        build_tp_drseg(net_cfg)
+    # without load_weights nothing is fetched at all
+    assert build_tp_drseg(net_cfg, load_weights=False).weights_source()["sam"] is None
 
 
 def test_injector_ablation_switch():

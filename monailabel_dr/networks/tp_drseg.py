@@ -111,10 +111,8 @@ class TPDRSegConfig:
         if not d.get("descriptions") or not d.get("names"):
             with open(path) as f:
                 texts = yaml.safe_load(f) or {}
-            d.setdefault("descriptions", texts.get("descriptions", {}))
-            d.setdefault("names", texts.get("names", {}))
-            d["descriptions"] = d["descriptions"] or texts.get("descriptions", {})
-            d["names"] = d["names"] or texts.get("names", {})
+            for key in ("descriptions", "names"):
+                d[key] = d.get(key) or texts.get(key, {})
         sam = SamConfig(**{k: v for k, v in (d.pop("sam", None) or {}).items()})
         clip = ClipConfig(**{k: v for k, v in (d.pop("clip", None) or {}).items()})
         if d.get("text_mode", "description") not in ("description", "name"):
@@ -239,8 +237,11 @@ def load_sam_state_dict(cfg: SamConfig) -> dict:
         return torch.load(src, map_location="cpu", weights_only=True)
     except WeightsUnavailable:
         raise
-    except Exception as e:  # offline, missing or unreadable file: say which and why
-        raise WeightsUnavailable(f"SAM weights {src!r} could not be loaded: {e}") from e
+    except Exception as e:  # offline, missing or unreadable file: say which, why and what to do
+        raise WeightsUnavailable(
+            f"SAM weights {src!r} could not be loaded ({type(e).__name__}: {e}). Downloading needs internet access; "
+            f"offline, fetch {SAM_URLS.get(cfg.variant, 'the checkpoint')} elsewhere and set sam.checkpoint to the "
+            "local file, or set it to null to build without weights.") from e
 
 
 def build_clip(cfg: ClipConfig, load_weights: bool = True):
@@ -266,7 +267,10 @@ def build_clip(cfg: ClipConfig, load_weights: bool = True):
         model = open_clip.create_model(cfg.model_name, pretrained=pretrained, **kwargs)
     except Exception as e:
         if pretrained:
-            raise WeightsUnavailable(f"CLIP weights {pretrained!r} for {cfg.model_name} could not be loaded: {e}") from e
+            raise WeightsUnavailable(
+                f"CLIP weights {pretrained!r} for {cfg.model_name} could not be loaded ({type(e).__name__}: {e}). "
+                "A tag such as 'openai' downloads (internet needed); offline, set clip.pretrained to a local "
+                "checkpoint file, or to null to build without weights.") from e
         raise
     return model.eval()
 
@@ -313,14 +317,15 @@ class TPDRSeg(nn.Module):
 
     def trainable_state_dict(self) -> dict:
         """Only what training changes (plus the prompt encoder's Fourier buffer when SAM is not pretrained)."""
-        names = {n for n, p in self.named_parameters() if p.requires_grad}
-        frozen_prefixes = []
+        params = {n: p.requires_grad for n, p in self.named_parameters()}
+        frozen = ()
         if self.sam_pretrained:
-            frozen_prefixes += ["sam.image_encoder.", "sam.prompt_encoder."]
+            frozen += ("sam.image_encoder.", "sam.prompt_encoder.")
         if self.clip_pretrained:
-            frozen_prefixes += ["clip."]
+            frozen += ("clip.",)
+        # trained parameters, and buffers of the parts that are not frozen
         return {k: v for k, v in self.state_dict().items()
-                if k in names or (not any(k.startswith(p) for p in frozen_prefixes) and k not in dict(self.named_parameters()))}
+                if params.get(k, not k.startswith(frozen))}
 
     def weights_source(self) -> dict:
         c = self.config
