@@ -10,6 +10,8 @@ import shutil
 import torch
 from ignite.engine import Events
 from monai.handlers import from_engine
+from monai.utils import set_determinism
+from monailabel.tasks.train.basic_train import BasicTrainTask
 from monailabel.tasks.train.handler import PublishStatsAndModel
 
 logger = logging.getLogger(__name__)
@@ -95,6 +97,8 @@ def trainer_config(model, app, **overrides) -> dict:
         "pretrained": True,
         "device": app.device,
         "max_epochs": int(t.get("max_epochs", 20)),
+        # seeds torch, numpy, random and every MONAI random transform; a negative seed leaves runs unseeded
+        "seed": int(t.get("seed", 0)),
         "early_stop_patience": -1,
         "val_split": float(t.get("val_split", 0.2)),
         "train_batch_size": int(t.get("batch_size", 16)),
@@ -110,3 +114,18 @@ def trainer_config(model, app, **overrides) -> dict:
     }
     cfg.update(overrides)
     return cfg
+
+
+class SeededTrainTask(BasicTrainTask):
+    """BasicTrainTask whose runs are reproducible: the request's ``seed`` is applied before the
+    network, the optimiser and the transform chains are built (MONAI's Compose draws its
+    random state from the seed set here)."""
+
+    def train(self, rank, world_size, request, datalist):
+        seed = request.get("seed", 0)
+        seed = None if seed is None or int(seed) < 0 else int(seed) + int(rank)
+        set_determinism(seed=seed)
+        try:
+            return super().train(rank, world_size, request, datalist)
+        finally:
+            set_determinism(seed=None)  # do not leave the server process seeded

@@ -33,14 +33,20 @@ from monai.transforms import (
     RandScaleIntensityd,
 )
 from monailabel.interfaces.datastore import Datastore
-from monailabel.tasks.train.basic_train import BasicTrainTask, Context
+from monailabel.tasks.train.basic_train import Context
 
 from monailabel_dr.config import AppSettings, ModelSettings
 from monailabel_dr.fundus import io
 from monailabel_dr.fundus.labels import LabelFormatError, is_grade_label_file, read_grade_label
 from monailabel_dr.fundus.lesions import LESIONS
 from monailabel_dr.lib.errors import Conflict
-from monailabel_dr.lib.trainers.common import attach_publisher, resume_path, stack_pred_label, trainer_config
+from monailabel_dr.lib.trainers.common import (
+    SeededTrainTask,
+    attach_publisher,
+    resume_path,
+    stack_pred_label,
+    trainer_config,
+)
 from monailabel_dr.metrics.grading import accuracy, quadratic_weighted_kappa
 from monailabel_dr.networks.attention_grader import build_grader
 from monailabel_dr.networks.cam_grader import N_GRADES, GraderLoss, make_targets
@@ -99,7 +105,7 @@ def targets_from_labels(files: dict[str, str], presence: dict[str, bool] | None 
     return make_targets(grade, lesions)
 
 
-class GradingTrainer(BasicTrainTask):
+class GradingTrainer(SeededTrainTask):
     def __init__(self, model: ModelSettings, app: AppSettings):
         self.model = model
         self.app_settings = app

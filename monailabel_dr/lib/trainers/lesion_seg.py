@@ -40,12 +40,18 @@ from monai.transforms import (
     RandShiftIntensityd,
 )
 from monailabel.interfaces.datastore import Datastore
-from monailabel.tasks.train.basic_train import BasicTrainTask, Context
+from monailabel.tasks.train.basic_train import Context
 
 from monailabel_dr.config import AppSettings, ModelSettings
 from monailabel_dr.fundus.lesions import LESIONS
 from monailabel_dr.lib.errors import BadInput, Conflict
-from monailabel_dr.lib.trainers.common import attach_publisher, resume_path, stack_pred_label, trainer_config
+from monailabel_dr.lib.trainers.common import (
+    SeededTrainTask,
+    attach_publisher,
+    resume_path,
+    stack_pred_label,
+    trainer_config,
+)
 from monailabel_dr.networks.lesion_net import LesionLoss, build_lesion_net
 from monailabel_dr.transforms import FOV_KEY, GEOMETRY_KEY, SOURCE_INFO_KEY, LoadFundusd, LoadLesionTargetsd
 
@@ -112,7 +118,7 @@ def idrid_items(folder: str) -> list[dict]:
     return items
 
 
-class LesionSegTrainer(BasicTrainTask):
+class LesionSegTrainer(SeededTrainTask):
     def __init__(self, model: ModelSettings, app: AppSettings):
         self.model = model
         self.app_settings = app
