@@ -27,7 +27,23 @@ def _conf(args) -> dict[str, str]:
     conf = {k: v for k, v in (args.conf or [])}
     if getattr(args, "device", None):
         conf["device"] = args.device
+    # the TP-DRSeg ablations (the paper's Table 3) as profile overrides of the model
+    sets = []
+    if getattr(args, "text_mode", None):
+        sets.append(f"network.text_mode={args.text_mode}")
+    if getattr(args, "injector", None):
+        sets.append(f"network.injector={'true' if args.injector == 'on' else 'false'}")
+    if sets:
+        key = f"{args.model}_set"
+        conf[key] = ",".join([conf[key]] + sets) if conf.get(key) else ",".join(sets)
     return conf
+
+
+def _ablation_args(sp) -> None:
+    sp.add_argument("--text-mode", choices=["description", "name"],
+                    help="lesion_sam ablation: prompt with the explicit descriptions (default) or the bare lesion names")
+    sp.add_argument("--injector", choices=["on", "off"],
+                    help="lesion_sam ablation: prior-aligned injectors on (default) or off (train and evaluate alike)")
 
 
 def _quiet_settings() -> None:
@@ -195,30 +211,34 @@ def _infer_all(app, request: dict, output: str | None) -> int:
     return 1 if failures else 0
 
 
+LESION_MODELS = ("lesion_seg", "lesion_sam")  # infer tasks with predict(path) -> (4, H, W) probabilities
+
+
 def cmd_evaluate(args) -> int:
     from monailabel_dr.lib.evaluation import evaluate_grading, evaluate_lesions, lesion_summary
 
-    if args.model == "lesion_seg":
+    if args.model in LESION_MODELS:
         if not args.dataset:
-            raise SystemExit("evaluate lesion_seg: give --dataset idrid:<folder>")
+            raise SystemExit(f"evaluate {args.model}: give --dataset idrid:<folder>")
         task = None
         if not args.predictions:
             conf = _conf(args)
-            conf.setdefault("models", "lesion_seg")
+            conf.setdefault("models", args.model)
             if args.checkpoint:  # exactly this checkpoint: an empty model dir so nothing shadows it
-                conf["lesion_seg_checkpoint"] = os.path.realpath(args.checkpoint)
+                conf[f"{args.model}_checkpoint"] = os.path.realpath(args.checkpoint)
                 conf["model_dir"] = _tmp_studies()
-            task = make_app(args.studies or _tmp_studies(), conf)._infers["lesion_seg"]
+            task = make_app(args.studies or _tmp_studies(), conf)._infers[args.model]
+        params = json.loads(args.params) if args.params else {}
         report = evaluate_lesions(args.dataset, task=task, predictions=args.predictions, split=args.split,
                                   n_boot=args.n_boot, threshold=args.threshold, froc_mode=args.froc_mode,
-                                  froc_overlap=args.froc_overlap)
+                                  froc_overlap=args.froc_overlap, params=params)
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(json_safe(report), f, indent=1, default=str)
         print(lesion_summary(report))
         return 0
     if args.model not in ("grading",):
-        raise SystemExit(f"evaluate: {args.model} is not evaluable yet (grading, lesion_seg are)")
+        raise SystemExit(f"evaluate: {args.model} is not evaluable yet (grading, {', '.join(LESION_MODELS)} are)")
     app = make_app(args.studies or _tmp_studies(), _conf(args))
     report = evaluate_grading(app, studies=args.studies if args.phantoms is None else None,
                               phantoms=args.phantoms, seed=args.seed, size=args.size)
@@ -286,8 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--epochs", type=int)
     t.add_argument("--name", help="run name (reusing one resumes from its best model)")
     t.add_argument("--val-split", type=float)
-    t.add_argument("--dataset", help="train from a folder instead of the datastore's labels: idrid:<folder> (lesion_seg)")
+    t.add_argument("--dataset", help="train from a folder instead of the datastore's labels: idrid:<folder> (lesion_seg, lesion_sam)")
     t.add_argument("--params", help="extra train request JSON")
+    _ablation_args(t)
     t.set_defaults(func=cmd_train)
 
     f = sub.add_parser("infer", help="run a model's infer task on a datastore image or a file")
@@ -307,9 +328,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=1_000_000, help="first phantom seed (default 1000000: never used by the demo)")
     e.add_argument("--size", default="480x640")
     e.add_argument("--json", help="also write the report here")
-    e.add_argument("--dataset", help="lesion_seg: idrid:<folder> with images/ and masks/<LES>/")
-    e.add_argument("--checkpoint", help="lesion_seg: evaluate exactly this checkpoint")
-    e.add_argument("--predictions", help="lesion_seg: evaluate a folder of predicted masks (<LES>/<ID>_<LES>.png) instead of a model")
+    e.add_argument("--dataset", help="lesion_seg / lesion_sam: idrid:<folder> with images/ and masks/<LES>/")
+    e.add_argument("--checkpoint", help="lesion_seg / lesion_sam: evaluate exactly this checkpoint")
+    e.add_argument("--predictions", help="lesion models: evaluate a folder of predicted masks (<LES>/<ID>_<LES>.png) instead of a model")
+    e.add_argument("--params", help="lesion models: infer request parameters as JSON, e.g. '{\"mode\": \"fast\"}' for lesion_sam")
     e.add_argument("--split", default="all", choices=["val", "train", "all"],
                    help="lesion_seg: which ids of the folder: all (default; e.g. a test folder), or val / train of "
                         "the fixed split the trainer uses (ids ending in 0 or 5 validate)")
@@ -318,6 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="lesion_seg FROC hit rule: intersection / lesion area (gt, the documented default), "
                         "intersection / union (iou) or one shared pixel (pixel, the lenient variant)")
     e.add_argument("--froc-overlap", type=float, default=0.5, help="lesion_seg FROC overlap for gt / iou (default 0.5)")
+    _ablation_args(e)
     e.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the 95 %% CIs")
     e.set_defaults(func=cmd_evaluate)
 

@@ -33,6 +33,9 @@ CONF_OPTIONS: dict[str, tuple[str, str]] = {
     "min_image_side": ("64", "Smallest image side accepted (px)."),
     "train_on_start": ("", "Comma list of models to train in the background when the server starts (the demo uses `grading`)."),
     "<model>_max_epochs": ("(profile)", "Default number of epochs for the model's trainer."),
+    "<model>_set": ("", "Override values of the model's profile: comma list of `dotted.key=value` (values in YAML), e.g. "
+                        "`lesion_sam_set network.sam.checkpoint=/data/sam_vit_b_01ec64.pth,network.clip.pretrained=/data/clip_b16.bin` "
+                        "(local weights) or `lesion_sam_set network.text_mode=name,network.injector=false` (the TP-DRSeg ablations)."),
     "<model>_lesion_checkpoint": ("<model_dir>/lesion_seg.pt", "Lesion-Net weights for a lesion-attention grading profile (`grading_profile attention`); frozen while the grader trains."),
     "<model>_attention_mode": ("FA", "Lesion attention as `FA` (F x A, the paper) or `F(1+A)`."),
     "cam_threshold": ("0.65", "CAM region-proposal threshold on the min-max normalised map (the CAM paper's value)."),
@@ -166,6 +169,8 @@ def parse_conf(conf: dict[str, Any] | None, app_dir: str, table: dict[str, Model
                 f"available: {sorted(profiles['profiles'])}"
             )
         profile = copy.deepcopy(profiles["profiles"][profile_name])
+        if conf.get(f"{name}_set"):
+            apply_overrides(profile, str(conf[f"{name}_set"]), f"--conf {name}_set")
         size = conf.get(f"{name}_image_size") or conf.get("image_size") or profile["image_size"]
         try:
             size = int(size)
@@ -205,6 +210,36 @@ def parse_conf(conf: dict[str, Any] | None, app_dir: str, table: dict[str, Model
         train_on_start=train_on_start,
         extra={k: v for k, v in conf.items()},
     )
+
+
+def apply_overrides(profile: dict, spec: str, what: str = "overrides") -> dict:
+    """Apply ``a.b=value,c=value`` (YAML values) to a profile dict in place; unknown top-level keys are refused."""
+    for item in [x.strip() for x in spec.split(",") if x.strip()]:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfError(f"{what}: {item!r} is not key=value")
+        parts = key.strip().split(".")
+        if parts[0] not in ("image_size", "network", "train"):
+            raise ConfError(f"{what}: {key!r} must start with image_size, network. or train.")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            raise ConfError(f"{what}: value of {key!r} is not valid YAML: {e}") from e
+        if isinstance(value, str):  # PyYAML (YAML 1.1) reads 1e-4 as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        node = profile
+        for p in parts[:-1]:
+            nxt = node.get(p)
+            if nxt is None:
+                nxt = node[p] = {}
+            if not isinstance(nxt, dict):
+                raise ConfError(f"{what}: {key!r} goes through {p!r}, which is not a mapping")
+            node = nxt
+        node[parts[-1]] = value
+    return profile
 
 
 def _resolve_attention(name: str, att: dict, conf: dict, table: dict[str, ModelSpec], model_dir: str) -> dict:

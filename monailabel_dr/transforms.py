@@ -16,7 +16,7 @@ from typing import Hashable, Mapping
 import numpy as np
 import torch
 from monai.config import KeysCollection
-from monai.transforms import MapTransform
+from monai.transforms import MapTransform, Randomizable
 
 from monailabel_dr.fundus import geometry, io
 from monailabel_dr.fundus.landmarks import detect_landmarks
@@ -124,4 +124,36 @@ class LoadLesionTargetsd(MapTransform):
             fov = fov.numpy()[0] if torch.is_tensor(fov) else np.asarray(fov)[0]
             out = np.stack([np.clip(c, 0, 1) for c in chans] + [fov.astype(np.float32)]).astype(np.float32)
             d[key] = torch.from_numpy(out)
+        return d
+
+
+class RandLesionPromptd(Randomizable, MapTransform):
+    """Pick the lesion a training sample is prompted with (TP-DRSeg trains one lesion per sample).
+
+    Input ``data[key]``: (m + 1, S, S) from :class:`LoadLesionTargetsd` (lesion coverages + FOV).
+    Output ``data[key]``: (2, S, S), the chosen lesion's coverage and the FOV, and
+    ``data[cls_key]``: the lesion index (int64 tensor). A lesion present in the image (any
+    coverage >= 0.5) is chosen uniformly; with probability ``negative_prob`` (or when none is
+    present) any lesion is, so absent lesions teach the model to answer an empty mask.
+    """
+
+    def __init__(self, keys: KeysCollection = "label", cls_key: str = "cls", negative_prob: float = 0.2,
+                 allow_missing_keys: bool = False):
+        MapTransform.__init__(self, keys, allow_missing_keys)
+        self.cls_key = cls_key
+        self.negative_prob = float(negative_prob)
+
+    def __call__(self, data):
+        d = dict(data)
+        for key in self.key_iterator(d):
+            lab = d[key]
+            lab = lab if torch.is_tensor(lab) else torch.as_tensor(np.asarray(lab))
+            m = lab.shape[0] - 1
+            present = [i for i in range(m) if bool((lab[i] >= 0.5).any())]
+            if not present or self.R.rand() < self.negative_prob:
+                k = int(self.R.randint(m))
+            else:
+                k = int(present[self.R.randint(len(present))])
+            d[key] = torch.stack([lab[k], lab[m]])
+            d[self.cls_key] = torch.tensor(k, dtype=torch.int64)
         return d

@@ -110,3 +110,35 @@ def test_checkpoint_of_a_tiny_model_and_the_val_split(idrid_folder, tmp_path):
         assert set(m) >= {"dice_pooled", "dice_per_image_mean", "iou_pooled", "auc_pr", "auc_roc", "image_auc", "ci"}
         assert m["auc_roc"] is None or 0.0 <= m["auc_roc"] <= 1.0
         assert set(report["froc"][les]) >= {"froc_score", "sensitivity", "fp_rates"}
+
+
+def test_lesion_sam_ablations_train_and_evaluate(idrid_folder, tmp_path):
+    """The paper's Table 3 switches: bare lesion names and no injectors, trained and evaluated alike."""
+    import torch
+
+    model = tmp_path / "model"
+    conf = ["--conf", "models", "lesion_sam", "--conf", "profile", "tiny", "--conf", "model_dir", str(model)]
+    ablation = ["--text-mode", "name", "--injector", "off"]
+    cli("train", "lesion_sam", "--dataset", f"idrid:{idrid_folder}", *conf, *ablation, "--epochs", "1")
+    ckpt = model / "lesion_sam.pt"
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)["model"]
+    assert not any(k.startswith("injectors.") for k in state)
+    assert any(k.startswith("prompt_generator.") for k in state)
+
+    out = tmp_path / "sam.json"
+    proc = cli("evaluate", "lesion_sam", "--dataset", f"idrid:{idrid_folder}", "--json", str(out), "--n-boot", "20",
+               "--checkpoint", str(ckpt), "--split", "val", "--conf", "profile", "tiny", *ablation,
+               "--params", '{"mode": "fast"}')
+    assert "dice_pooled" in proc.stdout
+    report = json.loads(out.read_text())
+    assert report["images"] == ["IDRiD_05"]
+    assert report["profile_network"]["text_mode"] == "name" and report["profile_network"]["injector"] is False
+    assert report["params"] == {"mode": "fast"}
+    assert set(report["segmentation"]) >= set(LESIONS)
+
+    # the injector-free checkpoint does not fit the model with injectors: a clear error, not a silent load
+    bad = subprocess.run([sys.executable, "-m", "monailabel_dr.cli", "evaluate", "lesion_sam", "--dataset",
+                          f"idrid:{idrid_folder}", "--checkpoint", str(ckpt), "--split", "val", "--conf", "profile",
+                          "tiny", "--n-boot", "5"], capture_output=True, text=True, cwd=str(ROOT), timeout=600)
+    assert bad.returncode != 0
+    assert "trained tensors missing" in bad.stdout + bad.stderr

@@ -185,3 +185,22 @@ def test_paper_profile_runs_without_weights():
     with torch.no_grad():
         out = net(torch.rand(1, 3, 1024, 1024), lesions=[0, 1, 2, 3], mode="fast")
     assert out["logits"].shape == (4, 1024, 1024) and out["prior"].shape == (4, 14, 14)
+
+
+def test_loss_positive_weight_and_two_argument_form():
+    """BCE with lesion pixels weighted pos_weight times (hand-computed), plus the Jaccard term; the engine's
+    two-argument call (truth and FOV stacked) equals the three-argument one."""
+    logits = torch.tensor([[[[2.0, -1.0], [0.5, -3.0]]]])
+    truth = torch.tensor([[[[1.0, 0.0], [1.0, 0.0]]]])
+    fov = torch.tensor([[[[1.0, 1.0], [1.0, 0.0]]]])
+    p = torch.sigmoid(logits)
+    bce_px = -(truth * torch.log(p) + (1 - truth) * torch.log(1 - p))
+    w = fov * (1 + 9 * truth)
+    bce = float((bce_px * w).sum() / fov.sum())
+    inter = float((p * fov * truth).sum())
+    union = float((p * fov).sum() + truth.sum() - inter)
+    expected = bce + 1 - (2 * inter + 1) / (2 * union + 1)   # MONAI Jaccard form: smooth 1 on 2I / 2U
+    loss = TPDRSegLoss(pos_weight=10)
+    assert abs(float(loss(logits, truth, fov)) - expected) < 1e-5
+    assert abs(float(loss(logits, torch.cat([truth, fov], 1))) - expected) < 1e-5
+    assert float(TPDRSegLoss()(logits, truth, fov)) < expected   # unweighted is smaller here

@@ -345,3 +345,35 @@ def test_lesion_targets_align_with_the_image_at_working_resolution(tmp_path):
         zone = ndimage.binary_dilation(labels == i, iterations=3)
         np.testing.assert_allclose(ndimage.center_of_mass(target * (labels == i)),
                                    ndimage.center_of_mass(bright * zone), atol=0.02)
+
+
+def test_profile_overrides_from_conf():
+    from monailabel_dr.config import ConfError, parse_conf
+
+    s = parse_conf({"models": "lesion_sam", "lesion_sam_set": "network.text_mode=name,network.injector=false,"
+                    "network.sam.checkpoint=/data/sam.pth,train.learning_rate=1e-4"}, "/app")
+    m = s.models["lesion_sam"]
+    assert m.network["text_mode"] == "name" and m.network["injector"] is False
+    assert m.network["sam"]["checkpoint"] == "/data/sam.pth" and m.network["sam"]["embed_dim"] == 128  # rest kept
+    assert m.train["learning_rate"] == 1e-4
+    for bad in ("network.text_mode", "weights=1", "network.sam.embed_dim.x=3"):
+        with pytest.raises(ConfError):
+            parse_conf({"models": "lesion_sam", "lesion_sam_set": bad}, "/app")
+
+
+def test_rand_lesion_prompt_picks_present_lesions_and_some_negatives():
+    from monailabel_dr.transforms import RandLesionPromptd
+
+    lab = torch.zeros(5, 8, 8)
+    lab[2, 1:3, 1:3] = 1.0       # EX present
+    lab[3, 5, 5] = 0.4           # SE below half coverage: absent
+    lab[4] = 1.0                 # FOV
+    t = RandLesionPromptd(keys="label", negative_prob=0.0)
+    t.set_random_state(0)
+    picks = {int(t({"label": lab})["cls"]) for _ in range(20)}
+    assert picks == {2}
+    out = t({"label": lab})
+    assert out["label"].shape == (2, 8, 8) and torch.equal(out["label"][0], lab[2]) and torch.equal(out["label"][1], lab[4])
+    t = RandLesionPromptd(keys="label", negative_prob=1.0)
+    t.set_random_state(0)
+    assert len({int(t({"label": lab})["cls"]) for _ in range(40)}) == 4

@@ -81,10 +81,11 @@ def _predicted_masks_folder(folder: str, image_id: str, shape) -> dict[str, np.n
 
 def evaluate_lesions(dataset: str, task=None, predictions: str | None = None, split: str = "all",
                      n_boot: int = 1000, threshold: float = 0.5, froc_threshold: float = 0.5,
-                     froc_mode: str = "gt", froc_overlap: float = 0.5) -> dict:
+                     froc_mode: str = "gt", froc_overlap: float = 0.5, params: dict | None = None) -> dict:
     """Lesion segmentation metrics on an IDRiD-layout folder, at full resolution.
 
-    Either ``task`` (a lesion_seg infer task: its probability maps) or ``predictions`` (a folder of
+    Either ``task`` (a lesion infer task, lesion_seg or lesion_sam: its probability maps, with the
+    infer request ``params``) or ``predictions`` (a folder of
     predicted masks in the IDRiD layout) is evaluated against ``dataset``'s masks, inside the field
     of view detected on each photograph. ``split``: ``all`` (every image of the folder), ``val``
     (ids ending in a multiple of 5, as the trainer holds out) or ``train``. FROC proposals are the
@@ -112,7 +113,7 @@ def evaluate_lesions(dataset: str, task=None, predictions: str | None = None, sp
     for image_id in ids:
         img_path = idrid_image_path(folder, image_id)
         if task is not None:
-            probs_arr, fov = task.predict(img_path)
+            probs_arr, fov = task.predict(img_path, **(params or {}))
             probs = {les: probs_arr[i] for i, les in enumerate(LESIONS)}
             shape = fov.shape
         else:
@@ -139,6 +140,8 @@ def evaluate_lesions(dataset: str, task=None, predictions: str | None = None, sp
     if task is not None:
         report["model"] = task.model_json()
         report["working_size"] = task.model.image_size
+        report["profile_network"] = task.model.network
+        report["params"] = params or {}
     else:
         report["predictions"] = os.path.realpath(predictions)
     return report

@@ -43,6 +43,7 @@ import torch
 import torch.nn as nn
 import yaml
 import torch.nn.functional as F
+from monai.inferers import Inferer
 from monai.losses import DiceLoss
 
 from monailabel_dr.fundus.lesions import LESIONS
@@ -184,16 +185,25 @@ class ClassSpecificPromptGenerator(nn.Module):
 
 
 class TPDRSegLoss(nn.Module):
-    """BCE + IoU loss of the paper, on logits, restricted to the field of view (mask 1 inside)."""
+    """BCE + IoU loss of the paper, on logits, restricted to the field of view (mask 1 inside).
 
-    def __init__(self):
+    Called with two arguments (what MONAI engines do), ``truth`` is (B, 2, H, W): the target and the
+    field of view (:class:`monailabel_dr.transforms.RandLesionPromptd`'s output)."""
+
+    def __init__(self, pos_weight: float = 1.0):
         super().__init__()
+        # pos_weight > 1 weights lesion pixels in the BCE term (not in the paper, which fine-tunes a
+        # pretrained SAM; from scratch the unweighted BCE parks every map below 0.5, as Lesion-Net's did)
+        self.pos_weight = float(pos_weight)
         self.iou = DiceLoss(sigmoid=False, jaccard=True, smooth_nr=1.0, smooth_dr=1.0)
 
     def forward(self, logits: torch.Tensor, truth: torch.Tensor, fov: torch.Tensor | None = None) -> torch.Tensor:
+        if fov is None and truth.shape[1] == logits.shape[1] + 1:
+            truth, fov = truth[:, :-1], truth[:, -1:]
         truth = truth.to(logits.dtype)
         fov = torch.ones_like(truth) if fov is None else fov.to(logits.dtype).expand_as(truth)
-        bce = F.binary_cross_entropy_with_logits(logits, truth, weight=fov, reduction="sum") / fov.sum().clamp_min(1)
+        weight = fov if self.pos_weight == 1.0 else fov * (1.0 + (self.pos_weight - 1.0) * truth)
+        bce = F.binary_cross_entropy_with_logits(logits, truth, weight=weight, reduction="sum") / fov.sum().clamp_min(1)
         return bce + self.iou(torch.sigmoid(logits) * fov, truth * fov)
 
 
@@ -302,6 +312,7 @@ class TPDRSeg(nn.Module):
         self.register_buffer("clip_mean", torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("clip_std", torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1), persistent=False)
         self.lesion_texts = cfg.lesion_texts()
+        self._text_cache: torch.Tensor | None = None
         self.freeze_pretrained()
 
     # ---- parameter-efficient training --------------------------------------------------------
@@ -347,7 +358,21 @@ class TPDRSeg(nn.Module):
         return torch.stack(out)
 
     def lesion_text_embeddings(self) -> torch.Tensor:
-        return self.encode_texts(self.lesion_texts)
+        """(N_LESIONS, D). Constant at inference, so cached there (eval mode, no grad); training recomputes."""
+        if self.training or torch.is_grad_enabled():
+            return self.encode_texts(self.lesion_texts)
+        dev = self.clip_mean.device
+        if self._text_cache is None or self._text_cache.device != dev:
+            self._text_cache = self.encode_texts(self.lesion_texts)
+        return self._text_cache
+
+    def train(self, mode: bool = True):
+        self._text_cache = None
+        return super().train(mode)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        self._text_cache = None
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def clip_patch_embeddings(self, image: torch.Tensor) -> torch.Tensor:
         """(B, gh, gw, D) CLIP patch tokens projected into the joint image-text space.
@@ -442,10 +467,15 @@ class TPDRSeg(nn.Module):
         return F.interpolate(torch.cat(logits), size=image.shape[-2:], mode="bilinear", align_corners=False)
 
     def forward(self, image: torch.Tensor, lesions: Sequence[int] | None = None, texts: Sequence[str] | None = None,
-                mode: str = "faithful", points=None, point_labels=None, boxes=None) -> dict:
+                mode: str = "faithful", points=None, point_labels=None, boxes=None, cls: torch.Tensor | None = None):
         """Inference on ONE image (1, 3, S, S). Prompts: lesion indices (their configured texts) and/or free
         texts (each uses the prompt-generator class of the most similar lesion description).
-        Returns logits (K, S, S), prior (K, gh, gw), the class used per prompt and the texts used."""
+        Returns logits (K, S, S), prior (K, gh, gw), the class used per prompt and the texts used.
+
+        With ``cls`` (B,) it is :meth:`forward_train` on a batch instead (what MONAI engines call, so a
+        DistributedDataParallel wrapper sees the forward)."""
+        if cls is not None:
+            return self.forward_train(image, cls.reshape(-1).to(image.device))
         if image.shape[0] != 1:
             raise ValueError("TPDRSeg.forward takes one image; use forward_train for batches")
         if mode not in ("faithful", "fast"):
@@ -483,5 +513,24 @@ class TPDRSeg(nn.Module):
         return {"logits": logits, "prior": prior[:, 0], "classes": classes, "texts": used, "iou": iou[:, 0]}
 
 
-def build_tp_drseg(network_config: dict, load_weights: bool = True) -> TPDRSeg:
-    return TPDRSeg(TPDRSegConfig.from_dict(network_config), load_weights=load_weights)
+class TPDRSegInferer(Inferer):
+    """MONAI inferer for validation: every lesion's logits (B, N_LESIONS, S, S), one prompted pass per
+    lesion (the faithful mode, batched over images)."""
+
+    def __call__(self, inputs: torch.Tensor, network: nn.Module, *args, **kwargs) -> torch.Tensor:
+        b = inputs.shape[0]
+        return torch.cat([network(inputs, cls=torch.full((b,), k, dtype=torch.int64, device=inputs.device))
+                          for k in range(N_LESIONS)], dim=1)
+
+
+def build_tp_drseg(network_config: dict, load_weights: bool = True, image_size: int | None = None) -> TPDRSeg:
+    """The model of a profile's ``network`` block. ``image_size`` (the fundus working size) sets SAM's
+    input size; it must match a pretrained SAM's (1024 for the official checkpoints)."""
+    cfg = TPDRSegConfig.from_dict(network_config)
+    if image_size is not None and int(image_size) != cfg.sam.img_size:
+        if cfg.sam.checkpoint and load_weights:
+            raise ValueError(f"image_size {image_size} differs from the pretrained SAM's input size {cfg.sam.img_size}")
+        cfg.sam.img_size = int(image_size)
+    if cfg.sam.img_size % cfg.sam.patch_size:
+        raise ValueError(f"image_size {cfg.sam.img_size} is not a multiple of SAM's patch size {cfg.sam.patch_size}")
+    return TPDRSeg(cfg, load_weights=load_weights)

@@ -16,12 +16,13 @@ import os
 import tempfile
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 from monai.transforms import NormalizeIntensityd
 from monailabel.tasks.infer.basic_infer import BasicInferTask
 
 from monailabel_dr.config import AppSettings, ModelSettings
-from monailabel_dr.fundus import io
+from monailabel_dr.fundus import geometry, io
 from monailabel_dr.lib.errors import BadInput, ClientError, ModelNotTrained, find_cause
 from monailabel_dr.transforms import LoadFundusd
 
@@ -152,6 +153,7 @@ class FundusInferTask(BasicInferTask):
             raise
 
     def _get_network(self, device, data):
+        """The served checkpoint's network on ``device``, reloaded when the file changes (a retrain)."""
         path = self.model.serve_path
         if not os.path.isfile(path):
             raise ModelNotTrained(self._untrained_message())
@@ -159,20 +161,27 @@ class FundusInferTask(BasicInferTask):
         cached = self._networks.get(device)
         if cached and cached[1] == mtime:
             return cached[0]
+        network = self.load_network(path, device).to(torch.device(device)).eval()
+        self._networks[device] = (network, mtime)
+        return network
+
+    def load_network(self, path: str, device: str) -> torch.nn.Module:
+        """A copy of the task's network with the checkpoint's weights (strict); 409 when they do not fit."""
         import copy
 
         network = copy.deepcopy(self.network).to(torch.device(device))
         try:
             load_weights(network, path, device)
         except Exception as e:
-            raise ModelNotTrained(
-                f"checkpoint {path} for model '{self.name}' cannot be loaded into the '{self.model.profile_name}' "
-                f"profile network ({type(e).__name__}: {str(e)[:300]}). Retrain the model or point "
-                f"--conf {self.model.name}_checkpoint to a checkpoint of this profile."
-            ) from e
-        network.eval()
-        self._networks[device] = (network, mtime)
+            raise self.unusable_checkpoint(path, e) from e
         return network
+
+    def unusable_checkpoint(self, path: str, e: Exception) -> ModelNotTrained:
+        return ModelNotTrained(
+            f"checkpoint {path} for model '{self.name}' cannot be loaded into the '{self.model.profile_name}' "
+            f"profile network ({type(e).__name__}: {str(e)[:400]}). Retrain the model or point "
+            f"--conf {self.model.name}_checkpoint to a checkpoint of this profile."
+        )
 
     def result_path(self, data: dict) -> str:
         ext = str(data.get("result_extension") or ".png").lower()
@@ -182,3 +191,20 @@ class FundusInferTask(BasicInferTask):
         s = checkpoint_state(self.model.serve_path)
         return {"name": self.model.name, "profile": self.model.profile_name, "checkpoint": s.get("checkpoint"),
                 "modified": s.get("modified")}
+
+
+def probabilities_at_input(data: dict) -> tuple[np.ndarray, np.ndarray, geometry.FundusGeometry]:
+    """Sigmoid of ``data["pred"]`` (m, S, S) logits restored to the input's pixel grid: (m, H, W)
+    probabilities, zero outside the field of view; the FOV mask (H, W) and the geometry."""
+    geom = geometry.FundusGeometry.from_dict(data["fundus_geometry"])
+    logits = data["pred"]
+    logits = logits if torch.is_tensor(logits) else torch.as_tensor(logits)
+    work = torch.sigmoid(logits.float()).cpu().numpy()
+    fov_w = (data["fov"][0].numpy() if torch.is_tensor(data["fov"]) else np.asarray(data["fov"])[0]) > 0.5
+    work = work * fov_w[None]
+    probs = np.stack([geometry.to_original(c, geom, interpolation="linear") for c in work]).astype(np.float32)
+    fov = data.get("fundus_source_fov")
+    if fov is None:
+        fov = geometry.to_original(fov_w.astype(np.uint8), geom, interpolation="nearest") > 0
+    probs[:, ~fov] = 0.0
+    return probs, fov, geom

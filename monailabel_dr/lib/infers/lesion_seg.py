@@ -23,15 +23,14 @@ from __future__ import annotations
 
 import cv2
 import numpy as np
-import torch
 from monailabel.interfaces.tasks.infer_v2 import InferType
 
 from monailabel_dr.config import AppSettings, ModelSettings
-from monailabel_dr.fundus import geometry, io
+from monailabel_dr.fundus import io
 from monailabel_dr.fundus.landmarks import QuadrantFrame, quadrant_frame
 from monailabel_dr.fundus.lesions import LESION_VALUES, LESIONS
 from monailabel_dr.lib.errors import BadInput
-from monailabel_dr.lib.infers.base import FundusInferTask
+from monailabel_dr.lib.infers.base import FundusInferTask, probabilities_at_input
 from monailabel_dr.networks.lesion_net import build_lesion_net
 from monailabel_dr.transforms import LANDMARKS_KEY
 
@@ -84,25 +83,11 @@ class LesionSegInfer(FundusInferTask):
             config={"threshold": 0.5, "output": "label", "result_extension": ".png"},
         )
 
-    @staticmethod
-    def full_resolution(data) -> tuple[np.ndarray, np.ndarray, geometry.FundusGeometry]:
-        """(m, H, W) probabilities (zero outside the field of view), FOV mask and geometry at the input's size."""
-        geom = geometry.FundusGeometry.from_dict(data["fundus_geometry"])
-        logits = data["pred"]
-        logits = logits if torch.is_tensor(logits) else torch.as_tensor(logits)
-        work = torch.sigmoid(logits.float()).cpu().numpy()  # (m, S, S)
-        fov_w = (data["fov"][0].numpy() if torch.is_tensor(data["fov"]) else np.asarray(data["fov"])[0]) > 0.5
-        work = work * fov_w[None]
-        probs = np.stack([geometry.to_original(c, geom, interpolation="linear") for c in work]).astype(np.float32)
-        fov = data.get("fundus_source_fov")
-        if fov is None:
-            fov = geometry.to_original(fov_w.astype(np.uint8), geom, interpolation="nearest") > 0
-        probs[:, ~fov] = 0.0
-        return probs, fov, geom
+    full_resolution = staticmethod(probabilities_at_input)
 
-    def predict(self, image_path: str) -> tuple[np.ndarray, np.ndarray]:
+    def predict(self, image_path: str, **params) -> tuple[np.ndarray, np.ndarray]:
         """Probabilities (m, H, W) and FOV mask of one image file, through the same pipeline as /infer."""
-        _, data = self({"image": image_path, "skip_writer": True})
+        _, data = self({**params, "image": image_path, "skip_writer": True})
         probs, fov, _ = self.full_resolution(data)
         return probs, fov
 

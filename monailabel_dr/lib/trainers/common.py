@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import filecmp
 import logging
 import os
-import shutil
 
 import torch
 from ignite.engine import Events
@@ -25,26 +23,23 @@ def stack_pred_label(output) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack([torch.as_tensor(p) for p in preds]), torch.stack([torch.as_tensor(t) for t in labels])
 
 
-def _atomic_copy(src: str, dst: str) -> None:
-    os.makedirs(os.path.dirname(dst) or ".", exist_ok=True)
-    tmp = f"{dst}.tmp{os.getpid()}"
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
-
-
 class AtomicPublish(PublishStatsAndModel):
     """MONAI Label's publisher, with two changes.
 
     - The served file is replaced atomically (the stock handler copies over it in place, so an
-      /infer arriving mid-copy could read half a checkpoint).
+      /infer arriving mid-copy could read half a checkpoint), and written through the task's
+      ``publish_payload(state_dict)`` when it has one (TP-DRSeg publishes only what it trained).
     - Without validation images the *latest* weights are published each epoch: the stock rule
       (best training metric) selects by a metric measured on random augmented patches, which is
       noise, and can publish an early epoch that never saw a correction.
     """
 
-    def __init__(self, *args, network=None, **kwargs):
+    def __init__(self, *args, network=None, export=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.network = network
+        # export(state_dict) -> what the published file holds; default {"model": state_dict}
+        self.export = export or (lambda state: {"model": state})
+        self._exported_from = None  # (mtime, size) of the run checkpoint last exported
 
     def iteration_completed(self):
         publish_path, self._publish_path = self._publish_path, None
@@ -57,13 +52,20 @@ class AtomicPublish(PublishStatsAndModel):
         if self.evaluator is None and self.network is not None:
             net = self.network.module if hasattr(self.network, "module") else self.network
             tmp = f"{publish_path}.tmp{os.getpid()}"
-            torch.save({"model": net.state_dict()}, tmp)
+            torch.save(self.export(net.state_dict()), tmp)
             os.replace(tmp, publish_path)
             logger.info(f"Latest model published (no validation set): {publish_path}")
             return stats
         best = os.path.join(self.output_dir, self._key_metric_filename)
-        if os.path.exists(best) and (not os.path.exists(publish_path) or not filecmp.cmp(publish_path, best, shallow=False)):
-            _atomic_copy(best, publish_path)
+        if not os.path.exists(best):
+            return stats
+        st = os.stat(best)
+        if self._exported_from != (st.st_mtime_ns, st.st_size) or not os.path.exists(publish_path):
+            state = torch.load(best, map_location="cpu", weights_only=True)
+            tmp = f"{publish_path}.tmp{os.getpid()}"
+            torch.save(self.export(state.get("model", state)), tmp)
+            os.replace(tmp, publish_path)
+            self._exported_from = (st.st_mtime_ns, st.st_size)
             logger.info(f"New model published: {best} => {publish_path}")
         return stats
 
@@ -75,6 +77,7 @@ def attach_publisher(task, context) -> None:
     publisher = AtomicPublish(
         task._stats_path, task._publish_path, task._key_metric_filename, context.start_ts,
         context.run_id, context.output_dir, context.trainer, context.evaluator, network=context.network,
+        export=getattr(task, "publish_payload", None),
     )
     (context.evaluator or context.trainer).add_event_handler(Events.EPOCH_COMPLETED, publisher)
 
@@ -116,10 +119,16 @@ def trainer_config(model, app, **overrides) -> dict:
     return cfg
 
 
-class SeededTrainTask(BasicTrainTask):
-    """BasicTrainTask whose runs are reproducible: the request's ``seed`` is applied before the
-    network, the optimiser and the transform chains are built (MONAI's Compose draws its
-    random state from the seed set here)."""
+class FundusTrainTask(BasicTrainTask):
+    """BasicTrainTask base of the app's trainers.
+
+    - Runs are reproducible: the request's ``seed`` is applied before the network, the optimiser
+      and the transform chains are built (MONAI's Compose draws its random state from it).
+    - Fine-tuning resumes from the served model (:func:`resume_path`).
+    """
+
+    def load_path(self, output_dir, pretrained=True):
+        return resume_path(self, output_dir, pretrained)
 
     def train(self, rank, world_size, request, datalist):
         seed = request.get("seed", 0)

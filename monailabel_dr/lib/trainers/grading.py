@@ -41,9 +41,8 @@ from monailabel_dr.fundus.labels import LabelFormatError, is_grade_label_file, r
 from monailabel_dr.fundus.lesions import LESIONS
 from monailabel_dr.lib.errors import Conflict
 from monailabel_dr.lib.trainers.common import (
-    SeededTrainTask,
+    FundusTrainTask,
     attach_publisher,
-    resume_path,
     stack_pred_label,
     trainer_config,
 )
@@ -105,7 +104,7 @@ def targets_from_labels(files: dict[str, str], presence: dict[str, bool] | None 
     return make_targets(grade, lesions)
 
 
-class GradingTrainer(SeededTrainTask):
+class GradingTrainer(FundusTrainTask):
     def __init__(self, model: ModelSettings, app: AppSettings):
         self.model = model
         self.app_settings = app
@@ -242,9 +241,6 @@ class GradingTrainer(SeededTrainTask):
         if len(context.datalist) < 5:
             context.request["val_split"] = 0.0
         return super().partition_datalist(context, shuffle=shuffle)
-
-    def load_path(self, output_dir, pretrained=True):
-        return resume_path(self, output_dir, pretrained)
 
     def finalize(self, context: Context):
         attach_publisher(self, context)

@@ -1,12 +1,7 @@
 """`lesion_seg` trainer: Lesion-Net from final lesion labels, or straight from an IDRiD-layout folder.
 
-Data:
-- server / datastore: every image with a final lesion label map (values 1-4, e.g. saved from
-  3D Slicer or written by ``monailabel-dr import --idrid``);
-- ``dataset: "idrid:<folder>"`` in the request (``monailabel-dr train lesion_seg --dataset
-  idrid:<folder>``): the per-lesion masks of that folder, exact multi-label, split into
-  train/validation by :func:`monailabel_dr.fundus.idrid.idrid_split` (ids ending in a multiple
-  of 5 validate).
+Data: :mod:`monailabel_dr.lib.trainers.lesion_data` (datastore label maps, or ``idrid:<folder>``
+with its fixed train/validation split).
 
 Each image's field of view is cropped and resized to the profile's working size (cached), then
 ``patch_size`` crops are sampled with MONAI's ``RandCropByLabelClassesd`` centred on MA / HE /
@@ -21,10 +16,8 @@ from __future__ import annotations
 import logging
 import os
 
-import numpy as np
 import torch
 from ignite.engine import Events
-from ignite.metrics import Metric
 from monai.handlers import EarlyStopHandler, LrScheduleHandler
 from monai.inferers import SimpleInferer
 from monai.transforms import (
@@ -39,19 +32,16 @@ from monai.transforms import (
     RandScaleIntensityd,
     RandShiftIntensityd,
 )
-from monailabel.interfaces.datastore import Datastore
 from monailabel.tasks.train.basic_train import Context
 
 from monailabel_dr.config import AppSettings, ModelSettings
 from monailabel_dr.fundus.lesions import LESIONS
-from monailabel_dr.lib.errors import BadInput, Conflict
 from monailabel_dr.lib.trainers.common import (
-    SeededTrainTask,
+    FundusTrainTask,
     attach_publisher,
-    resume_path,
-    stack_pred_label,
     trainer_config,
 )
+from monailabel_dr.lib.trainers.lesion_data import LesionLabelSource, PooledLesionDice
 from monailabel_dr.networks.lesion_net import LesionLoss, build_lesion_net
 from monailabel_dr.transforms import FOV_KEY, GEOMETRY_KEY, SOURCE_INFO_KEY, LoadFundusd, LoadLesionTargetsd
 
@@ -60,65 +50,9 @@ logger = logging.getLogger(__name__)
 _DROP = [GEOMETRY_KEY, SOURCE_INFO_KEY, FOV_KEY, "label_cls_indices", "id", "split"]
 
 
-class PooledLesionDice(Metric):
-    """Pooled Dice 2TP / (2TP + FP + FN) over an epoch, per lesion or their mean, inside the field of view.
+class LesionSegTrainer(LesionLabelSource, FundusTrainTask):
+    model_title = "Lesion-Net"
 
-    Targets are the soft coverages of LoadLesionTargetsd, read as lesion where >= 0.5;
-    predictions are lesion where sigmoid(logit) >= 0.5. The mean is over lesions with any
-    positive pixel (truth or prediction) in the epoch.
-    """
-
-    def __init__(self, lesion: int | None = None, output_transform=stack_pred_label):
-        self.lesion = lesion
-        super().__init__(output_transform=output_transform)
-
-    def reset(self):
-        self.tp = np.zeros(len(LESIONS))
-        self.fp = np.zeros(len(LESIONS))
-        self.fn = np.zeros(len(LESIONS))
-
-    def update(self, output):
-        logits, target = output
-        fov = target[:, -1:] > 0.5
-        pred = (torch.sigmoid(logits.float()) >= 0.5) & fov
-        truth = (target[:, :-1] >= 0.5) & fov
-        dims = (0, 2, 3)
-        self.tp += (pred & truth).sum(dims).cpu().numpy()
-        self.fp += (pred & ~truth).sum(dims).cpu().numpy()
-        self.fn += (~pred & truth).sum(dims).cpu().numpy()
-
-    def compute(self):
-        denom = 2 * self.tp + self.fp + self.fn
-        dice = np.where(denom > 0, 2 * self.tp / np.maximum(denom, 1), np.nan)
-        if self.lesion is not None:
-            v = dice[self.lesion]
-            return 0.0 if np.isnan(v) else float(v)
-        return float(np.nanmean(dice)) if np.any(~np.isnan(dice)) else 0.0
-
-
-def idrid_items(folder: str) -> list[dict]:
-    from monailabel_dr.fundus.idrid import idrid_image_path, idrid_split, list_idrid
-
-    ids = list_idrid(folder)
-    if not ids:
-        raise BadInput(f"{folder}: no images/ in the IDRiD layout (images/NAME.jpg, masks/<LES>/NAME_<LES>.png)")
-    _, val = idrid_split(ids)
-    val = set(val)
-    items = []
-    for image_id in ids:
-        masks = {}
-        for les in LESIONS:
-            for ext in (".png", ".tif"):
-                p = os.path.join(folder, "masks", les, f"{image_id}_{les}{ext}")
-                if os.path.isfile(p):
-                    masks[les] = p
-                    break
-        items.append({"image": idrid_image_path(folder, image_id), "masks": masks, "id": image_id,
-                      "split": "val" if image_id in val else "train"})
-    return items
-
-
-class LesionSegTrainer(SeededTrainTask):
     def __init__(self, model: ModelSettings, app: AppSettings):
         self.model = model
         self.app_settings = app
@@ -137,34 +71,7 @@ class LesionSegTrainer(SeededTrainTask):
         )
         self._loss: LesionLoss | None = None
 
-    # ------------------------------------------------------------ data
-    def pre_process(self, request, datastore: Datastore):
-        dataset = request.get("dataset_source") or ""
-        if dataset:
-            kind, _, folder = str(dataset).partition(":")
-            if kind != "idrid" or not folder:
-                raise BadInput(f"dataset {dataset!r}: use idrid:<folder>")
-            return idrid_items(os.path.realpath(os.path.expanduser(folder)))
-        items = []
-        finder = getattr(datastore, "final_label_files", None)
-        for image_id in sorted(datastore.list_images()):
-            files = finder(image_id) if finder else {}
-            if "lesion_map" in files:
-                items.append({"image": datastore.get_image_uri(image_id), "label": files["lesion_map"], "id": image_id})
-        if not items:
-            raise Conflict("no final lesion label maps to train Lesion-Net on: save label maps (values 1-4) "
-                           "from 3D Slicer / PUT /datastore/label, or `monailabel-dr import --idrid FOLDER`")
-        return items
-
-    def partition_datalist(self, context: Context, shuffle=False):
-        if any("split" in d for d in context.datalist):
-            train = [d for d in context.datalist if d.get("split") != "val"]
-            val = [d for d in context.datalist if d.get("split") == "val"]
-            return train, val
-        if len(context.datalist) < 3:
-            context.request["val_split"] = 0.0
-        return super().partition_datalist(context, shuffle=shuffle)
-
+    # ------------------------------------------------------------ data (pre_process, partition: LesionLabelSource)
     def _load(self):
         return [
             LoadFundusd(keys="image", size=self.model.image_size, max_pixels=self.app_settings.max_image_pixels,
@@ -246,15 +153,6 @@ class LesionSegTrainer(SeededTrainTask):
 
     def train_key_metric(self, context: Context):
         return {"train_mean_dice": PooledLesionDice()}
-
-    def val_key_metric(self, context: Context):
-        return {"val_mean_dice": PooledLesionDice()}
-
-    def val_additional_metrics(self, context: Context):
-        return {f"val_dice_{les}": PooledLesionDice(i) for i, les in enumerate(LESIONS)}
-
-    def load_path(self, output_dir, pretrained=True):
-        return resume_path(self, output_dir, pretrained)
 
     def finalize(self, context: Context):
         attach_publisher(self, context)

@@ -1,0 +1,125 @@
+"""Where the lesion models (Lesion-Net, TP-DRSeg) get their training images from, shared by their trainers.
+
+- server / datastore: every image with a final lesion label map (values 1-4, e.g. saved from
+  3D Slicer or written by ``monailabel-dr import --idrid``);
+- ``dataset: "idrid:<folder>"`` in the request (``monailabel-dr train <model> --dataset
+  idrid:<folder>``): the per-lesion masks of that folder, exact multi-label, split into
+  train/validation by :func:`monailabel_dr.fundus.idrid.idrid_split` (ids ending in a multiple
+  of 5 validate).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+from ignite.metrics import Metric
+from monailabel.interfaces.datastore import Datastore
+from monailabel.tasks.train.basic_train import Context
+
+from monailabel_dr.fundus.lesions import LESIONS
+from monailabel_dr.lib.errors import BadInput, Conflict
+from monailabel_dr.lib.trainers.common import stack_pred_label
+
+
+def idrid_items(folder: str) -> list[dict]:
+    from monailabel_dr.fundus.idrid import idrid_image_path, idrid_split, list_idrid
+
+    ids = list_idrid(folder)
+    if not ids:
+        raise BadInput(f"{folder}: no images/ in the IDRiD layout (images/NAME.jpg, masks/<LES>/NAME_<LES>.png)")
+    _, val = idrid_split(ids)
+    val = set(val)
+    items = []
+    for image_id in ids:
+        masks = {}
+        for les in LESIONS:
+            for ext in (".png", ".tif"):
+                p = os.path.join(folder, "masks", les, f"{image_id}_{les}{ext}")
+                if os.path.isfile(p):
+                    masks[les] = p
+                    break
+        items.append({"image": idrid_image_path(folder, image_id), "masks": masks, "id": image_id,
+                      "split": "val" if image_id in val else "train"})
+    return items
+
+
+class LesionLabelSource:
+    """Mixin for a BasicTrainTask: ``pre_process`` and ``partition_datalist`` for lesion label maps, and
+    the validation metrics of a model whose evaluator outputs (B, 4, S, S) lesion logits."""
+
+    model_title = "the lesion model"
+
+    def pre_process(self, request, datastore: Datastore):
+        dataset = request.get("dataset_source") or ""
+        if dataset:
+            kind, _, folder = str(dataset).partition(":")
+            if kind != "idrid" or not folder:
+                raise BadInput(f"dataset {dataset!r}: use idrid:<folder>")
+            return idrid_items(os.path.realpath(os.path.expanduser(folder)))
+        items = []
+        finder = getattr(datastore, "final_label_files", None)
+        for image_id in sorted(datastore.list_images()):
+            files = finder(image_id) if finder else {}
+            if "lesion_map" in files:
+                items.append({"image": datastore.get_image_uri(image_id), "label": files["lesion_map"], "id": image_id})
+        if not items:
+            raise Conflict(f"no final lesion label maps to train {self.model_title} on: save label maps (values 1-4) "
+                           "from 3D Slicer / PUT /datastore/label, or `monailabel-dr import --idrid FOLDER`")
+        return items
+
+    def partition_datalist(self, context: Context, shuffle=False):
+        if any("split" in d for d in context.datalist):
+            train = [d for d in context.datalist if d.get("split") != "val"]
+            val = [d for d in context.datalist if d.get("split") == "val"]
+            return train, val
+        if len(context.datalist) < 3:
+            context.request["val_split"] = 0.0
+        return super().partition_datalist(context, shuffle=shuffle)
+
+    def val_key_metric(self, context: Context):
+        return {"val_mean_dice": PooledLesionDice()}
+
+    def val_additional_metrics(self, context: Context):
+        return {f"val_dice_{les}": PooledLesionDice(i) for i, les in enumerate(LESIONS)}
+
+
+class PooledLesionDice(Metric):
+    """Pooled Dice 2TP / (2TP + FP + FN) over an epoch, per channel or their mean, inside the field of view.
+
+    Output: logits (B, m, H, W) and targets (B, m + 1, H, W) whose last channel is the field of
+    view (LoadLesionTargetsd). Targets are soft coverages read as lesion where >= 0.5; predictions
+    are lesion where sigmoid(logit) >= 0.5. The mean is over channels with any positive pixel
+    (truth or prediction) in the epoch.
+    """
+
+    def __init__(self, lesion: int | None = None, output_transform=stack_pred_label):
+        self.lesion = lesion
+        super().__init__(output_transform=output_transform)
+
+    def reset(self):
+        self.tp = self.fp = self.fn = None
+
+    def update(self, output):
+        logits, target = output
+        fov = target[:, -1:] > 0.5
+        pred = (torch.sigmoid(logits.float()) >= 0.5) & fov
+        truth = (target[:, :-1] >= 0.5) & fov
+        dims = (0, 2, 3)
+        tp = (pred & truth).sum(dims).cpu().numpy()
+        fp = (pred & ~truth).sum(dims).cpu().numpy()
+        fn = (~pred & truth).sum(dims).cpu().numpy()
+        if self.tp is None:
+            self.tp, self.fp, self.fn = np.zeros_like(tp), np.zeros_like(fp), np.zeros_like(fn)
+        self.tp, self.fp, self.fn = self.tp + tp, self.fp + fp, self.fn + fn
+
+    def compute(self):
+        if self.tp is None:
+            return 0.0
+        denom = 2 * self.tp + self.fp + self.fn
+        dice = np.where(denom > 0, 2 * self.tp / np.maximum(denom, 1), np.nan)
+        if self.lesion is not None:
+            v = dice[self.lesion]
+            return 0.0 if np.isnan(v) else float(v)
+        return float(np.nanmean(dice)) if np.any(~np.isnan(dice)) else 0.0

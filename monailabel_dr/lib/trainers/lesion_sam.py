@@ -1,0 +1,158 @@
+"""`lesion_sam` trainer: TP-DRSeg from the same final lesion labels as `lesion_seg`.
+
+Data: :mod:`monailabel_dr.lib.trainers.lesion_data` (datastore label maps, or ``idrid:<folder>``
+with its fixed train/validation split). Each image's field of view is cropped and resized to the
+working size (SAM's input size; whole images, SAM takes no patches), and each training sample is
+prompted with one lesion (:class:`~monailabel_dr.transforms.RandLesionPromptd`: a present lesion,
+or with ``negative_prob`` any lesion so absent ones learn an empty mask), as the paper trains one
+lesion class per sample.
+
+Parameter-efficient as the paper: when SAM / CLIP weights are loaded (the ``paper`` profile) their
+encoders are frozen and only the injectors, the class-specific prompt generator and SAM's mask
+decoder train; profiles without weights train everything from scratch. The published model holds
+only what was trained, plus ``weights_source`` naming the frozen weights it needs
+(:meth:`publish_payload`). Validation prompts every lesion on the whole working image and reports
+pooled Dice per lesion (``val_dice_MA`` ...) and their mean (``val_mean_dice``, the key metric).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+from monai.engines.utils import PrepareBatchExtraInput
+from monai.handlers import LrScheduleHandler
+from monai.inferers import SimpleInferer
+from monai.transforms import (
+    DeleteItemsd,
+    EnsureTyped,
+    RandAdjustContrastd,
+    RandFlipd,
+    RandRotate90d,
+    RandScaleIntensityd,
+)
+from monailabel.tasks.train.basic_train import Context
+
+from monailabel_dr.config import AppSettings, ModelSettings
+from monailabel_dr.lib.errors import Conflict
+from monailabel_dr.lib.trainers.common import FundusTrainTask, attach_publisher, trainer_config
+from monailabel_dr.lib.trainers.lesion_data import LesionLabelSource, PooledLesionDice
+from monailabel_dr.networks.tp_drseg import TPDRSegInferer, TPDRSegLoss, WeightsUnavailable, build_tp_drseg
+from monailabel_dr.transforms import (
+    FOV_KEY,
+    GEOMETRY_KEY,
+    SOURCE_INFO_KEY,
+    LoadFundusd,
+    LoadLesionTargetsd,
+    RandLesionPromptd,
+)
+
+logger = logging.getLogger(__name__)
+
+_DROP = [GEOMETRY_KEY, SOURCE_INFO_KEY, FOV_KEY, "id", "split"]
+
+
+class LesionSamTrainer(LesionLabelSource, FundusTrainTask):
+    model_title = "TP-DRSeg"
+
+    def __init__(self, model: ModelSettings, app: AppSettings):
+        self.model = model
+        self.app_settings = app
+        t = model.train
+        config = trainer_config(model, app, val_batch_size=1)
+        config["negative_prob"] = float(t.get("negative_prob", 0.2))
+        super().__init__(
+            model_dir=os.path.join(model.model_dir, model.name),
+            description=f"Train TP-DRSeg ({model.profile_name} profile, {model.image_size} px) from final lesion labels",
+            config=config,
+            amp=app.device.startswith("cuda"),
+            publish_path=model.published_path,
+            load_path=model.checkpoint_override,
+            key_metric_filename="model.pt",
+            val_interval=int(t.get("val_interval", 1)),
+            tracking=None,
+        )
+        self._weights_source: dict | None = None
+        self._trainable_keys: set[str] | None = None
+
+    # ------------------------------------------------------------ data (pre_process, partition: LesionLabelSource)
+    def _load(self):
+        # TP-DRSeg takes [0, 1] RGB and applies SAM's and CLIP's own pixel statistics itself.
+        return [
+            LoadFundusd(keys="image", size=self.model.image_size, max_pixels=self.app_settings.max_image_pixels,
+                        min_side=self.app_settings.min_image_side),
+            LoadLesionTargetsd(keys="label"),
+        ]
+
+    def train_pre_transforms(self, context: Context):
+        return [
+            *self._load(),
+            DeleteItemsd(keys=_DROP),
+            RandFlipd(keys=["image", "label"], prob=0.5, spatial_axis=0),
+            RandFlipd(keys=["image", "label"], prob=0.5, spatial_axis=1),
+            RandRotate90d(keys=["image", "label"], prob=0.5),
+            RandScaleIntensityd(keys="image", factors=0.1, prob=0.5),
+            RandAdjustContrastd(keys="image", gamma=(0.8, 1.25), prob=0.3),
+            RandLesionPromptd(keys="label", cls_key="cls",
+                              negative_prob=float(context.request.get("negative_prob", 0.2))),
+            EnsureTyped(keys=["image", "label"], track_meta=False),
+        ]
+
+    def val_pre_transforms(self, context: Context):
+        return [*self._load(), DeleteItemsd(keys=_DROP), EnsureTyped(keys=["image", "label"], track_meta=False)]
+
+    def train_post_transforms(self, context: Context):
+        return None
+
+    def val_post_transforms(self, context: Context):
+        return None
+
+    # ------------------------------------------------------------ model
+    def network(self, context: Context):
+        try:
+            net = build_tp_drseg(self.model.network, image_size=self.model.image_size)
+        except WeightsUnavailable as e:
+            raise Conflict(f"lesion_sam ({self.model.profile_name} profile): {e}") from e
+        self._weights_source = net.weights_source()
+        self._trainable_keys = set(net.trainable_state_dict())
+        n_train = sum(p.numel() for p in net.parameters() if p.requires_grad)
+        n_all = sum(p.numel() for p in net.parameters())
+        logger.info(f"lesion_sam: {n_train:,} of {n_all:,} parameters train; frozen weights: {self._weights_source}")
+        return net
+
+    def publish_payload(self, state: dict) -> dict:
+        """The published checkpoint: the trained tensors only, and where the frozen ones come from."""
+        keys = self._trainable_keys
+        return {"model": {k: v for k, v in state.items() if keys is None or k in keys},
+                "weights_source": self._weights_source, "profile": self.model.profile_name,
+                "image_size": self.model.image_size}
+
+    def optimizer(self, context: Context):
+        t = self.model.train
+        lr = float(context.request.get("learning_rate", t.get("learning_rate", 1e-4)))
+        params = [p for p in context.network.parameters() if p.requires_grad]
+        return torch.optim.AdamW(params, lr=lr, weight_decay=float(t.get("weight_decay", 1e-4)))
+
+    def loss_function(self, context: Context):
+        return TPDRSegLoss(pos_weight=float(self.model.train.get("pos_weight", 1.0)))
+
+    def lr_scheduler_handler(self, context: Context):
+        if str(self.model.train.get("lr_schedule", "cosine")) != "cosine":
+            return None
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(context.optimizer, T_max=max(1, int(context.max_epochs)))
+        return LrScheduleHandler(sched, print_lr=True, epoch_level=True)
+
+    def train_inferer(self, context: Context):
+        return SimpleInferer()   # network(image, cls=...) via the batch preparation set in finalize()
+
+    def val_inferer(self, context: Context):
+        return TPDRSegInferer()
+
+    def train_key_metric(self, context: Context):
+        return {"train_prompt_dice": PooledLesionDice()}
+
+    def finalize(self, context: Context):
+        # the prompted lesion of each sample reaches the network as network(image, cls=...)
+        context.trainer.prepare_batch = PrepareBatchExtraInput({"cls": "cls"})
+        attach_publisher(self, context)
