@@ -17,6 +17,14 @@ from monailabel_dr.fundus.lesions import LESION_VALUES, LESIONS
 from test_lesion_seg_server import phantom_label_map, slicer_nrrd
 
 
+def _save_label_maps(client, n: int) -> None:
+    """Slicer-style label maps of the phantoms fundus_0000 .. n-1, saved as final labels over REST."""
+    for i in range(n):
+        r = client.put(f"/datastore/label?image=fundus_{i:04d}&tag=final",
+                       files={"label": (f"fundus_{i:04d}.nrrd", slicer_nrrd(phantom_label_map(i)))})
+        assert r.status_code == 200, r.text
+
+
 @pytest.fixture(scope="module")
 def sam_server(tmp_path_factory):
     """A datastore with 6 Slicer label maps and a lesion_sam trained on them (tiny profile, 2 epochs)."""
@@ -26,10 +34,7 @@ def sam_server(tmp_path_factory):
     store = write_phantom_store(base / "store", n=10, labelled=0, seed=0)
     with serve_in_process(store, tiny_conf(base / "model", models="lesion_sam")) as c:
         assert c.post("/infer/lesion_sam?image=fundus_0001").status_code == 409
-        for i in range(6):
-            r = c.put(f"/datastore/label?image=fundus_{i:04d}&tag=final",
-                      files={"label": (f"fundus_{i:04d}.nrrd", slicer_nrrd(phantom_label_map(i)))})
-            assert r.status_code == 200, r.text
+        _save_label_maps(c, 6)
         r = c.post("/train/lesion_sam?run_sync=true", json={"max_epochs": 2})
         assert r.status_code == 200, r.text
         yield c, store, base, r.json()
@@ -163,10 +168,7 @@ def test_frozen_pretrained_sam_publishes_only_what_trained(tmp_path):
     store = write_phantom_store(tmp_path / "store", n=6, labelled=0, seed=0)
     conf = tiny_conf(tmp_path / "model", models="lesion_sam", lesion_sam_set=f"network.sam.checkpoint={sam_file}")
     with serve_in_process(store, conf) as c:
-        for i in range(3):
-            r = c.put(f"/datastore/label?image=fundus_{i:04d}&tag=final",
-                      files={"label": (f"fundus_{i:04d}.nrrd", slicer_nrrd(phantom_label_map(i)))})
-            assert r.status_code == 200, r.text
+        _save_label_maps(c, 3)
         r = c.post("/train/lesion_sam?run_sync=true", json={"max_epochs": 1})
         assert r.status_code == 200, r.text
         ckpt = torch.load(tmp_path / "model" / "lesion_sam.pt", map_location="cpu", weights_only=True)
