@@ -187,3 +187,46 @@ def test_frozen_pretrained_sam_publishes_only_what_trained(tmp_path):
         r = _infer(c, "fundus_0004", lesion="SE")
         assert r.status_code == 200, r.text
         assert _parts(r)[1]["prompts"][0]["name"] == "SE"
+
+
+def test_tiled_profile_trains_on_crops_and_answers_at_input_geometry(tmp_path):
+    """A working image larger than SAM's input (as the CPU `small` profile): training takes lesion-centred
+    SAM-sized crops, validation and /infer run SAM over tiles, and the answer is still at input geometry."""
+    from conftest import write_phantom_store
+
+    store = write_phantom_store(tmp_path / "store", n=6, labelled=0, seed=1)
+    conf = tiny_conf(tmp_path / "model", models="lesion_sam", lesion_sam_image_size=96)
+    with serve_in_process(store, conf) as c:
+        _save_label_maps(c, 5)
+        r = c.post("/train/lesion_sam?run_sync=true", json={"max_epochs": 1, "samples_per_image": 2})
+        assert r.status_code == 200, r.text
+        stats = r.json()
+        # 4 training images, batch 2 (each image giving 2 crops of 64 px) -> 2 iterations
+        assert stats["total_iterations"] == 2 and "val_mean_dice" in stats["eval"]["metrics"]
+        r = _infer(c, "fundus_0005", lesion="EX,HE", mode="fast", result_extension=".nrrd")
+        assert r.status_code == 200, r.text
+        body, params = _parts(r)
+        out = tmp_path / "tiled.nrrd"
+        out.write_bytes(body)
+        assert fio.read_label(out).shape == (240, 320) and params["working_size"] == 96
+        r = _infer(c, "fundus_0005", lesion="EX", output="prior", result_extension=".nrrd")
+        assert r.status_code == 200, r.text
+        out.write_bytes(_parts(r)[0])
+        prior, _ = nrrd.read(str(out))
+        assert prior.size == 240 * 320 and 0.0 <= prior.min() and prior.max() <= 1.0 + 1e-5
+
+
+@pytest.mark.parametrize("image_size, crop", [(64, None), (96, 64)])
+def test_trainer_crops_only_when_the_working_image_exceeds_sams_input(tmp_path, image_size, crop):
+    from monai.transforms import RandCropByLabelClassesd
+    from monailabel.tasks.train.basic_train import Context
+
+    from monailabel_dr.config import parse_conf
+    from monailabel_dr.lib.trainers.lesion_sam import LesionSamTrainer
+
+    app = parse_conf(tiny_conf(tmp_path, models="lesion_sam", lesion_sam_image_size=image_size), str(tmp_path))
+    trainer = LesionSamTrainer(app.models["lesion_sam"], app)
+    ctx = Context()
+    ctx.request = {}
+    crops = [t for t in trainer.train_pre_transforms(ctx) if isinstance(t, RandCropByLabelClassesd)]
+    assert [tuple(c.cropper.spatial_size) for c in crops] == ([] if crop is None else [(crop, crop)])

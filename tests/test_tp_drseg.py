@@ -204,3 +204,35 @@ def test_loss_positive_weight_and_two_argument_form():
     assert abs(float(loss(logits, truth, fov)) - expected) < 1e-5
     assert abs(float(loss(logits, torch.cat([truth, fov], 1))) - expected) < 1e-5
     assert float(TPDRSegLoss()(logits, truth, fov)) < expected   # unweighted is smaller here
+
+
+def test_tiles_when_the_working_image_is_larger_than_sams_input():
+    """A 64 px SAM on a 128 px working image: 2x2 tiles without overlap reproduce the per-tile results
+    exactly; the training-style forward keeps each image's class; points and the box reach only their tiles."""
+    torch.manual_seed(0)
+    net = build_tp_drseg({**profile("tiny"), "tile_overlap": 0.0}, load_weights=False, image_size=128).eval()
+    assert net.tile == 64
+    image = torch.rand(1, 3, 128, 128)
+    with torch.no_grad():
+        out = net(image, lesions=[2], texts=["yellow spots"], mode="fast")
+        assert out["logits"].shape == (2, 128, 128) and out["prior"].shape == (2, 128, 128)
+        assert out["classes"][0] == 2 and out["iou"].shape == (2,)
+        corner = net(image[..., 64:, :64], lesions=[2], texts=["yellow spots"], mode="fast")
+        torch.testing.assert_close(out["logits"][:, 64:, :64], corner["logits"], atol=1e-4, rtol=1e-4)
+        # batch of two images with different classes, tiled: each tile answers its own image's class
+        batch = torch.rand(2, 3, 128, 128)
+        cls = torch.tensor([0, 3])
+        tiled = net(batch, cls=cls)
+        assert tiled.shape == (2, 1, 128, 128)
+        torch.testing.assert_close(tiled[1:, :, :64, 64:], net.forward_train(batch[1:, :, :64, 64:], cls[1:]),
+                                   atol=1e-4, rtol=1e-4)
+        # a point in the bottom-right tile changes that tile only; a box makes the outside background
+        pt = net(image, lesions=[2], points=[[100.0, 100.0]], point_labels=[1])
+        plain = net(image, lesions=[2])
+        torch.testing.assert_close(pt["logits"][:, :64, :], plain["logits"][:, :64, :])
+        assert not torch.allclose(pt["logits"][:, 64:, 64:], plain["logits"][:, 64:, 64:])
+        boxed = net(image, lesions=[2], boxes=[10.0, 10.0, 90.0, 50.0])
+        assert float(boxed["logits"][0, 100, 100]) == -20.0 and float(boxed["logits"][0, 60, 120]) == -20.0
+        assert float(boxed["logits"][0, 30, 50]) != -20.0
+    with pytest.raises(ValueError):
+        build_tp_drseg({**profile("tiny"), "tile_overlap": 1.0}, load_weights=False)

@@ -24,6 +24,14 @@ Modes: ``faithful`` runs the encoder once per lesion, with that lesion's prior i
 lesions' priors in the injectors, then the prompt generator and decoder once per lesion with each
 lesion's own prior, so its masks differ from ``faithful`` wherever the injected priors differ.
 
+Tiles: when the fundus working image is larger than SAM's input (``image_size`` > ``sam.img_size``, a
+choice of the from-scratch ``small`` profile, not of the paper, whose SAM sees the whole 1024 px image),
+the image is processed in SAM-sized tiles with MONAI's ``sliding_window_inference`` (overlap
+``tile_overlap``, Gaussian blending); the CLIP prior is computed per tile (min-max normalised within
+the tile) and training uses tile-sized crops. SAM refinement points go to the tiles that contain them
+and a ``roi`` box is clipped to each tile it meets; outside the box the tiled result is set to
+background.
+
 Weights: SAM from its official checkpoint format (a local file, or the official URL when
 ``checkpoint: official`` and online); CLIP from an ``open_clip`` pretrained tag (``openai``) or a local
 file. Every part also builds without weights (``load_weights=False``), for tests and from-scratch
@@ -43,7 +51,7 @@ import torch
 import torch.nn as nn
 import yaml
 import torch.nn.functional as F
-from monai.inferers import Inferer
+from monai.inferers import Inferer, sliding_window_inference
 from monai.losses import DiceLoss
 
 from monailabel_dr.fundus.lesions import LESIONS
@@ -99,6 +107,7 @@ class TPDRSegConfig:
     injector_stride: int = 4
     injector_dim: int | None = None  # q/k width; None = embed_dim // 4
     n_sparse: int = 2                # sparse tokens per lesion (the paper leaves it open)
+    tile_overlap: float = 0.25       # when the working image is larger than SAM's input (see the module doc)
     text_mode: str = "description"   # or "name": the bare-lesion-name ablation
     descriptions: dict = field(default_factory=dict)   # lesion -> [descriptions]
     names: dict = field(default_factory=dict)          # lesion -> bare name
@@ -290,8 +299,8 @@ def build_clip(cfg: ClipConfig, load_weights: bool = True):
 
 
 class TPDRSeg(nn.Module):
-    """Text-prompted lesion segmentation. Input images are (B, 3, S, S) floats in [0, 1] with
-    S = ``sam.img_size`` (the square working image of the fundus pipeline)."""
+    """Text-prompted lesion segmentation. Input images are (B, 3, S, S) floats in [0, 1]: the square
+    working image of the fundus pipeline, S = ``sam.img_size`` or larger (then processed in tiles)."""
 
     def __init__(self, config: TPDRSegConfig | dict, load_weights: bool = True):
         super().__init__()
@@ -475,7 +484,13 @@ class TPDRSeg(nn.Module):
         With ``cls`` (B,) it is :meth:`forward_train` on a batch instead (what MONAI engines call, so a
         DistributedDataParallel wrapper sees the forward)."""
         if cls is not None:
-            return self.forward_train(image, cls.reshape(-1).to(image.device))
+            cls = cls.reshape(-1).to(image.device)
+            if self.needs_tiles(image):
+                return self._tiled_train(image, cls)
+            return self.forward_train(image, cls)
+        if self.needs_tiles(image):
+            return self._tiled(image, lesions=lesions, texts=texts, mode=mode, points=points,
+                               point_labels=point_labels, boxes=boxes)
         if image.shape[0] != 1:
             raise ValueError("TPDRSeg.forward takes one image; use forward_train for batches")
         if mode not in ("faithful", "fast"):
@@ -513,6 +528,65 @@ class TPDRSeg(nn.Module):
         return {"logits": logits, "prior": prior[:, 0], "classes": classes, "texts": used, "iou": iou[:, 0]}
 
 
+    # ---- tiles (working image larger than SAM's input) -------------------------------------------
+    @property
+    def tile(self) -> int:
+        return int(self.config.sam.img_size)
+
+    def needs_tiles(self, image: torch.Tensor) -> bool:
+        return image.shape[-1] > self.tile or image.shape[-2] > self.tile
+
+    def _tiled_train(self, image: torch.Tensor, cls: torch.Tensor) -> torch.Tensor:
+        """forward_train over SAM-sized tiles of a batch; each tile keeps its image's prompted class."""
+        def predictor(win, coords):
+            b = torch.as_tensor([c[0].start for c in coords], device=cls.device)
+            return self.forward_train(win, cls[b])
+        return sliding_window_inference(image, self.tile, sw_batch_size=4, predictor=predictor,
+                                        overlap=self.config.tile_overlap, mode="gaussian", with_coord=True)
+
+    def _tiled(self, image: torch.Tensor, points=None, point_labels=None, boxes=None, **kwargs) -> dict:
+        """:meth:`forward` over SAM-sized tiles of one image: logits and priors (K, S, S) at the working
+        size; the predicted IoU averaged over the tiles. Points go to the tiles containing them, the box is
+        clipped to each tile and the result is background outside it."""
+        t = self.tile
+        pts = None if points is None else torch.as_tensor(points, dtype=torch.float32).reshape(-1, 2)
+        lbl = None if point_labels is None else torch.as_tensor(point_labels).reshape(-1)
+        box = None if boxes is None else torch.as_tensor(boxes, dtype=torch.float32).reshape(4)
+        meta: dict = {}
+        ious = []
+
+        def predictor(win, coords):
+            ys, xs = coords[0][-2], coords[0][-1]
+            tp = tl = tb = None
+            if pts is not None:
+                inside = (pts[:, 0] >= xs.start) & (pts[:, 0] < xs.stop) & (pts[:, 1] >= ys.start) & (pts[:, 1] < ys.stop)
+                if bool(inside.any()):
+                    tp = (pts[inside] - torch.tensor([xs.start, ys.start])).numpy()
+                    tl = lbl[inside].numpy()
+            if box is not None:
+                x0, y0 = max(float(box[0]), xs.start), max(float(box[1]), ys.start)
+                x1, y1 = min(float(box[2]), xs.stop - 1), min(float(box[3]), ys.stop - 1)
+                if x1 > x0 and y1 > y0:
+                    tb = [x0 - xs.start, y0 - ys.start, x1 - xs.start, y1 - ys.start]
+            out = self.forward(win, points=tp, point_labels=tl, boxes=tb, **kwargs)
+            meta.update(classes=out["classes"], texts=out["texts"])
+            ious.append(out["iou"])
+            prior = F.interpolate(out["prior"][None], size=(t, t), mode="bilinear", align_corners=False)[0]
+            return torch.cat([out["logits"], prior])[None]
+
+        stitched = sliding_window_inference(image, t, sw_batch_size=1, predictor=predictor,
+                                            overlap=self.config.tile_overlap, mode="gaussian", with_coord=True)[0]
+        k = stitched.shape[0] // 2
+        logits, prior = stitched[:k], stitched[k:]
+        if box is not None:
+            x0, y0, x1, y1 = (int(round(float(v))) for v in box)
+            outside = torch.ones_like(logits[0], dtype=torch.bool)
+            outside[max(y0, 0):y1 + 1, max(x0, 0):x1 + 1] = False
+            logits = logits.masked_fill(outside, -20.0)
+        return {"logits": logits, "prior": prior, "classes": meta["classes"], "texts": meta["texts"],
+                "iou": torch.stack(ious).mean(0)}
+
+
 class TPDRSegInferer(Inferer):
     """MONAI inferer for validation: every lesion's logits (B, N_LESIONS, S, S), one prompted pass per
     lesion (the faithful mode, batched over images)."""
@@ -524,13 +598,16 @@ class TPDRSegInferer(Inferer):
 
 
 def build_tp_drseg(network_config: dict, load_weights: bool = True, image_size: int | None = None) -> TPDRSeg:
-    """The model of a profile's ``network`` block. ``image_size`` (the fundus working size) sets SAM's
-    input size; it must match a pretrained SAM's (1024 for the official checkpoints)."""
+    """The model of a profile's ``network`` block. ``image_size`` is the fundus working size: larger than
+    SAM's input (``sam.img_size``), the image is processed in tiles; smaller, a SAM without pretrained
+    weights takes it whole (a pretrained SAM's input size is fixed: 1024 for the official checkpoints)."""
     cfg = TPDRSegConfig.from_dict(network_config)
-    if image_size is not None and int(image_size) != cfg.sam.img_size:
+    if image_size is not None and int(image_size) < cfg.sam.img_size:
         if cfg.sam.checkpoint and load_weights:
-            raise ValueError(f"image_size {image_size} differs from the pretrained SAM's input size {cfg.sam.img_size}")
+            raise ValueError(f"image_size {image_size} is below the pretrained SAM's input size {cfg.sam.img_size}")
         cfg.sam.img_size = int(image_size)
     if cfg.sam.img_size % cfg.sam.patch_size:
-        raise ValueError(f"image_size {cfg.sam.img_size} is not a multiple of SAM's patch size {cfg.sam.patch_size}")
+        raise ValueError(f"SAM's input size {cfg.sam.img_size} is not a multiple of its patch size {cfg.sam.patch_size}")
+    if not 0.0 <= float(cfg.tile_overlap) < 1.0:
+        raise ValueError(f"tile_overlap must be in [0, 1), got {cfg.tile_overlap}")
     return TPDRSeg(cfg, load_weights=load_weights)

@@ -15,6 +15,7 @@ import os
 import numpy as np
 import torch
 from ignite.metrics import Metric
+from monai.transforms import ClassesToIndicesd, RandCropByLabelClassesd
 from monailabel.interfaces.datastore import Datastore
 from monailabel.tasks.train.basic_train import Context
 
@@ -43,6 +44,25 @@ def idrid_items(folder: str) -> list[dict]:
         items.append({"image": idrid_image_path(folder, image_id), "masks": masks, "id": image_id,
                       "split": "val" if image_id in val else "train"})
     return items
+
+
+CROP_INDICES_KEY = "label_cls_indices"
+
+
+def lesion_centred_crops(train: dict, request: dict, size: int) -> list:
+    """MONAI transforms sampling ``samples_per_image`` crops of ``size`` px per image, centred on MA / HE /
+    EX / SE / anywhere in the field of view in the ratios ``class_ratios`` (so that microaneurysms, a few
+    pixels each, are seen in most batches). Drop ``CROP_INDICES_KEY`` afterwards."""
+    ratios = [float(r) for r in train.get("class_ratios", [1] * (len(LESIONS) + 1))]
+    if len(ratios) != len(LESIONS) + 1:
+        raise BadInput(f"class_ratios needs {len(LESIONS) + 1} values (MA, HE, EX, SE, anywhere), got {ratios}")
+    n = int(request.get("samples_per_image", train.get("samples_per_image", 4)))
+    return [
+        ClassesToIndicesd(keys="label", num_classes=len(LESIONS) + 1, indices_postfix="_cls_indices"),
+        RandCropByLabelClassesd(keys=["image", "label"], label_key="label", spatial_size=(size, size), ratios=ratios,
+                                num_classes=len(LESIONS) + 1, num_samples=n, indices_key=CROP_INDICES_KEY,
+                                allow_smaller=True),
+    ]
 
 
 class LesionLabelSource:

@@ -2,8 +2,10 @@
 
 Data: :mod:`monailabel_dr.lib.trainers.lesion_data` (datastore label maps, or ``idrid:<folder>``
 with its fixed train/validation split). Each image's field of view is cropped and resized to the
-working size (SAM's input size; whole images, SAM takes no patches), and each training sample is
-prompted with one lesion (:class:`~monailabel_dr.transforms.RandLesionPromptd`: a present lesion,
+working size. When that is SAM's input size (the paper) SAM trains on whole images; when it is larger
+(the CPU ``small`` profile: 1024 px working images, a 256 px SAM) training samples SAM-sized crops
+centred on lesions as ``lesion_seg`` does, and validation and inference run SAM over tiles
+(:mod:`monailabel_dr.networks.tp_drseg`). Each training sample is prompted with one lesion (:class:`~monailabel_dr.transforms.RandLesionPromptd`: a present lesion,
 or with ``negative_prob`` any lesion so absent ones learn an empty mask), as the paper trains one
 lesion class per sample.
 
@@ -37,7 +39,12 @@ from monailabel.tasks.train.basic_train import Context
 from monailabel_dr.config import AppSettings, ModelSettings
 from monailabel_dr.lib.errors import Conflict
 from monailabel_dr.lib.trainers.common import FundusTrainTask, attach_publisher, trainer_config
-from monailabel_dr.lib.trainers.lesion_data import LesionLabelSource, PooledLesionDice
+from monailabel_dr.lib.trainers.lesion_data import (
+    CROP_INDICES_KEY,
+    LesionLabelSource,
+    PooledLesionDice,
+    lesion_centred_crops,
+)
 from monailabel_dr.networks.tp_drseg import TPDRSegInferer, TPDRSegLoss, WeightsUnavailable, build_tp_drseg
 from monailabel_dr.transforms import (
     FOV_KEY,
@@ -50,7 +57,7 @@ from monailabel_dr.transforms import (
 
 logger = logging.getLogger(__name__)
 
-_DROP = [GEOMETRY_KEY, SOURCE_INFO_KEY, FOV_KEY, "id", "split"]
+_DROP = [GEOMETRY_KEY, SOURCE_INFO_KEY, FOV_KEY, CROP_INDICES_KEY, "id", "split"]
 
 
 class LesionSamTrainer(LesionLabelSource, FundusTrainTask):
@@ -85,9 +92,17 @@ class LesionSamTrainer(LesionLabelSource, FundusTrainTask):
             LoadLesionTargetsd(keys="label"),
         ]
 
+    def sam_input_size(self) -> int:
+        """SAM's input side: the profile's ``network.sam.img_size``, or the working size when that is smaller."""
+        sam = (self.model.network or {}).get("sam") or {}
+        return min(int(sam.get("img_size", self.model.image_size)), int(self.model.image_size))
+
     def train_pre_transforms(self, context: Context):
+        tile = self.sam_input_size()
+        crops = lesion_centred_crops(self.model.train, context.request, tile) if tile < self.model.image_size else []
         return [
             *self._load(),
+            *crops,
             DeleteItemsd(keys=_DROP),
             RandFlipd(keys=["image", "label"], prob=0.5, spatial_axis=0),
             RandFlipd(keys=["image", "label"], prob=0.5, spatial_axis=1),

@@ -21,12 +21,10 @@ from ignite.engine import Events
 from monai.handlers import EarlyStopHandler, LrScheduleHandler
 from monai.inferers import SimpleInferer
 from monai.transforms import (
-    ClassesToIndicesd,
     DeleteItemsd,
     EnsureTyped,
     NormalizeIntensityd,
     RandAdjustContrastd,
-    RandCropByLabelClassesd,
     RandFlipd,
     RandRotate90d,
     RandScaleIntensityd,
@@ -35,19 +33,23 @@ from monai.transforms import (
 from monailabel.tasks.train.basic_train import Context
 
 from monailabel_dr.config import AppSettings, ModelSettings
-from monailabel_dr.fundus.lesions import LESIONS
 from monailabel_dr.lib.trainers.common import (
     FundusTrainTask,
     attach_publisher,
     trainer_config,
 )
-from monailabel_dr.lib.trainers.lesion_data import LesionLabelSource, PooledLesionDice
+from monailabel_dr.lib.trainers.lesion_data import (
+    CROP_INDICES_KEY,
+    LesionLabelSource,
+    PooledLesionDice,
+    lesion_centred_crops,
+)
 from monailabel_dr.networks.lesion_net import LesionLoss, build_lesion_net
 from monailabel_dr.transforms import FOV_KEY, GEOMETRY_KEY, SOURCE_INFO_KEY, LoadFundusd, LoadLesionTargetsd
 
 logger = logging.getLogger(__name__)
 
-_DROP = [GEOMETRY_KEY, SOURCE_INFO_KEY, FOV_KEY, "label_cls_indices", "id", "split"]
+_DROP = [GEOMETRY_KEY, SOURCE_INFO_KEY, FOV_KEY, CROP_INDICES_KEY, "id", "split"]
 
 
 class LesionSegTrainer(LesionLabelSource, FundusTrainTask):
@@ -83,16 +85,9 @@ class LesionSegTrainer(LesionLabelSource, FundusTrainTask):
     def train_pre_transforms(self, context: Context):
         t = self.model.train
         p = int(context.request.get("patch_size", t.get("patch_size", 384)))
-        ratios = [float(r) for r in t.get("class_ratios", [1] * (len(LESIONS) + 1))]
         return [
             *self._load(),
-            ClassesToIndicesd(keys="label", num_classes=len(LESIONS) + 1),
-            RandCropByLabelClassesd(
-                keys=["image", "label"], label_key="label", spatial_size=(p, p), ratios=ratios,
-                num_classes=len(LESIONS) + 1,
-                num_samples=int(context.request.get("samples_per_image", t.get("samples_per_image", 4))),
-                indices_key="label_cls_indices", allow_smaller=True,
-            ),
+            *lesion_centred_crops(t, context.request, p),
             DeleteItemsd(keys=_DROP),
             RandFlipd(keys=["image", "label"], prob=0.5, spatial_axis=0),
             RandFlipd(keys=["image", "label"], prob=0.5, spatial_axis=1),
