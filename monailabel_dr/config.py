@@ -97,6 +97,7 @@ class ModelSettings:
     train: dict
     checkpoint_override: str | None
     model_dir: str
+    options: dict = field(default_factory=dict)   # the profile's other blocks (e.g. TWLR's `regression`)
 
     @property
     def name(self) -> str:
@@ -195,6 +196,7 @@ def parse_conf(conf: dict[str, Any] | None, app_dir: str, table: dict[str, Model
             train=train,
             checkpoint_override=ckpt,
             model_dir=model_dir,
+            options={k: copy.deepcopy(v) for k, v in profile.items() if k not in ("image_size", "network", "train")},
         )
 
     train_on_start = [m.strip() for m in str(conf.get("train_on_start", "")).split(",") if m.strip()]
@@ -219,8 +221,8 @@ def apply_overrides(profile: dict, spec: str, what: str = "overrides") -> dict:
         if not sep or not key.strip():
             raise ConfError(f"{what}: {item!r} is not key=value")
         parts = key.strip().split(".")
-        if parts[0] not in ("image_size", "network", "train"):
-            raise ConfError(f"{what}: {key!r} must start with image_size, network. or train.")
+        if parts[0] not in ("image_size", "network", "train", "regression"):
+            raise ConfError(f"{what}: {key!r} must start with image_size, network., train. or regression.")
         try:
             value = yaml.safe_load(raw)
         except yaml.YAMLError as e:

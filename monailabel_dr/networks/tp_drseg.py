@@ -55,6 +55,15 @@ from monai.inferers import Inferer, sliding_window_inference
 from monai.losses import DiceLoss
 
 from monailabel_dr.fundus.lesions import LESIONS
+from monailabel_dr.networks.clip_towers import (  # noqa: F401 (WeightsUnavailable: re-exported)
+    ClipConfig,
+    WeightsUnavailable,
+    build_clip,
+    clip_tokenizer,
+    encode_text_groups,
+    patch_text_similarity,
+    projected_patch_tokens,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -64,10 +73,6 @@ SAM_URLS = {"vit_b": "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_
 # SAM's pixel statistics (0-255 scale), as in segment_anything's Sam; CLIP's from open_clip.
 SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
 SAM_PIXEL_STD = (58.395, 57.12, 57.375)
-
-
-class WeightsUnavailable(RuntimeError):
-    """Pretrained weights were asked for and could not be loaded (offline, missing file)."""
 
 
 @dataclass
@@ -89,14 +94,6 @@ class SamConfig:
     @property
     def grid(self) -> int:
         return self.img_size // self.patch_size
-
-
-@dataclass
-class ClipConfig:
-    model_name: str = "ViT-B-16-quickgelu"   # open_clip name; ignored when `custom` is given
-    pretrained: str | None = None            # open_clip tag ("openai") or a local file, None = random
-    image_size: int = 224
-    custom: dict | None = None               # {embed_dim, vision_cfg, text_cfg}: a from-scratch tower
 
 
 @dataclass
@@ -263,37 +260,6 @@ def load_sam_state_dict(cfg: SamConfig) -> dict:
             "local file, or set it to null to build without weights.") from e
 
 
-def build_clip(cfg: ClipConfig, load_weights: bool = True):
-    """An open_clip CLIP model (eval mode); a custom from-scratch tower when ``cfg.custom`` is set."""
-    import open_clip
-
-    if cfg.custom:
-        from open_clip.model import CLIP
-
-        c = dict(cfg.custom)
-        vision = dict(c.get("vision_cfg", {}))
-        vision.setdefault("image_size", cfg.image_size)
-        model = CLIP(embed_dim=int(c["embed_dim"]), vision_cfg=vision, text_cfg=dict(c.get("text_cfg", {})))
-        if load_weights and cfg.pretrained:
-            try:
-                open_clip.load_checkpoint(model, cfg.pretrained)
-            except Exception as e:
-                raise WeightsUnavailable(f"CLIP weights {cfg.pretrained!r} could not be loaded: {e}") from e
-        return model.eval()
-    kwargs = {"force_image_size": cfg.image_size} if cfg.image_size != 224 else {}
-    pretrained = cfg.pretrained if load_weights else None
-    try:
-        model = open_clip.create_model(cfg.model_name, pretrained=pretrained, **kwargs)
-    except Exception as e:
-        if pretrained:
-            raise WeightsUnavailable(
-                f"CLIP weights {pretrained!r} for {cfg.model_name} could not be loaded ({type(e).__name__}: {e}). "
-                "A tag such as 'openai' downloads (internet needed); offline, set clip.pretrained to a local "
-                "checkpoint file, or to null to build without weights.") from e
-        raise
-    return model.eval()
-
-
 # --------------------------------------------------------------------------------------------
 # the model
 
@@ -312,7 +278,7 @@ class TPDRSeg(nn.Module):
         self.clip = build_clip(cfg.clip, load_weights)
         self.sam_pretrained = bool(load_weights and cfg.sam.checkpoint)
         self.clip_pretrained = bool(load_weights and cfg.clip.pretrained)
-        self._tokenizer = open_clip.get_tokenizer("ViT-B-16")   # CLIP's BPE tokenizer (vocab 49408)
+        self._tokenizer = clip_tokenizer()
         self.context_length = int(getattr(self.clip, "context_length", 77))
         self.injectors = nn.ModuleList(
             PriorAlignedInjector(cfg.sam.embed_dim, cfg.injector_stride, cfg.injector_dim) for _ in range(cfg.sam.depth)
@@ -357,14 +323,7 @@ class TPDRSeg(nn.Module):
     # ---- explicit prior encoder ---------------------------------------------------------------
     def encode_texts(self, groups: Sequence[Sequence[str]]) -> torch.Tensor:
         """(K, D) unit text embeddings, one per group; several texts in a group are averaged."""
-        flat = [t for g in groups for t in g]
-        tokens = self._tokenizer(flat, context_length=self.context_length).to(self.clip_mean.device)
-        emb = F.normalize(self.clip.encode_text(tokens), dim=-1)
-        out, i = [], 0
-        for g in groups:
-            out.append(F.normalize(emb[i:i + len(g)].mean(0), dim=-1))
-            i += len(g)
-        return torch.stack(out)
+        return encode_text_groups(self.clip, self._tokenizer, groups, self.context_length)
 
     def lesion_text_embeddings(self) -> torch.Tensor:
         """(N_LESIONS, D). Constant at inference, so cached there (eval mode, no grad); training recomputes."""
@@ -384,29 +343,15 @@ class TPDRSeg(nn.Module):
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def clip_patch_embeddings(self, image: torch.Tensor) -> torch.Tensor:
-        """(B, gh, gw, D) CLIP patch tokens projected into the joint image-text space.
-        open_clip's VisionTransformer returns unprojected tokens (output_tokens), so the last
-        layer's tokens go through its own ln_post and proj here."""
-        v = self.clip.visual
-        s = self.config.clip.image_size
-        x = F.interpolate(image, size=(s, s), mode="bilinear", align_corners=False, antialias=True)
-        x = (x - self.clip_mean) / self.clip_std
-        h = v.ln_post(v.transformer(v._embeds(x)))
-        gh, gw = v.grid_size
-        tokens = h[:, -gh * gw:]
-        if v.proj is not None:
-            tokens = tokens @ v.proj
-        return tokens.reshape(x.shape[0], gh, gw, -1)
+        """(B, gh, gw, D) CLIP patch tokens projected into the joint image-text space."""
+        x = F.interpolate(image, size=(self.config.clip.image_size,) * 2, mode="bilinear", align_corners=False,
+                          antialias=True)
+        return projected_patch_tokens(self.clip, (x - self.clip_mean) / self.clip_std)
 
     @staticmethod
     def explicit_prior(patches: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """patches (B, gh, gw, D); text (B, K, D) or (K, D) -> P_e (B, K, gh, gw), min-max normalised per map."""
-        if text.dim() == 2:
-            text = text.unsqueeze(0).expand(patches.shape[0], -1, -1)
-        sim = torch.einsum("bhwd,bkd->bkhw", F.normalize(patches, dim=-1), F.normalize(text, dim=-1))
-        lo = sim.amin(dim=(-2, -1), keepdim=True)
-        hi = sim.amax(dim=(-2, -1), keepdim=True)
-        return (sim - lo) / (hi - lo).clamp_min(1e-6)
+        return patch_text_similarity(patches, text, normalise=True)
 
     # ---- SAM with injectors --------------------------------------------------------------------
     def sam_input(self, image: torch.Tensor) -> torch.Tensor:

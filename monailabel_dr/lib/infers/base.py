@@ -54,6 +54,7 @@ class FundusInferTask(BasicInferTask):
     """Base for the app's infer tasks; subclasses set type, labels and post-processing."""
 
     require_colour = True
+    result_extensions: tuple[str, ...] = io.LABEL_EXTENSIONS
     detect_landmarks = False  # optic disc / fovea on the input photograph (lesion quadrants)
 
     def __init__(
@@ -137,8 +138,8 @@ class FundusInferTask(BasicInferTask):
         if not os.path.isfile(self.model.serve_path):
             raise ModelNotTrained(self._untrained_message())
         ext = str(request.get("result_extension") or self._config.get("result_extension") or ".png").lower()
-        if ext not in io.LABEL_EXTENSIONS:
-            raise BadInput(f"result_extension {ext!r} is not supported; use one of {', '.join(io.LABEL_EXTENSIONS)} (never jpg)")
+        if ext not in self.result_extensions:
+            raise BadInput(f"result_extension {ext!r} is not supported; use one of {', '.join(self.result_extensions)} (never jpg)")
         try:
             return super().__call__(request, callbacks)
         except ClientError:

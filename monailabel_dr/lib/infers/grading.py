@@ -36,23 +36,27 @@ class GradingInfer(FundusInferTask):
         )
 
     def writer(self, data: dict, extension=None, dtype=None):
-        logits = data[self.output_label_key]
-        logits = logits if torch.is_tensor(logits) else torch.as_tensor(logits)
-        out = split_outputs(logits.float().cpu())
-        grade_p = out["grade"].numpy().astype(float)
-        grade = int(grade_p.argmax())
-        ref = float(out["referable"])
-        lesions = {n: round(float(p), 4) for n, p in zip(LESIONS, out["lesions"].numpy())}
-        result: dict[str, Any] = {
-            "grade": grade,
-            "grade_name": GRADES[grade],
-            "grade_probabilities": [round(float(p), 4) for p in grade_p],
-            "referable_probability": round(ref, 4),
-            "referable_from_grades": round(float(grade_p[REFERABLE_MIN_GRADE:].sum()), 4),
-            "referable": bool(ref >= 0.5),
-            "lesion_presence": lesions,
-            "prediction": [{"idx": i, "label": GRADES[i], "score": round(float(p), 4)} for i, p in enumerate(grade_p)],
-            "image_size": [data["fundus_source"]["height"], data["fundus_source"]["width"]],
-            "model": self.model_json(),
-        }
+        result = grading_result(data[self.output_label_key], data)
+        result["model"] = self.model_json()
         return None, result
+
+
+def grading_result(logits, data: dict) -> dict[str, Any]:
+    """The grading JSON from logits (1, 10) in the grader layout (shared by `grading` and `twlr_vlm`)."""
+    logits = logits if torch.is_tensor(logits) else torch.as_tensor(logits)
+    out = split_outputs(logits.float().cpu())
+    grade_p = out["grade"].reshape(-1).numpy().astype(float)
+    grade = int(grade_p.argmax())
+    ref = float(out["referable"].reshape(-1)[0])
+    lesions = {n: round(float(p), 4) for n, p in zip(LESIONS, out["lesions"].reshape(-1).numpy())}
+    return {
+        "grade": grade,
+        "grade_name": GRADES[grade],
+        "grade_probabilities": [round(float(p), 4) for p in grade_p],
+        "referable_probability": round(ref, 4),
+        "referable_from_grades": round(float(grade_p[REFERABLE_MIN_GRADE:].sum()), 4),
+        "referable": bool(ref >= 0.5),
+        "lesion_presence": lesions,
+        "prediction": [{"idx": i, "label": GRADES[i], "score": round(float(p), 4)} for i, p in enumerate(grade_p)],
+        "image_size": [data["fundus_source"]["height"], data["fundus_source"]["width"]],
+    }

@@ -159,16 +159,20 @@ class GradingTrainer(FundusTrainTask):
             # random brightness and contrast, as in the CAM paper's augmentation
             RandScaleIntensityd(keys="image", factors=0.15, prob=0.5),
             RandAdjustContrastd(keys="image", gamma=(0.8, 1.25), prob=0.5),
-            NormalizeIntensityd(keys="image"),
+            *self._normalise(),
             EnsureTyped(keys="label", data_type="tensor", dtype=torch.float32, track_meta=False),
         ]
 
     def val_pre_transforms(self, context: Context):
         return [
             self._load(),
-            NormalizeIntensityd(keys="image"),
+            *self._normalise(),
             EnsureTyped(keys="label", data_type="tensor", dtype=torch.float32, track_meta=False),
         ]
+
+    def _normalise(self) -> list:
+        """The CAM paper standardises each image by its own mean and std."""
+        return [NormalizeIntensityd(keys="image")]
 
     def _load(self):
         return LoadFundusd(
