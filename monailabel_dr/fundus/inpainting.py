@@ -50,27 +50,3 @@ def make_inpainter(backend: str, radius: int = 5, network: torch.nn.Module | Non
             raise ValueError(f"the {backend} inpainting backend needs a network")
         return lambda img, m: network_inpaint(network, img, m, device)
     raise ValueError(f"inpainting backend must be one of {BACKENDS}, not {backend!r}")
-
-
-def random_hole_mask(rng: np.random.Generator, size: int, allowed: np.ndarray, max_fraction: float = 0.06) -> np.ndarray:
-    """A random mix of blobs and brush strokes (the free-form masks of self-supervised inpainting), inside
-    ``allowed`` (H, W) bool, covering at most ``max_fraction`` of the image."""
-    m = np.zeros((size, size), np.uint8)
-    ys, xs = np.nonzero(allowed)
-    if len(ys) == 0:
-        return m.astype(bool)
-    for _ in range(int(rng.integers(1, 6))):
-        i = int(rng.integers(len(ys)))
-        cy, cx = int(ys[i]), int(xs[i])
-        if rng.random() < 0.5:   # blob: a filled ellipse
-            axes = (int(rng.integers(2, max(3, size // 16))), int(rng.integers(2, max(3, size // 16))))
-            cv2.ellipse(m, (cx, cy), axes, float(rng.uniform(0, 180)), 0, 360, 1, -1)
-        else:                    # stroke: a short polyline of random width
-            pts = [(cx, cy)]
-            for _ in range(int(rng.integers(2, 5))):
-                ang, ln = rng.uniform(0, 2 * np.pi), rng.uniform(size / 32, size / 10)
-                pts.append((int(pts[-1][0] + ln * np.cos(ang)), int(pts[-1][1] + ln * np.sin(ang))))
-            cv2.polylines(m, [np.asarray(pts, np.int32)], False, 1, int(rng.integers(2, max(3, size // 40))))
-        if m.mean() > max_fraction:
-            break
-    return m.astype(bool) & allowed
