@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 
@@ -117,3 +118,30 @@ def patch_text_similarity(patches: torch.Tensor, text: torch.Tensor, normalise: 
     lo = sim.amin(dim=(-2, -1), keepdim=True)
     hi = sim.amax(dim=(-2, -1), keepdim=True)
     return (sim - lo) / (hi - lo).clamp_min(1e-6)
+
+
+class CachedClassTexts(nn.Module):
+    """Mixin for a model with ``self.clip``, ``self._tokenizer`` and ``self.context_length``: the class text
+    embeddings of ``text_groups()``, recomputed while training (the text tower may learn) and cached at
+    inference (eval mode, no grad); the cache is dropped on ``train()`` / ``load_state_dict()``."""
+
+    _text_cache: torch.Tensor | None = None
+
+    def text_groups(self) -> list[list[str]]:
+        raise NotImplementedError
+
+    def class_text_embeddings(self) -> torch.Tensor:
+        if self.training or torch.is_grad_enabled():
+            return encode_text_groups(self.clip, self._tokenizer, self.text_groups(), self.context_length)
+        dev = next(self.clip.parameters()).device
+        if self._text_cache is None or self._text_cache.device != dev:
+            self._text_cache = encode_text_groups(self.clip, self._tokenizer, self.text_groups(), self.context_length)
+        return self._text_cache
+
+    def train(self, mode: bool = True):
+        self._text_cache = None
+        return super().train(mode)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        self._text_cache = None
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)

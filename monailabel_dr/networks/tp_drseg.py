@@ -56,6 +56,7 @@ from monai.losses import DiceLoss
 
 from monailabel_dr.fundus.lesions import LESIONS
 from monailabel_dr.networks.clip_towers import (  # noqa: F401 (WeightsUnavailable: re-exported)
+    CachedClassTexts,
     ClipConfig,
     WeightsUnavailable,
     build_clip,
@@ -264,7 +265,7 @@ def load_sam_state_dict(cfg: SamConfig) -> dict:
 # the model
 
 
-class TPDRSeg(nn.Module):
+class TPDRSeg(CachedClassTexts, nn.Module):
     """Text-prompted lesion segmentation. Input images are (B, 3, S, S) floats in [0, 1]: the square
     working image of the fundus pipeline, S = ``sam.img_size`` or larger (then processed in tiles)."""
 
@@ -287,7 +288,6 @@ class TPDRSeg(nn.Module):
         self.register_buffer("clip_mean", torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("clip_std", torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1), persistent=False)
         self.lesion_texts = cfg.lesion_texts()
-        self._text_cache: torch.Tensor | None = None
         self.freeze_pretrained()
 
     # ---- parameter-efficient training --------------------------------------------------------
@@ -325,22 +325,12 @@ class TPDRSeg(nn.Module):
         """(K, D) unit text embeddings, one per group; several texts in a group are averaged."""
         return encode_text_groups(self.clip, self._tokenizer, groups, self.context_length)
 
+    def text_groups(self) -> list[list[str]]:
+        return self.lesion_texts
+
     def lesion_text_embeddings(self) -> torch.Tensor:
         """(N_LESIONS, D). Constant at inference, so cached there (eval mode, no grad); training recomputes."""
-        if self.training or torch.is_grad_enabled():
-            return self.encode_texts(self.lesion_texts)
-        dev = self.clip_mean.device
-        if self._text_cache is None or self._text_cache.device != dev:
-            self._text_cache = self.encode_texts(self.lesion_texts)
-        return self._text_cache
-
-    def train(self, mode: bool = True):
-        self._text_cache = None
-        return super().train(mode)
-
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        self._text_cache = None
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        return self.class_text_embeddings()
 
     def clip_patch_embeddings(self, image: torch.Tensor) -> torch.Tensor:
         """(B, gh, gw, D) CLIP patch tokens projected into the joint image-text space."""

@@ -35,11 +35,11 @@ import yaml
 from monailabel_dr.fundus.lesions import GRADES, LESIONS, REFERABLE_MIN_GRADE
 from monailabel_dr.networks.cam_grader import N_GRADES, split_outputs
 from monailabel_dr.networks.clip_towers import (
+    CachedClassTexts,
     ClipConfig,
     build_clip,
     clip_pixel_stats,
     clip_tokenizer,
-    encode_text_groups,
     patch_text_similarity,
     project_tokens,
 )
@@ -76,7 +76,7 @@ def _phrases(v, what: str) -> list[str]:
     return [v] if isinstance(v, str) else [str(t) for t in v]
 
 
-class TWLRGrader(nn.Module):
+class TWLRGrader(CachedClassTexts, nn.Module):
     """Stage 1: grade and lesion presence by image-text similarity. Input (B, 3, S, S) RGB in [0, 1],
     S = ``clip.image_size``; output logits (B, 10) in the grader layout."""
 
@@ -97,26 +97,14 @@ class TWLRGrader(nn.Module):
         self.register_buffer("clip_std", std, persistent=False)
         for p in self.clip.transformer.parameters() if not cfg.train_text else ():
             p.requires_grad_(False)
-        self._text_cache: torch.Tensor | None = None
 
     # ---- text ------------------------------------------------------------------------------------
+    def text_groups(self) -> list[list[str]]:
+        return [*self.config.grade_texts, *self.config.lesion_texts]
+
     def class_embeddings(self) -> torch.Tensor:
         """(5 + 4, D): the grade classes, then the lesion classes. Cached at inference."""
-        groups = [*self.config.grade_texts, *self.config.lesion_texts]
-        if self.training or torch.is_grad_enabled():
-            return encode_text_groups(self.clip, self._tokenizer, groups, self.context_length)
-        dev = self.clip_mean.device
-        if self._text_cache is None or self._text_cache.device != dev:
-            self._text_cache = encode_text_groups(self.clip, self._tokenizer, groups, self.context_length)
-        return self._text_cache
-
-    def train(self, mode: bool = True):
-        self._text_cache = None
-        return super().train(mode)
-
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        self._text_cache = None
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        return self.class_text_embeddings()
 
     # ---- image -----------------------------------------------------------------------------------
     def encode_image(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
