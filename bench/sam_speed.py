@@ -6,7 +6,11 @@ Same SAM size and input size for all three, in one run:
 
 - ``vanilla``: ``segment_anything.SamPredictor`` with a SAM built exactly as the profile's
   (image encoder, prompt encoder, mask decoder): ``set_image`` (encoder) + ``predict`` with one
-  point (decoder), on an S x S uint8 image (S = the profile's working size, so nothing is resized);
+  point (decoder), on an S x S uint8 image (S = the profile's working size, so nothing is resized).
+  When the profile is tiled (working size larger than SAM's input, e.g. ``small``: 1024 px image,
+  256 px SAM), vanilla SAM runs over the very same tiles (MONAI ``sliding_window_inference``, the
+  profile's ``tile_overlap``, Gaussian blending, one point at each tile's centre), so the ratio
+  compares like with like; the per-tile times are reported too;
 - ``fast``: TP-DRSeg, all four lesions in one call, one encoder pass (CLIP prior + SAM with
   injectors) then prompt generator + decoder per lesion;
 - ``faithful``: the same four lesions, one encoder pass per lesion (the paper).
@@ -74,9 +78,30 @@ def main() -> int:
     predictor = SamPredictor(model.sam)
     point = np.array([[size / 2, size / 2]], dtype=np.float32)
 
-    def vanilla():
-        predictor.set_image(image_u8)
-        predictor.predict(point_coords=point, point_labels=np.array([1]), multimask_output=False)
+    def vanilla_one(img_u8):
+        predictor.set_image(img_u8)
+        masks, _, _ = predictor.predict(point_coords=point, point_labels=np.array([1]), multimask_output=False)
+        return masks
+
+    tile = int(model.config.sam.img_size)
+    tiled = size > tile
+    if tiled:
+        from monai.inferers import sliding_window_inference
+
+        point = np.array([[tile / 2, tile / 2]], dtype=np.float32)
+        tile_u8 = image_u8[:tile, :tile].copy()
+
+        def vanilla_window(window):
+            # one tile as SamPredictor takes it (H x W x 3 uint8, already SAM's size: nothing resized)
+            img = (window[0].permute(1, 2, 0).clamp(0, 1) * 255).round().byte().cpu().numpy()
+            return torch.from_numpy(vanilla_one(img).astype(np.float32))[None].to(window.device)
+
+        def vanilla():
+            sliding_window_inference(image, tile, sw_batch_size=1, predictor=vanilla_window,
+                                     overlap=model.config.tile_overlap, mode="gaussian")
+    else:
+        def vanilla():
+            vanilla_one(image_u8)
 
     def run(mode):
         def f():
@@ -87,6 +112,10 @@ def main() -> int:
         vanilla_s = _timed(vanilla, args.repeats, sync)
         fast_s = _timed(run("fast"), args.repeats, sync)
         faithful_s = _timed(run("faithful"), args.repeats, sync)
+        if tiled:
+            vanilla_tile_s = _timed(lambda: vanilla_one(tile_u8), args.repeats, sync)
+            tile_image = image[..., :tile, :tile]
+            fast_tile_s = _timed(lambda: model(tile_image, lesions=[0, 1, 2, 3], mode="fast"), args.repeats, sync)
 
     cfg = profile["network"]
     out = {
@@ -95,6 +124,7 @@ def main() -> int:
         "sam": {k: cfg["sam"].get(k) for k in ("variant", "embed_dim", "depth", "num_heads", "patch_size")},
         "clip": cfg["clip"].get("model_name") if not cfg["clip"].get("custom") else "custom",
         "lesions": 4,
+        "tiled": tiled,
         "vanilla_s": round(vanilla_s, 4),
         "fast_s": round(fast_s, 4),
         "faithful_s": round(faithful_s, 4),
@@ -109,6 +139,21 @@ def main() -> int:
         "machine": platform.platform(),
         "torch": torch.__version__,
     }
+    if tiled:
+        from monai.data.utils import dense_patch_slices, get_valid_patch_size
+
+        roi = get_valid_patch_size((size, size), (tile, tile))
+        interval = [max(int(r * (1 - model.config.tile_overlap)), 1) for r in roi]
+        out.update({
+            "tile_size": tile,
+            "tile_overlap": model.config.tile_overlap,
+            "tiles": len(dense_patch_slices((size, size), roi, interval)),
+            "vanilla_tile_s": round(vanilla_tile_s, 4),
+            "fast_tile_s": round(fast_tile_s, 4),
+            "fast_tile_ratio": round(fast_tile_s / vanilla_tile_s, 3),
+        })
+        print(f"{out['tiles']} tiles of {tile} px: one tile vanilla {vanilla_tile_s:.4f} s, "
+              f"lesion_sam fast (4 lesions) {fast_tile_s:.4f} s = {out['fast_tile_ratio']:.2f}x")
     print(f"{args.profile} profile, {size}x{size}, {out['device']}: vanilla SAM {vanilla_s:.3f} s, "
           f"lesion_sam fast (4 lesions) {fast_s:.3f} s = {out['fast_ratio']:.2f}x, "
           f"faithful {faithful_s:.3f} s = {out['faithful_ratio']:.2f}x")
