@@ -32,11 +32,11 @@ def twlr_server(tmp_path_factory):
         assert c.post("/infer/twlr_inpaint?image=fundus_0000").status_code == 409   # untrained: never random weights
         r = c.post("/train/twlr?run_sync=true", json={"max_epochs": 8})
         assert r.status_code == 200, r.text
-        yield c, store, r.json()
+        yield c, store, r.json(), base / "model"
 
 
 def test_vlm_grades_and_saliency_maps(twlr_server, tmp_path):
-    client, _, stats = twlr_server
+    client, _, stats, _ = twlr_server
     assert "val_kappa" in stats["eval"]["metrics"]
     r = client.post("/infer/twlr_vlm?image=fundus_0001&output=all",
                     data={"params": json.dumps({"saliency": "patch_text", "result_extension": ".nrrd"})})
@@ -111,3 +111,49 @@ def test_inpaint_outputs_and_bad_settings(twlr_server, tmp_path):
                 {"output": "sequence", "result_extension": ".png"}, {"backend": "unet"}):
         r = client.post("/infer/twlr_inpaint?image=fundus_0002", data={"params": json.dumps({**base, **bad})})
         assert r.status_code in (400, 409, 422), (bad, r.status_code, r.text)
+
+
+def test_evaluate_twlr_inpaint_on_phantoms_and_on_an_idrid_layout_folder(twlr_server, tmp_path):
+    """`monailabel-dr evaluate twlr_inpaint`: against the lesion-free twins of phantoms, and as a lesion
+    model (weak masks ranked by removal step) on a folder in the IDRiD layout."""
+    from monailabel_dr import cli
+
+    *_, model_dir = twlr_server
+    conf = ["--conf", "profile", "tiny", "--conf", "model_dir", str(model_dir)]
+    params = ["--params", json.dumps({"tau": 0.05, "t_max": 2})]
+    out = tmp_path / "phantoms.json"
+    assert cli.main(["evaluate", "twlr_inpaint", "--phantoms", "4", "--size", "240x320", "--min-grade", "1",
+                     "--json", str(out), *conf, *params]) == 0
+    rep = json.loads(out.read_text())
+    rows = rep["per_image"]
+    assert rep["summary"]["n"] == len(rows) == rep["summary"]["n_lesioned"] >= 1
+    for r in rows:
+        assert r["true_grade"] >= 1 and r["grade_drop"] == r["grades"][0] - r["grades"][-1] >= 0
+        assert all(b <= a for a, b in zip(r["grades"], r["grades"][1:]))
+        assert r["psnr_fov_input"] > 0 and 0 < r["ssim_fov_input"] <= 1
+        if r["removed_fraction_of_fov"] > 0:     # the input differs from its twin inside what was removed
+            assert r["psnr_removed_input"] is not None and r["psnr_removed_final"] is not None
+    wm = rep["weak_masks"]
+    assert set(wm) == {*LESIONS, "any"} and wm["any"]["truth_area_px"] > 0
+    assert wm["any"]["random_dice"] is not None
+    assert rep["params"] == {"tau": 0.05, "t_max": 2}
+
+    folder = tmp_path / "idrid"
+    (folder / "images").mkdir(parents=True)
+    for i, seed in enumerate((11, 12)):
+        ph = make_phantom(seed, size=(240, 320), grade=3)
+        fio.write_image(folder / "images" / f"PH_{i + 1:02d}.png", ph.image)
+        for les in LESIONS:
+            if ph.masks[les].any():
+                (folder / "masks" / les).mkdir(parents=True, exist_ok=True)
+                cv2.imwrite(str(folder / "masks" / les / f"PH_{i + 1:02d}_{les}.png"), ph.masks[les].astype("uint8") * 255)
+    out = tmp_path / "idrid.json"
+    assert cli.main(["evaluate", "twlr_inpaint", "--dataset", f"idrid:{folder}", "--n-boot", "20", "--json", str(out),
+                     *conf, *params]) == 0
+    rep = json.loads(out.read_text())
+    assert rep["images"] == ["PH_01", "PH_02"] and rep["model"]["name"] == "twlr"
+    seg = rep["segmentation"]
+    assert seg["n_images"] == 2 and seg["threshold"] == 0.5
+    ex = seg["EX"]     # grade-3 phantoms have exudates; pooled counts: weak-mask pixels are score > 0.5
+    assert ex["n_pos_pixels"] > 0 and ex["tp"] + ex["fn"] == ex["n_pos_pixels"]
+    assert 0 <= ex["dice_pooled"] <= 1 and 0 <= ex["auc_pr"] <= 1

@@ -74,3 +74,57 @@ def test_regression_stopping_rules_and_weak_masks():
     with pytest.raises(ValueError):
         RegressionSettings.from_dict({"colour": "red"})
     assert isinstance(_run([3, 1]).steps[0], Step)
+
+
+class _MovingGrader(_ScriptedGrader):
+    """Saliency of MA on square A first, then on square B: the loop removes A at step 1, B at step 2."""
+
+    def saliency(self, x, method):
+        sal, logits = super().saliency(x, method)
+        sal.zero_()
+        if self.calls == 1:
+            sal[0, 0, 1:3, 1:3] = 1.0
+        else:
+            sal[0, 0, 5:7, 5:7] = 1.0
+        return sal, logits
+
+
+def test_regression_score_ranks_earlier_removal_higher_and_thresholds_to_the_weak_mask():
+    img = np.full((64, 64, 3), 120, np.uint8)
+    fill = lambda im, m: np.where(m[..., None], 0, im).astype(np.uint8)   # noqa: E731
+    r = severity_regression(_MovingGrader([4, 3, 2, 2, 2]), img, np.ones((64, 64), bool), fill,
+                            RegressionSettings.from_dict({"dilation": 0, "t_max": 4}))
+    assert r.score is not None and r.score.shape == r.weak.shape
+    np.testing.assert_array_equal(r.score > 0.5, r.weak)
+    assert r.weak[0][12, 12] and r.weak[0][44, 44]
+    a, b = r.score[0][12, 12], r.score[0][44, 44]
+    assert 1.0 >= a > b > 0.5, (a, b)       # removed at step 1 ranks above step 2
+    assert r.score[0][30, 30] == 0 and (r.score[1:] == 0).all()
+
+
+def test_weak_mask_metrics_against_hand_counts():
+    from monailabel_dr.metrics.regression import WeakMaskAccumulator, masked_psnr, masked_ssim, random_mask_expectation
+
+    fov = np.zeros((10, 10), bool)
+    fov[:, :5] = True                                        # 50 px
+    truth = {"MA": np.zeros((10, 10), bool), "HE": np.zeros((10, 10), bool)}
+    truth["MA"][0:2, 0:5] = True                             # 10 px
+    weak = {"MA": np.zeros((10, 10), bool), "HE": np.zeros((10, 10), bool)}
+    weak["MA"][1:3, 0:5] = True                              # 10 px, 5 of them true
+    weak["HE"][9, 9] = True                                  # outside the FOV: ignored
+    acc = WeakMaskAccumulator(("MA", "HE"))
+    per = acc.update(weak, truth, fov)
+    assert per["MA"]["dice"] == pytest.approx(0.5)
+    assert per["MA"]["random_dice"] == pytest.approx(2 * 2 / 20)   # E[TP] = 10 * 10 / 50 = 2
+    out = acc.compute()
+    assert out["MA"]["precision"] == pytest.approx(0.5) and out["HE"]["dice"] is None
+    assert out["any"]["weak_area_px"] == 10 and out["any"]["truth_area_px"] == 10
+    assert random_mask_expectation(10, 10, 50) == pytest.approx(2.0)
+    a = np.full((8, 8, 3), 100, np.uint8)
+    b = a.copy()
+    b[:2] = 110                                              # MSE 100 inside the top rows
+    top = np.zeros((8, 8), bool)
+    top[:2] = True
+    assert masked_psnr(b, a, top) == pytest.approx(10 * np.log10(255 ** 2 / 100))
+    assert masked_psnr(b, a, ~top) == float("inf") and masked_psnr(b, a, np.zeros((8, 8), bool)) is None
+    assert masked_ssim(a, a, top) == pytest.approx(1.0)

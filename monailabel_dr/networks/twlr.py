@@ -226,6 +226,7 @@ class Regression:
     steps: list[Step]
     weak: np.ndarray                  # (4, S, S) bool: union of the regions removed per lesion
     stop_reason: str
+    score: np.ndarray | None = None   # (4, S, S) float: the weak masks as a ranking (see severity_regression)
 
 
 def severity_regression(grader: TWLRGrader, image: np.ndarray, fov: np.ndarray,
@@ -239,6 +240,11 @@ def severity_regression(grader: TWLRGrader, image: np.ndarray, fov: np.ndarray,
     region, which alone is inpainted; then the image is regraded. A pixel of the new region is
     credited to the lesion with the highest saliency there (the weak mask of that lesion).
 
+    ``Regression.score`` ranks the weak-mask pixels for threshold-free metrics (AUC-PR): a pixel removed
+    at step t (1-based) for lesion k scores 0.5 + 0.5 (t_max - t + max(s, 0.01)) / t_max, s being its
+    normalised saliency for k then; others score 0. So earlier removal ranks higher, saliency breaks
+    ties within a step, and ``score > 0.5`` is exactly the weak mask.
+
     Stops when: the grade is 0 (``healthy``), no lesion is above tau (``no_lesion_above_tau``), the new
     region is under ``min_new_fraction`` of the field of view (``tiny_region``), the grade has not
     dropped for ``patience`` steps (``no_grade_drop``), ``t_max`` steps were taken (``t_max``). A step
@@ -251,6 +257,7 @@ def severity_regression(grader: TWLRGrader, image: np.ndarray, fov: np.ndarray,
     kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * settings.dilation + 1,) * 2) if settings.dilation else None
     removed = np.zeros((s, s), bool)
     weak = np.zeros((len(LESIONS), s, s), bool)
+    score = np.zeros((len(LESIONS), s, s), np.float32)
 
     def grade(img: np.ndarray) -> tuple[Step, torch.Tensor]:
         x = torch.from_numpy(img).permute(2, 0, 1)[None].float().div(255).to(device)
@@ -267,7 +274,7 @@ def severity_regression(grader: TWLRGrader, image: np.ndarray, fov: np.ndarray,
     images, masks, steps = [current], [], [step]
     stalled = 0
     reason = "t_max"
-    for _ in range(settings.t_max):
+    for t in range(1, settings.t_max + 1):
         if step.grade == 0:
             reason = "healthy"
             break
@@ -296,6 +303,7 @@ def severity_regression(grader: TWLRGrader, image: np.ndarray, fov: np.ndarray,
             part = new & (owner == k)
             weak[k] |= part
             label[part] = k + 1
+            score[k][part] = 0.5 + 0.5 * (settings.t_max - t + np.maximum(sal[k][part], 0.01)) / settings.t_max
         next_step.new_area = int(new.sum())
         next_step.new_area_per_lesion = {LESIONS[k]: int((label == k + 1).sum()) for k in active}
         removed |= new
@@ -311,7 +319,7 @@ def severity_regression(grader: TWLRGrader, image: np.ndarray, fov: np.ndarray,
         reason = "t_max"
     if reason == "t_max" and step.grade == 0:
         reason = "healthy"
-    return Regression(images=images, masks=masks, steps=steps, weak=weak, stop_reason=reason)
+    return Regression(images=images, masks=masks, steps=steps, weak=weak, stop_reason=reason, score=score)
 
 
 def grade_names(steps: Sequence[Step]) -> list[str]:

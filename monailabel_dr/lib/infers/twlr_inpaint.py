@@ -41,7 +41,7 @@ from monailabel_dr.lib.errors import BadInput, ModelNotTrained
 from monailabel_dr.lib.infers.base import load_weights
 from monailabel_dr.lib.infers.twlr_vlm import TWLRGraderTask
 from monailabel_dr.networks.inpainter import build_inpainter
-from monailabel_dr.networks.twlr import RegressionSettings, severity_regression
+from monailabel_dr.networks.twlr import Regression, RegressionSettings, severity_regression
 
 OUTPUTS = ("label", "image", "sequence", "sequence_masks")
 _LOOP_KEYS = tuple(f.name for f in dataclasses.fields(RegressionSettings))
@@ -129,18 +129,53 @@ class TWLRInpaintInfer(TWLRGraderTask):
         data["seconds_loop"] = round(time.time() - t0, 3)
         return data
 
-    def writer(self, data, extension=None, dtype=None):
+    def full_resolution(self, data: dict, final_image: bool = False) -> dict:
+        """The loop's results at the input's pixel grid: ``weak_label`` (H, W) uint8 (1-4), ``score`` (4, H, W)
+        (the weak masks as a ranking, :attr:`Regression.score`), ``fov`` (H, W) bool and, when asked, the
+        final image: the input photograph with only the removed regions replaced by inpainted pixels."""
         reg = data["regression"]
         geom = geometry.FundusGeometry.from_dict(data["fundus_geometry"])
-        kind = str(data.get("output", "label")).lower()
-        path = self.result_path(data)
-        src_fov = data.get("fundus_source_fov")
         weak_label = np.zeros(reg.weak.shape[1:], np.uint8)
         for k in range(len(LESIONS) - 1, -1, -1):
             weak_label[reg.weak[k]] = LESION_VALUES[LESIONS[k]]
         weak_full = geometry.to_original(weak_label, geom, interpolation="nearest")
-        if src_fov is not None:
-            weak_full[~src_fov] = 0
+        fov = data.get("fundus_source_fov")
+        if fov is None:
+            fov_w = torch.as_tensor(data["fov"])[0].numpy() > 0.5
+            fov = geometry.to_original(fov_w.astype(np.uint8), geom, interpolation="nearest") > 0
+        weak_full[~fov] = 0
+        # nearest, like the label map, so that score > 0.5 is exactly the weak mask at input resolution too
+        score = np.stack([geometry.to_original(c, geom, interpolation="nearest") for c in reg.score]).astype(np.float32)
+        score[:, ~fov] = 0.0
+        out = {"weak_label": weak_full, "score": score, "fov": fov, "geometry": geom}
+        if final_image:
+            original = io.read_image(data["image_path"], max_pixels=self.app_settings.max_image_pixels,
+                                     min_side=self.app_settings.min_image_side)
+            original = (io.to_rgb_float(original) * 255 + 0.5).astype(np.uint8)
+            inpainted = geometry.to_original(reg.images[-1], geom, interpolation="linear")
+            removed = weak_full > 0
+            final = original.copy()
+            final[removed] = inpainted[removed]
+            out["original"], out["final"] = original, final
+        return out
+
+    def regress(self, image_path: str, final_image: bool = False, **params) -> tuple[dict, Regression]:
+        """One image file through the same pipeline as /infer: :meth:`full_resolution` and the loop's record."""
+        _, data = self({**params, "image": image_path, "skip_writer": True})
+        return self.full_resolution(data, final_image=final_image), data["regression"]
+
+    def predict(self, image_path: str, **params) -> tuple[np.ndarray, np.ndarray]:
+        """The contract of the lesion infer tasks (what ``evaluate`` scores): (4, H, W) maps and the FOV.
+        Here the maps are the weak masks as a ranking (:attr:`Regression.score`; > 0.5 = weak mask)."""
+        full, _ = self.regress(image_path, **params)
+        return full["score"], full["fov"]
+
+    def writer(self, data, extension=None, dtype=None):
+        reg = data["regression"]
+        kind = str(data.get("output", "label")).lower()
+        path = self.result_path(data)
+        full = self.full_resolution(data, final_image=kind == "image")
+        geom, weak_full = full["geometry"], full["weak_label"]
         if kind == "label":
             if not path.endswith(io.LABEL_EXTENSIONS):
                 raise BadInput(f"label maps are written as {io.LABEL_EXTENSIONS}")
@@ -148,14 +183,7 @@ class TWLRInpaintInfer(TWLRGraderTask):
         elif kind == "image":
             if not path.endswith((".png", ".tif", ".tiff")):
                 raise BadInput("the final image is written as .png or .tif: set result_extension")
-            original = io.read_image(data["image_path"], max_pixels=self.app_settings.max_image_pixels,
-                                     min_side=self.app_settings.min_image_side)
-            original = (io.to_rgb_float(original) * 255 + 0.5).astype(np.uint8)
-            inpainted = geometry.to_original(reg.images[-1], geom, interpolation="linear")
-            removed = geometry.to_original(reg.weak.any(0).astype(np.uint8), geom, interpolation="nearest") > 0
-            final = original.copy()
-            final[removed] = inpainted[removed]
-            io.write_image(path, final)
+            io.write_image(path, full["final"])
         else:
             if not path.endswith((".tif", ".tiff")):
                 raise BadInput(f"{kind} is written as a multi-frame .tif: set result_extension=.tif")
