@@ -8,6 +8,11 @@ Subcommands run the same infer tasks and trainers as the server, in-process:
   monailabel-dr train MODEL --studies DIR   run a trainer on the datastore's final labels
   monailabel-dr infer MODEL --studies DIR --image ID | --file PATH | --all
   monailabel-dr evaluate MODEL (--studies DIR | --phantoms N)
+  monailabel-dr twlr-pseudolabels --studies DIR [--images ID,ID | --unlabelled-only]
+                (--to-datastore | --idrid-out FOLDER) [--params JSON] [--overwrite]
+                                            TWLR weak lesion masks (twlr_inpaint) as pseudo-labels: each
+                                            image's `original` label, or an IDRiD-layout folder for
+                                            `train lesion_seg --dataset idrid:FOLDER`
   monailabel-dr conf                        print the --conf options
 """
 
@@ -211,23 +216,38 @@ def _infer_all(app, request: dict, output: str | None) -> int:
     return 1 if failures else 0
 
 
-LESION_MODELS = ("lesion_seg", "lesion_sam")  # infer tasks with predict(path) -> (4, H, W) probabilities
+# infer tasks with predict(path) -> (4, H, W) probabilities (twlr_inpaint: its weak masks as a ranking),
+# and the model row serving each
+LESION_MODELS = {"lesion_seg": "lesion_seg", "lesion_sam": "lesion_sam", "twlr_inpaint": "twlr"}
+
+
+def _model_task(args, infer: str):
+    """The infer task of a model row built from --conf; --checkpoint: exactly that checkpoint."""
+    conf = _conf(args)
+    row = LESION_MODELS.get(infer, infer)
+    conf.setdefault("models", row)
+    if args.checkpoint:  # an empty model dir, so nothing shadows the given checkpoint
+        conf[f"{row}_checkpoint"] = os.path.realpath(args.checkpoint)
+        conf["model_dir"] = _tmp_studies()
+    return make_app(args.studies or _tmp_studies(), conf)._infers[infer]
 
 
 def cmd_evaluate(args) -> int:
-    from monailabel_dr.lib.evaluation import evaluate_grading, evaluate_lesions, lesion_summary
+    from monailabel_dr.lib.evaluation import evaluate_grading, evaluate_lesions, evaluate_twlr_phantoms, lesion_summary
 
+    if args.model == "twlr_inpaint" and args.phantoms:
+        params = json.loads(args.params) if args.params else {}
+        report = evaluate_twlr_phantoms(_model_task(args, "twlr_inpaint"), args.phantoms, seed=args.seed,
+                                        size=args.size, params=params, min_grade=args.min_grade)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(json_safe(report), f, indent=1, default=str)
+        _print({k: report[k] for k in ("data", "summary", "weak_masks", "model", "params", "seconds")})
+        return 0
     if args.model in LESION_MODELS:
         if not args.dataset:
             raise SystemExit(f"evaluate {args.model}: give --dataset idrid:<folder>")
-        task = None
-        if not args.predictions:
-            conf = _conf(args)
-            conf.setdefault("models", args.model)
-            if args.checkpoint:  # exactly this checkpoint: an empty model dir so nothing shadows it
-                conf[f"{args.model}_checkpoint"] = os.path.realpath(args.checkpoint)
-                conf["model_dir"] = _tmp_studies()
-            task = make_app(args.studies or _tmp_studies(), conf)._infers[args.model]
+        task = None if args.predictions else _model_task(args, args.model)
         params = json.loads(args.params) if args.params else {}
         report = evaluate_lesions(args.dataset, task=task, predictions=args.predictions, split=args.split,
                                   n_boot=args.n_boot, threshold=args.threshold, froc_mode=args.froc_mode,
@@ -260,6 +280,37 @@ def cmd_conf(args) -> int:
 
     print(conf_table_markdown())
     return 0
+
+
+def cmd_twlr_pseudolabels(args) -> int:
+    """TWLR weak lesion masks as pseudo-labels: one JSON line per image, then a summary line."""
+    from monailabel_dr.lib.pseudolabels import (
+        PseudoLabelError,
+        default_models,
+        parse_params,
+        run_pseudolabels,
+        select_images,
+    )
+
+    try:
+        params = parse_params(args.params)
+    except PseudoLabelError as e:
+        raise SystemExit(f"twlr-pseudolabels: {e}") from e
+    conf = _conf(args)
+    conf.setdefault("models", default_models(params))
+    app = make_app(args.studies, conf)
+    images = args.images.split(",") if args.images else None
+    ids = select_images(app.datastore(), images, unlabelled_only=args.unlabelled_only)
+    if not ids:
+        raise SystemExit("twlr-pseudolabels: no images selected")
+    emit = lambda rec: print(json.dumps(json_safe(rec), default=str), flush=True)  # noqa: E731
+    try:
+        summary = run_pseudolabels(app, ids, params, to_datastore=args.to_datastore, idrid_out=args.idrid_out,
+                                   overwrite=args.overwrite, copy_images=args.copy_images, emit=emit)
+    except PseudoLabelError as e:
+        raise SystemExit(f"twlr-pseudolabels: {e}") from e
+    emit({"summary": summary})
+    return 1 if summary["failed"] else 0
 
 
 # ----------------------------------------------------------------------------- parser
@@ -324,7 +375,8 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate", help="metrics of a model on a datastore's labels or on fresh phantoms")
     e.add_argument("model")
     common(e, studies_required=False)
-    e.add_argument("--phantoms", type=int, help="evaluate on N fresh phantoms instead of a datastore")
+    e.add_argument("--phantoms", type=int, help="grading, twlr_inpaint: evaluate on N fresh phantoms instead of a datastore")
+    e.add_argument("--min-grade", type=int, default=0, help="twlr_inpaint --phantoms: skip phantoms of a lower true grade")
     e.add_argument("--seed", type=int, default=1_000_000, help="first phantom seed (default 1000000: never used by the demo)")
     e.add_argument("--size", default="480x640")
     e.add_argument("--json", help="also write the report here")
@@ -343,6 +395,23 @@ def build_parser() -> argparse.ArgumentParser:
     _ablation_args(e)
     e.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the 95 %% CIs")
     e.set_defaults(func=cmd_evaluate)
+
+    w = sub.add_parser("twlr-pseudolabels", help="TWLR weak lesion masks (twlr_inpaint) as pseudo-labels for lesion_seg")
+    common(w)
+    sel = w.add_mutually_exclusive_group()
+    sel.add_argument("--images", help="comma list of datastore image ids (default: every image)")
+    sel.add_argument("--unlabelled-only", action="store_true",
+                     help="only images without a final lesion label map (grade-only labels do not count)")
+    dst = w.add_mutually_exclusive_group(required=True)
+    dst.add_argument("--to-datastore", action="store_true",
+                     help="save each weak label map as the image's `original` label (never `final`)")
+    dst.add_argument("--idrid-out", metavar="FOLDER",
+                     help="write images/NAME.ext (symlink) + masks/<LES>/NAME_<LES>.png (0/255, non-empty only)")
+    w.add_argument("--params", help="twlr_inpaint request parameters as JSON, e.g. '{\"tau\": 0.3, \"t_max\": 4}'")
+    w.add_argument("--overwrite", action="store_true",
+                   help="replace an existing `original` label / the image's files in --idrid-out (default: skip)")
+    w.add_argument("--copy-images", action="store_true", help="--idrid-out: copy the photographs instead of symlinking")
+    w.set_defaults(func=cmd_twlr_pseudolabels)
 
     c = sub.add_parser("conf", help="print the --conf options as a table")
     c.set_defaults(func=cmd_conf)

@@ -1,7 +1,9 @@
 """Where the lesion models (Lesion-Net, TP-DRSeg) get their training images from, shared by their trainers.
 
 - server / datastore: every image with a final lesion label map (values 1-4, e.g. saved from
-  3D Slicer or written by ``monailabel-dr import --idrid``);
+  3D Slicer or written by ``monailabel-dr import --idrid``); with ``label_tag: original`` in the
+  request, the ``original``-tag label maps instead (e.g. TWLR pseudo-labels written by
+  ``monailabel-dr twlr-pseudolabels --to-datastore``);
 - ``dataset: "idrid:<folder>"`` in the request (``monailabel-dr train <model> --dataset
   idrid:<folder>``): the per-lesion masks of that folder, exact multi-label, split into
   train/validation by :func:`monailabel_dr.fundus.idrid.idrid_split` (ids ending in a multiple
@@ -20,7 +22,7 @@ from monailabel.interfaces.datastore import Datastore
 from monailabel.tasks.train.basic_train import Context
 
 from monailabel_dr.fundus.lesions import LESIONS
-from monailabel_dr.lib.errors import BadInput, Conflict
+from monailabel_dr.lib.errors import BadInput, Conflict, check_tag
 from monailabel_dr.lib.trainers.common import stack_pred_label
 
 
@@ -78,14 +80,15 @@ class LesionLabelSource:
             if kind != "idrid" or not folder:
                 raise BadInput(f"dataset {dataset!r}: use idrid:<folder>")
             return idrid_items(os.path.realpath(os.path.expanduser(folder)))
+        tag = check_tag(str(request.get("label_tag") or "final"))  # "original": e.g. TWLR pseudo-labels
         items = []
         finder = getattr(datastore, "final_label_files", None)
         for image_id in sorted(datastore.list_images()):
-            files = finder(image_id) if finder else {}
+            files = finder(image_id, tag) if finder else {}
             if "lesion_map" in files:
                 items.append({"image": datastore.get_image_uri(image_id), "label": files["lesion_map"], "id": image_id})
         if not items:
-            raise Conflict(f"no final lesion label maps to train {self.model_title} on: save label maps (values 1-4) "
+            raise Conflict(f"no {tag} lesion label maps to train {self.model_title} on: save label maps (values 1-4) "
                            "from 3D Slicer / PUT /datastore/label, or `monailabel-dr import --idrid FOLDER`")
         return items
 
