@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import cv2
+import numpy as np
 import pytest
 from requests_toolbelt.multipart.decoder import MultipartDecoder
 
@@ -30,7 +31,7 @@ def twlr_server(tmp_path_factory):
     store = write_phantom_store(base / "store", n=40, labelled=36, seed=3)
     with serve_in_process(store, tiny_conf(base / "model", models="twlr")) as c:
         assert c.post("/infer/twlr_inpaint?image=fundus_0000").status_code == 409   # untrained: never random weights
-        r = c.post("/train/twlr?run_sync=true", json={"max_epochs": 8})
+        r = c.post("/train/twlr?run_sync=true", json={"max_epochs": 30})
         assert r.status_code == 200, r.text
         yield c, store, r.json(), base / "model"
 
@@ -63,28 +64,37 @@ def _phantom_image(tmp_path, seed: int, grade: int):
     return ph, path
 
 
-def test_inpaint_sequence_grade_never_rises_and_stops_by_a_rule(twlr_server, tmp_path):
-    """The loop's contract on a grade-3 phantom. Not asserted here (issue 5 is open): that the weak mask
-    beats a random mask of the same area -- the tiny grader's 8x8 saliency does not localise lesions yet."""
+def test_inpaint_sequence_grade_never_rises_stops_by_a_rule_and_beats_random_masks(twlr_server, tmp_path):
+    """The loop's contract through /infer on grade-3 phantoms, and the weak masks' overlap with the true
+    lesions against a random mask of the same area in the field of view (pooled over the phantoms)."""
     client, *_ = twlr_server
-    ph, path = _phantom_image(tmp_path, 7001, grade=3)
-    params = {"tau": 0.05, "t_max": 4, "result_extension": ".png"}   # a low tau keeps the tiny grader looping
-    with open(path, "rb") as f:
-        r = client.post("/infer/twlr_inpaint?output=all", files={"file": ("ph.png", f, "image/png")},
-                        data={"params": json.dumps(params)})
-    assert r.status_code == 200, r.text
-    body, res = _parts(r)
-    grades = res["grades"]
-    assert all(b <= a for a, b in zip(grades, grades[1:])), grades
-    assert res["stop_reason"] in ("healthy", "no_lesion_above_tau", "tiny_region", "no_grade_drop", "t_max",
-                                  "grade_increased")
-    assert len(res["trajectory"]) == res["steps"] + 1 >= 2
-    assert res["settings"]["tau"] == 0.05 and res["settings"]["backend"] == "ns"
-    weak = fio.read_label(_save(tmp_path / "weak.png", body))
-    assert weak.shape == (240, 320) and (weak > 0).any()
-    assert {les: int((weak == v).sum()) for les, v in res["label_values"].items()} == res["weak_mask_area_px"]
-    # only what the loop removed changed: the removed area per step adds up to the weak masks
-    assert sum(s["new_area"] for s in res["trajectory"]) > 0
+    tp = area = 0
+    expected_random_tp = 0.0
+    for seed in (7001, 7002, 7003):
+        ph, path = _phantom_image(tmp_path, seed, grade=3)
+        with open(path, "rb") as f:
+            r = client.post("/infer/twlr_inpaint?output=all", files={"file": ("ph.png", f, "image/png")},
+                            data={"params": json.dumps({"t_max": 4, "result_extension": ".png"})})
+        assert r.status_code == 200, r.text
+        body, res = _parts(r)
+        grades = res["grades"]
+        assert all(b <= a for a, b in zip(grades, grades[1:])), grades
+        assert res["stop_reason"] in ("healthy", "no_lesion_above_tau", "tiny_region", "no_grade_drop", "t_max",
+                                      "grade_increased")
+        assert len(res["trajectory"]) == res["steps"] + 1
+        assert res["settings"]["threshold"] == 0.9 and res["settings"]["backend"] == "ns"   # the tiny profile's
+        weak = fio.read_label(_save(tmp_path / f"weak_{seed}.png", body))
+        assert weak.shape == (240, 320)
+        assert {les: int((weak == v).sum()) for les, v in res["label_values"].items()} == res["weak_mask_area_px"]
+        lesion = np.any([ph.masks[les] for les in LESIONS], axis=0) & ph.fov
+        removed = (weak > 0) & ph.fov
+        tp += int((removed & lesion).sum())
+        area += int(removed.sum())
+        expected_random_tp += removed.sum() * lesion.sum() / ph.fov.sum()
+    assert area > 0
+    # 1.94x measured here (752 true-lesion pixels of 11988 removed, 387 expected at random); 1.3x leaves
+    # room for platform differences in the seeded training while still failing for a random mask
+    assert tp > 1.3 * expected_random_tp, (tp, expected_random_tp, area)
 
 
 def _save(path, body):

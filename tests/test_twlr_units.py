@@ -128,3 +128,27 @@ def test_weak_mask_metrics_against_hand_counts():
     assert masked_psnr(b, a, top) == pytest.approx(10 * np.log10(255 ** 2 / 100))
     assert masked_psnr(b, a, ~top) == float("inf") and masked_psnr(b, a, np.zeros((8, 8), bool)) is None
     assert masked_ssim(a, a, top) == pytest.approx(1.0)
+
+
+def test_conv_tower_patch_tokens_average_to_the_image_embedding():
+    """The from-scratch profiles' conv image tower: the saliency's location embeddings are exactly what
+    the image embedding averages, on the profile's grid; the paper profile keeps open_clip's ViT."""
+    import yaml
+
+    from monailabel_dr.config import CONFIG_DIR
+    from monailabel_dr.networks.twlr import ConvImageTower, build_twlr_grader
+
+    with open(CONFIG_DIR / "twlr.yaml") as f:
+        profiles = yaml.safe_load(f)["profiles"]
+    tiny = profiles["tiny"]
+    g = build_twlr_grader(tiny["network"], image_size=tiny["image_size"]).eval()
+    assert isinstance(g.clip.visual, ConvImageTower) and g.clip.visual.grid_size == (16, 16)
+    x = torch.rand(2, 3, 128, 128)
+    with torch.no_grad():
+        pooled, patch = g.encode_image(x)
+        np.testing.assert_allclose(pooled.numpy(), patch.mean(dim=(1, 2)).numpy(), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(g.clip.encode_image((x - g.clip_mean) / g.clip_std).numpy(), pooled.numpy(),
+                                   rtol=1e-4, atol=1e-5)
+    sal, logits = g.saliency(x)
+    assert sal.shape == (2, 4, 16, 16) and logits.shape == (2, 10)
+    assert "conv_tower" not in profiles["paper"]["network"]

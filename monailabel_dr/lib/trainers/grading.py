@@ -234,6 +234,8 @@ class GradingTrainer(FundusTrainTask):
     def train_additional_metrics(self, context: Context):
         return {"train_acc": accuracy_metric()}
 
+    val_key = "val_kappa"   # the validation metric that selects the published model (and early stopping)
+
     def val_key_metric(self, context: Context):
         return {"val_kappa": kappa_metric()}
 
@@ -250,6 +252,6 @@ class GradingTrainer(FundusTrainTask):
         attach_publisher(self, context)
         patience = int(context.request.get("early_stop_patience", 0) or 0)
         if patience > 0 and context.evaluator:
-            stopper = EarlyStopping(patience=patience, score_function=stopping_fn_from_metric("val_kappa"),
+            stopper = EarlyStopping(patience=patience, score_function=stopping_fn_from_metric(self.val_key),
                                     trainer=context.trainer)
             context.evaluator.add_event_handler(Events.EPOCH_COMPLETED, stopper)

@@ -5,6 +5,11 @@ lesion presence; unknown entries masked out), so it subclasses it; what changes 
 (:class:`monailabel_dr.networks.twlr.TWLRGrader`, images kept in [0, 1]: CLIP's own pixel statistics
 are applied inside) and the loss: cross-entropy on grades + BCE on lesion presence, jointly, as the
 paper trains it (the referable output is derived from the grade softmax, so it has no loss term).
+
+The published model is the best validation ``val_grade_lesion``: the mean of the grade's quadratic
+weighted kappa and the mean lesion-presence ROC AUC. Stage 2 leans on both (grades stop the loop,
+lesion presence and its saliency drive it), and on a few validation images kappa alone is a noisy
+selector (on 7 phantoms it picked the epoch-1 model, whose saliency was noise).
 """
 
 from __future__ import annotations
@@ -12,19 +17,37 @@ from __future__ import annotations
 import logging
 
 import torch
+from ignite.metrics import EpochMetric
+from monai.metrics import compute_roc_auc
 from monailabel.tasks.train.basic_train import Context
 
 from monailabel_dr.config import AppSettings, ModelSettings
 from monailabel_dr.lib.errors import Conflict
-from monailabel_dr.lib.trainers.grading import GradingTrainer
-from monailabel_dr.networks.cam_grader import GraderLoss
+from monailabel_dr.lib.trainers.common import stack_pred_label
+from monailabel_dr.lib.trainers.grading import GradingTrainer, _kappa, kappa_metric
+from monailabel_dr.networks.cam_grader import LESION_SLICE, N_LESIONS, GraderLoss
 from monailabel_dr.networks.clip_towers import WeightsUnavailable
 from monailabel_dr.networks.twlr import build_twlr_grader
 
 logger = logging.getLogger(__name__)
 
 
+def grade_lesion_score(y_pred: torch.Tensor, y: torch.Tensor) -> float:
+    """(kappa + mean lesion-presence AUC) / 2; the AUC over the lesions whose known labels (>= 0) hold both
+    classes (kappa alone when none does)."""
+    aucs = []
+    for j in range(N_LESIONS):
+        t = y[:, 2 + j]
+        known = t >= 0
+        if 0 < float(t[known].sum()) < int(known.sum()):
+            aucs.append(float(compute_roc_auc(y_pred[known][:, LESION_SLICE][:, j], t[known])))
+    k = _kappa(y_pred, y)
+    return k if not aucs else 0.5 * (k + sum(aucs) / len(aucs))
+
+
 class TWLRVLMTrainer(GradingTrainer):
+    val_key = "val_grade_lesion"
+
     def __init__(self, model: ModelSettings, app: AppSettings):
         super().__init__(model, app)
         self.description = (f"Train TWLR's vision-language grader ({model.profile_name} profile, {model.image_size} px) "
@@ -47,6 +70,12 @@ class TWLRVLMTrainer(GradingTrainer):
         lr = float(context.request.get("learning_rate", t.get("learning_rate", 1e-4)))
         params = [p for p in context.network.parameters() if p.requires_grad]
         return torch.optim.AdamW(params, lr=lr, weight_decay=float(t.get("weight_decay", 1e-4)))
+
+    def val_key_metric(self, context: Context):
+        return {self.val_key: EpochMetric(grade_lesion_score, output_transform=stack_pred_label, check_compute_fn=False)}
+
+    def val_additional_metrics(self, context: Context):
+        return {**super().val_additional_metrics(context), "val_kappa": kappa_metric()}
 
     def loss_function(self, context: Context):
         return GraderLoss(grade_weight=1.0, referable_weight=0.0, lesion_weight=1.0)
