@@ -7,7 +7,8 @@ import os
 
 import torch
 from ignite.engine import Events
-from monai.handlers import from_engine
+from monai.handlers import LrScheduleHandler, from_engine
+from monai.inferers import SimpleInferer
 from monai.utils import set_determinism
 from monailabel.tasks.train.basic_train import BasicTrainTask
 from monailabel.tasks.train.handler import PublishStatsAndModel
@@ -125,7 +126,32 @@ class FundusTrainTask(BasicTrainTask):
     - Runs are reproducible: the request's ``seed`` is applied before the network, the optimiser
       and the transform chains are built (MONAI's Compose draws its random state from it).
     - Fine-tuning resumes from the served model (:func:`resume_path`).
+    - Defaults shared by the trainers (a trainer overrides what differs): AdamW over the trainable
+      parameters with the request's / profile's ``learning_rate`` and the profile's ``weight_decay``
+      (class defaults below), whole-image :class:`SimpleInferer` for training and validation, and
+      :meth:`cosine_schedule` for those that anneal per epoch.
     """
+
+    default_learning_rate = 1e-3
+    default_weight_decay = 1e-4
+
+    def optimizer(self, context):
+        t = self.model.train
+        lr = float(context.request.get("learning_rate", t.get("learning_rate", self.default_learning_rate)))
+        params = [p for p in context.network.parameters() if p.requires_grad]
+        return torch.optim.AdamW(params, lr=lr, weight_decay=float(t.get("weight_decay", self.default_weight_decay)))
+
+    @staticmethod
+    def cosine_schedule(context) -> LrScheduleHandler:
+        """Cosine annealing over the run's epochs, stepped per epoch."""
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(context.optimizer, T_max=max(1, int(context.max_epochs)))
+        return LrScheduleHandler(sched, print_lr=True, epoch_level=True)
+
+    def train_inferer(self, context):
+        return SimpleInferer()
+
+    def val_inferer(self, context):
+        return SimpleInferer()
 
     def load_path(self, output_dir, pretrained=True):
         return resume_path(self, output_dir, pretrained)

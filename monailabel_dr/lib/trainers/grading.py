@@ -22,7 +22,6 @@ from ignite.engine import Events
 from ignite.handlers import EarlyStopping
 from ignite.metrics import EpochMetric
 from monai.handlers import LrScheduleHandler, stopping_fn_from_metric
-from monai.inferers import SimpleInferer
 from monai.transforms import (
     EnsureTyped,
     NormalizeIntensityd,
@@ -221,12 +220,6 @@ class GradingTrainer(FundusTrainTask):
             return None
         sched = torch.optim.lr_scheduler.ExponentialLR(context.optimizer, gamma=gamma)
         return LrScheduleHandler(sched, print_lr=True, epoch_level=True)
-
-    def train_inferer(self, context: Context):
-        return SimpleInferer()
-
-    def val_inferer(self, context: Context):
-        return SimpleInferer()
 
     def train_key_metric(self, context: Context):
         return {"train_kappa": kappa_metric()}

@@ -22,10 +22,7 @@ from __future__ import annotations
 import logging
 import os
 
-import torch
 from monai.engines.utils import PrepareBatchExtraInput
-from monai.handlers import LrScheduleHandler
-from monai.inferers import SimpleInferer
 from monai.transforms import (
     DeleteItemsd,
     EnsureTyped,
@@ -62,6 +59,7 @@ _DROP = [GEOMETRY_KEY, SOURCE_INFO_KEY, FOV_KEY, CROP_INDICES_KEY, "id", "split"
 
 class LesionSamTrainer(LesionLabelSource, FundusTrainTask):
     model_title = "TP-DRSeg"
+    default_learning_rate = 1e-4
 
     def __init__(self, model: ModelSettings, app: AppSettings):
         self.model = model
@@ -143,24 +141,15 @@ class LesionSamTrainer(LesionLabelSource, FundusTrainTask):
                 "weights_source": self._weights_source, "profile": self.model.profile_name,
                 "image_size": self.model.image_size}
 
-    def optimizer(self, context: Context):
-        t = self.model.train
-        lr = float(context.request.get("learning_rate", t.get("learning_rate", 1e-4)))
-        params = [p for p in context.network.parameters() if p.requires_grad]
-        return torch.optim.AdamW(params, lr=lr, weight_decay=float(t.get("weight_decay", 1e-4)))
-
     def loss_function(self, context: Context):
         return TPDRSegLoss(pos_weight=float(self.model.train.get("pos_weight", 1.0)))
 
     def lr_scheduler_handler(self, context: Context):
         if str(self.model.train.get("lr_schedule", "cosine")) != "cosine":
             return None
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(context.optimizer, T_max=max(1, int(context.max_epochs)))
-        return LrScheduleHandler(sched, print_lr=True, epoch_level=True)
+        return self.cosine_schedule(context)
 
-    def train_inferer(self, context: Context):
-        return SimpleInferer()   # network(image, cls=...) via the batch preparation set in finalize()
-
+    # train_inferer: the base's SimpleInferer, network(image, cls=...) via the batch preparation set in finalize()
     def val_inferer(self, context: Context):
         return TPDRSegInferer()
 

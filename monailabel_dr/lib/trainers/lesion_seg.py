@@ -19,7 +19,6 @@ import os
 import torch
 from ignite.engine import Events
 from monai.handlers import EarlyStopHandler, LrScheduleHandler
-from monai.inferers import SimpleInferer
 from monai.transforms import (
     DeleteItemsd,
     EnsureTyped,
@@ -111,11 +110,6 @@ class LesionSegTrainer(LesionLabelSource, FundusTrainTask):
     def network(self, context: Context):
         return build_lesion_net(self.model.network)
 
-    def optimizer(self, context: Context):
-        lr = float(context.request.get("learning_rate", self.model.train.get("learning_rate", 1e-3)))
-        return torch.optim.AdamW(context.network.parameters(), lr=lr,
-                                 weight_decay=float(self.model.train.get("weight_decay", 1e-4)))
-
     def loss_function(self, context: Context):
         t = self.model.train
         self._loss = LesionLoss(kind=str(t.get("loss", "dual_dice")), lam=float(t.get("lambda", 0.8)),
@@ -131,20 +125,13 @@ class LesionSegTrainer(LesionLabelSource, FundusTrainTask):
     def lr_scheduler_handler(self, context: Context):
         if self._paper_schedule():
             return None  # plateau-driven, attached to the evaluator in finalize()
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(context.optimizer, T_max=max(1, int(context.max_epochs)))
-        return LrScheduleHandler(sched, print_lr=True, epoch_level=True)
+        return self.cosine_schedule(context)
 
     def train_handlers(self, context: Context):
         handlers = super().train_handlers(context)
         if self._paper_schedule():
             handlers.append(_SwitchToDualOnLrDrop(self))
         return handlers
-
-    def train_inferer(self, context: Context):
-        return SimpleInferer()
-
-    def val_inferer(self, context: Context):
-        return SimpleInferer()
 
     def train_key_metric(self, context: Context):
         return {"train_mean_dice": PooledLesionDice()}

@@ -30,8 +30,6 @@ import numpy as np
 import torch
 from ignite.engine import Events
 from ignite.metrics import Metric
-from monai.handlers import LrScheduleHandler
-from monai.inferers import SimpleInferer
 from monai.transforms import (
     EnsureTyped,
     FgBgToIndicesd,
@@ -138,6 +136,7 @@ class NavierStokesPSNR(Metric):
 
 class TWLRInpainterTrainer(LesionLabelSource, FundusTrainTask):
     model_title = "the TWLR inpainter"
+    default_weight_decay = 0.0
 
     def __init__(self, model: ModelSettings, app: AppSettings):
         self.model = model
@@ -266,23 +265,11 @@ class TWLRInpainterTrainer(LesionLabelSource, FundusTrainTask):
         logger.info(f"twlr_inpainter: {sum(p.numel() for p in net.parameters()):,} parameters")
         return net
 
-    def optimizer(self, context: Context):
-        t = self.model.train
-        lr = float(context.request.get("learning_rate", t.get("learning_rate", 1e-3)))
-        return torch.optim.AdamW(context.network.parameters(), lr=lr, weight_decay=float(t.get("weight_decay", 0.0)))
-
     def loss_function(self, context: Context):
         return HoleLoss(ssim_weight=float(context.request.get("ssim_weight", self.model.train.get("ssim_weight", 0.0))))
 
     def lr_scheduler_handler(self, context: Context):
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(context.optimizer, T_max=max(1, int(context.max_epochs)))
-        return LrScheduleHandler(sched, print_lr=True, epoch_level=True)
-
-    def train_inferer(self, context: Context):
-        return SimpleInferer()
-
-    def val_inferer(self, context: Context):
-        return SimpleInferer()
+        return self.cosine_schedule(context)
 
     def train_key_metric(self, context: Context):
         return {"train_psnr": HolePSNR()}

@@ -23,7 +23,7 @@ from monailabel.tasks.train.basic_train import Context
 
 from monailabel_dr.config import AppSettings, ModelSettings
 from monailabel_dr.lib.errors import Conflict
-from monailabel_dr.lib.trainers.common import stack_pred_label
+from monailabel_dr.lib.trainers.common import FundusTrainTask, stack_pred_label
 from monailabel_dr.lib.trainers.grading import GradingTrainer, _kappa, kappa_metric
 from monailabel_dr.networks.cam_grader import LESION_SLICE, N_LESIONS, GraderLoss
 from monailabel_dr.networks.clip_towers import WeightsUnavailable
@@ -65,11 +65,10 @@ class TWLRVLMTrainer(GradingTrainer):
         logger.info(f"twlr: {n:,} trainable parameters")
         return net
 
+    default_learning_rate = 1e-4
+
     def optimizer(self, context: Context):
-        t = self.model.train
-        lr = float(context.request.get("learning_rate", t.get("learning_rate", 1e-4)))
-        params = [p for p in context.network.parameters() if p.requires_grad]
-        return torch.optim.AdamW(params, lr=lr, weight_decay=float(t.get("weight_decay", 1e-4)))
+        return FundusTrainTask.optimizer(self, context)   # AdamW, not the grading trainer's SGD option
 
     def val_key_metric(self, context: Context):
         return {self.val_key: EpochMetric(grade_lesion_score, output_transform=stack_pred_label, check_compute_fn=False)}
