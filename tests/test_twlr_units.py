@@ -152,3 +152,40 @@ def test_conv_tower_patch_tokens_average_to_the_image_embedding():
     sal, logits = g.saliency(x)
     assert sal.shape == (2, 4, 16, 16) and logits.shape == (2, 10)
     assert "conv_tower" not in profiles["paper"]["network"]
+
+
+def test_conv_tower_attention_pooling_and_training_crops():
+    """``pool: attention`` weights the patch tokens by a softmax over locations (a convex combination: a
+    location given all the weight is the image embedding); in training a crop smaller than image_size
+    is taken as it is, at inference every input is resized to image_size."""
+    import yaml
+
+    from monailabel_dr.config import CONFIG_DIR
+    from monailabel_dr.networks.twlr import build_twlr_grader
+
+    with open(CONFIG_DIR / "twlr.yaml") as f:
+        profiles = yaml.safe_load(f)["profiles"]
+    assert profiles["real"]["network"]["conv_tower"]["pool"] == "attention"
+    net = dict(profiles["tiny"]["network"])
+    net["conv_tower"] = {**net["conv_tower"], "pool": "attention"}
+    g = build_twlr_grader(net, image_size=128).eval()
+    tower = g.clip.visual
+    x = torch.rand(2, 3, 128, 128)
+    with torch.no_grad():
+        pooled, patch = g.encode_image(x)
+        z = patch.flatten(1, 2)
+        w = torch.softmax(tower.attention(z), dim=1)
+        np.testing.assert_allclose(pooled.numpy(), (w * z).sum(1).numpy(), rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(pooled, patch.mean(dim=(1, 2)), atol=1e-6)   # not the plain mean
+        last = tower.attention[-1]
+        last.weight.zero_()
+        last.bias.zero_()
+        mean_pooled, _ = g.encode_image(x)     # uniform scores: the mean
+        np.testing.assert_allclose(mean_pooled.numpy(), patch.mean(dim=(1, 2)).numpy(), rtol=1e-5, atol=1e-6)
+    crop = torch.rand(1, 3, 64, 64)
+    g.train()
+    assert g.encode_image(crop)[1].shape[1:3] == (8, 8)      # a training crop at the working resolution
+    g.eval()
+    assert g.encode_image(crop)[1].shape[1:3] == (16, 16)    # inference: resized like CLIP
+    with pytest.raises(ValueError, match="pool"):
+        build_twlr_grader({**net, "conv_tower": {**net["conv_tower"], "pool": "max"}}, image_size=128)

@@ -78,6 +78,16 @@ class ConvImageTower(nn.Module):
     image-text space; the image embedding is their average. So the projected locations are the
     "patch tokens" of patch-text saliency, and their mean is exactly the pooled embedding.
 
+    ``pool`` (in ``network.conv_tower``): ``mean`` (default) averages the location embeddings;
+    ``attention`` weights them by a learned softmax over locations (attention-based multiple-instance
+    pooling, Ilse et al., ICML 2018: a tanh layer and a linear score per location), so a few small
+    lesions are not averaged away over a large photograph. Either way the image embedding is a convex
+    combination of the patch tokens that patch-text saliency reads.
+
+    The tower is fully convolutional. In training mode an input smaller than ``image_size`` (both
+    sides multiples of the stride) is taken as it is: a crop at the working resolution
+    (``train.crop`` of the TWLR trainer); anything else is resized to ``image_size`` as CLIP does.
+
     Why not open_clip's own towers here: a from-scratch 2-layer ViT did not learn lesion presence on
     phantoms (lesion AUC 0.39-0.61 on 60 fresh phantoms after 30 epochs on 88 images; 0.45-0.57 after
     400 steps on 300; it could only overfit 16 images), and open_clip's timm towers have output
@@ -86,10 +96,18 @@ class ConvImageTower(nn.Module):
 
     def __init__(self, trunk: dict, embed_dim: int, image_size: int):
         super().__init__()
+        trunk = dict(trunk)
+        self.pool = str(trunk.pop("pool", "mean"))
+        if self.pool not in ("mean", "attention"):
+            raise ValueError(f"conv_tower.pool must be mean or attention, not {self.pool!r}")
         cfg = CAMGraderConfig.from_dict(trunk)
+        self.stride = cfg.total_stride
         grader = CAMGrader(cfg)
         self.features, self.cam_conv = grader.features, grader.cam_conv   # its linear head is not used
         self.proj = nn.Linear(cfg.cam_channels, int(embed_dim), bias=False)
+        hidden = max(16, int(embed_dim) // 2)
+        self.attention = (nn.Sequential(nn.Linear(int(embed_dim), hidden), nn.Tanh(), nn.Linear(hidden, 1))
+                          if self.pool == "attention" else None)
         self.image_size = (int(image_size), int(image_size))
         if int(image_size) % cfg.total_stride:
             raise ValueError(f"image_size {image_size} is not a multiple of the conv tower's stride {cfg.total_stride}")
@@ -103,8 +121,21 @@ class ConvImageTower(nn.Module):
         """(B, C, h, w) -> (B, h, w, D) location embeddings in the joint space."""
         return self.proj(fmap.permute(0, 2, 3, 1))
 
+    def pool_tokens(self, patch: torch.Tensor) -> torch.Tensor:
+        """(B, h, w, D) location embeddings -> (B, D) image embedding."""
+        if self.attention is None:
+            return patch.mean(dim=(1, 2))
+        z = patch.flatten(1, 2)
+        return (torch.softmax(self.attention(z), dim=1) * z).sum(1)
+
+    def takes_as_is(self, image: torch.Tensor) -> bool:
+        """A training crop at the working resolution (see the class doc)."""
+        h, w = image.shape[-2:]
+        s = self.image_size[0]
+        return self.training and h <= s and w <= s and h % self.stride == 0 and w % self.stride == 0
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.project(self.feature_map(x)).mean(dim=(1, 2))
+        return self.pool_tokens(self.project(self.feature_map(x)))
 
 
 def _phrases(v, what: str) -> list[str]:
@@ -160,11 +191,11 @@ class TWLRGrader(CachedClassTexts, nn.Module):
         map (Grad-CAM's target)."""
         v = self.clip.visual
         s = self.config.clip.image_size
-        if image.shape[-2:] != (s, s):
+        if image.shape[-2:] != (s, s) and not (isinstance(v, ConvImageTower) and v.takes_as_is(image)):
             image = F.interpolate(image, size=(s, s), mode="bilinear", align_corners=False, antialias=True)
         if isinstance(v, ConvImageTower):
             patch = v.project(self.token_grid(v.feature_map((image - self.clip_mean) / self.clip_std)))
-            return patch.mean(dim=(1, 2)), patch
+            return v.pool_tokens(patch), patch
         x = v._embeds((image - self.clip_mean) / self.clip_std)
         blocks = v.transformer.resblocks
         for blk in blocks[:-1]:

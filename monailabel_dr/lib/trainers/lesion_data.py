@@ -51,18 +51,20 @@ def idrid_items(folder: str) -> list[dict]:
 CROP_INDICES_KEY = "label_cls_indices"
 
 
-def lesion_centred_crops(train: dict, request: dict, size: int) -> list:
+def lesion_centred_crops(train: dict, request: dict, size: int, label_key: str = "label") -> list:
     """MONAI transforms sampling ``samples_per_image`` crops of ``size`` px per image, centred on MA / HE /
     EX / SE / anywhere in the field of view in the ratios ``class_ratios`` (so that microaneurysms, a few
-    pixels each, are seen in most batches). Drop ``CROP_INDICES_KEY`` afterwards."""
+    pixels each, are seen in most batches). ``data[label_key]``: (m + 1, S, S) lesion targets with the
+    field of view last (``LoadLesionTargetsd``). Drop ``<label_key>_cls_indices`` (``CROP_INDICES_KEY``
+    for "label") afterwards."""
     ratios = [float(r) for r in train.get("class_ratios", [1] * (len(LESIONS) + 1))]
     if len(ratios) != len(LESIONS) + 1:
         raise BadInput(f"class_ratios needs {len(LESIONS) + 1} values (MA, HE, EX, SE, anywhere), got {ratios}")
     n = int(request.get("samples_per_image", train.get("samples_per_image", 4)))
     return [
-        ClassesToIndicesd(keys="label", num_classes=len(LESIONS) + 1, indices_postfix="_cls_indices"),
-        RandCropByLabelClassesd(keys=["image", "label"], label_key="label", spatial_size=(size, size), ratios=ratios,
-                                num_classes=len(LESIONS) + 1, num_samples=n, indices_key=CROP_INDICES_KEY,
+        ClassesToIndicesd(keys=label_key, num_classes=len(LESIONS) + 1, indices_postfix="_cls_indices"),
+        RandCropByLabelClassesd(keys=["image", label_key], label_key=label_key, spatial_size=(size, size), ratios=ratios,
+                                num_classes=len(LESIONS) + 1, num_samples=n, indices_key=f"{label_key}_cls_indices",
                                 allow_smaller=True),
     ]
 

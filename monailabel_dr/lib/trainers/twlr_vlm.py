@@ -6,6 +6,12 @@ lesion presence; unknown entries masked out), so it subclasses it; what changes 
 are applied inside) and the loss: cross-entropy on grades + BCE on lesion presence, jointly, as the
 paper trains it (the referable output is derived from the grade softmax, so it has no loss term).
 
+From a lesion dataset (``dataset: "idrid:<folder>"``, ``monailabel-dr train twlr --dataset
+idrid:<folder>``: real photographs with lesion masks but no grades), each training sample is a random
+lesion-removed counterfactual of a photograph with its derived image-level targets
+(:mod:`monailabel_dr.fundus.counterfactual`: lesion presence, and an ICDR grade proxy 0-2); the
+validation images (IDRiD split) get ``val_variants`` fixed counterfactuals each.
+
 The published model is the best validation ``val_grade_lesion``: the mean of the grade's quadratic
 weighted kappa and the mean lesion-presence ROC AUC. Stage 2 leans on both (grades stop the loop,
 lesion presence and its saliency drive it), and on a few validation images kappa alone is a noisy
@@ -15,19 +21,25 @@ selector (on 7 phantoms it picked the epoch-1 model, whose saliency was noise).
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 from ignite.metrics import EpochMetric
 from monai.metrics import compute_roc_auc
+from monai.transforms import DeleteItemsd
 from monailabel.tasks.train.basic_train import Context
 
 from monailabel_dr.config import AppSettings, ModelSettings
-from monailabel_dr.lib.errors import Conflict
+from monailabel_dr.fundus.counterfactual import RandLesionRemovald
+from monailabel_dr.fundus.holes import SeededPerItemd
+from monailabel_dr.lib.errors import BadInput, Conflict
 from monailabel_dr.lib.trainers.common import FundusTrainTask, stack_pred_label
 from monailabel_dr.lib.trainers.grading import GradingTrainer, _kappa, kappa_metric
+from monailabel_dr.lib.trainers.lesion_data import idrid_items, lesion_centred_crops
 from monailabel_dr.networks.cam_grader import LESION_SLICE, N_LESIONS, GraderLoss
 from monailabel_dr.networks.clip_towers import WeightsUnavailable
 from monailabel_dr.networks.twlr import build_twlr_grader
+from monailabel_dr.transforms import FOV_KEY, LoadLesionTargetsd
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +67,57 @@ class TWLRVLMTrainer(GradingTrainer):
 
     def _normalise(self) -> list:
         return []   # TWLRGrader applies CLIP's pixel statistics to [0, 1] RGB itself
+
+    # ------------------------------------------------------------ data: datastore labels or a lesion dataset
+    @staticmethod
+    def _from_dataset(context_or_request) -> bool:
+        request = getattr(context_or_request, "request", context_or_request)
+        return bool(request.get("dataset_source"))
+
+    def pre_process(self, request, datastore):
+        dataset = request.get("dataset_source") or ""
+        if not dataset:
+            return super().pre_process(request, datastore)
+        kind, _, folder = str(dataset).partition(":")
+        if kind != "idrid" or not folder:
+            raise BadInput(f"dataset {dataset!r}: use idrid:<folder>")
+        items = idrid_items(os.path.realpath(os.path.expanduser(folder)))
+        n_var = int(request.get("val_variants", self.model.train.get("val_variants", 4)))
+        out = [d for d in items if d["split"] != "val"]
+        for d in items:   # fixed counterfactuals of each validation image (seeded by their ids)
+            if d["split"] == "val":
+                out += [{**d, "id": f"{d['id']}#cf{k}"} for k in range(max(1, n_var))]
+        logger.info(f"twlr: {len(out)} items from {folder} (lesion-removed counterfactuals)")
+        return out
+
+    def partition_datalist(self, context: Context, shuffle=False):
+        if any("split" in d for d in context.datalist):   # the dataset's own train / validation split
+            return ([d for d in context.datalist if d.get("split") != "val"],
+                    [d for d in context.datalist if d.get("split") == "val"])
+        return super().partition_datalist(context, shuffle=shuffle)
+
+    def _counterfactual(self, crops: list | None = None):
+        return [LoadLesionTargetsd(keys="lesions", masks_key="masks"),
+                *(crops or []),
+                RandLesionRemovald(keys="image", lesions_key="lesions", label_key="label",
+                                   settings=self.model.train.get("counterfactual"))]
+
+    def train_pre_transforms(self, context: Context):
+        chain = super().train_pre_transforms(context)
+        if self._from_dataset(context):   # load -> [lesion-centred crops] -> counterfactual -> the usual augmentation
+            crop = self.model.train.get("crop")
+            crops = []
+            if crop:   # crops at the working resolution (the conv tower takes them as they are in training)
+                crops = [*lesion_centred_crops(crop, context.request, int(crop["size"]), label_key="lesions"),
+                         DeleteItemsd(keys=["lesions_cls_indices", FOV_KEY])]
+            chain = [chain[0], *self._counterfactual(crops), *chain[1:]]
+        return chain
+
+    def val_pre_transforms(self, context: Context):
+        chain = super().val_pre_transforms(context)
+        if self._from_dataset(context):
+            chain = [chain[0], SeededPerItemd(self._counterfactual(), key="id"), *chain[1:]]
+        return chain
 
     def network(self, context: Context):
         try:
