@@ -32,6 +32,9 @@ CONF_OPTIONS: dict[str, tuple[str, str]] = {
     "max_image_pixels": ("40000000", "Largest image accepted (pixels); larger uploads and requests get HTTP 422."),
     "min_image_side": ("64", "Smallest image side accepted (px)."),
     "train_on_start": ("", "Comma list of models to train in the background when the server starts (the demo uses `grading`)."),
+    "retrain_after": ("0", "Retrain on correction: after this many new `final` labels of a kind a model learns from "
+                           "(`learns_from` in configs/models.yaml), fine-tune it from the served model in the background; 0 = off."),
+    "retrain_epochs": ("5", "Epochs of each retrain-on-correction fine-tuning run."),
     "<model>_max_epochs": ("(profile)", "Default number of epochs for the model's trainer."),
     "<model>_set": ("", "Override values of the model's profile: comma list of `dotted.key=value` (values in YAML), e.g. "
                         "`lesion_sam_set network.sam.checkpoint=/data/sam_vit_b_01ec64.pth,network.clip.pretrained=/data/clip_b16.bin` "
@@ -55,6 +58,7 @@ class ModelSpec:
     checkpoint: str
     strategies: dict[str, str] = field(default_factory=dict)
     scoring: dict[str, str] = field(default_factory=dict)
+    learns_from: tuple[str, ...] = ()   # final label kinds ("grade", "lesion_map") that retrain it on correction
 
     def network_profiles(self) -> dict[str, Any]:
         with open(CONFIG_DIR / self.network_config) as f:
@@ -76,6 +80,7 @@ def load_model_table(path: str | os.PathLike | None = None) -> dict[str, ModelSp
             checkpoint=row.get("checkpoint", f"{name}.pt"),
             strategies=dict(row.get("strategies") or {}),
             scoring=dict(row.get("scoring") or {}),
+            learns_from=tuple(str(k) for k in (row.get("learns_from") or ())),
         )
     return table
 
@@ -128,6 +133,8 @@ class AppSettings:
     max_image_pixels: int
     min_image_side: int
     train_on_start: list[str]
+    retrain_after: int = 0
+    retrain_epochs: int = 5
     extra: dict = field(default_factory=dict)
 
     def get(self, key: str, default: Any = None) -> Any:
@@ -204,12 +211,22 @@ def parse_conf(conf: dict[str, Any] | None, app_dir: str, table: dict[str, Model
     if bad:
         raise ConfError(f"--conf train_on_start names models that are not served: {bad}")
 
+    retrain = {}
+    for key, default, low in (("retrain_after", 0, 0), ("retrain_epochs", 5, 1)):
+        try:
+            retrain[key] = int(conf.get(key, default))
+        except (TypeError, ValueError) as e:
+            raise ConfError(f"--conf {key} must be an integer, got {conf.get(key)!r}") from e
+        if retrain[key] < low:
+            raise ConfError(f"--conf {key} must be >= {low}, got {retrain[key]}")
+
     return AppSettings(
         models=models,
         device=resolve_device(str(conf.get("device", "auto"))),
         max_image_pixels=int(conf.get("max_image_pixels", 40_000_000)),
         min_image_side=int(conf.get("min_image_side", 64)),
         train_on_start=train_on_start,
+        **retrain,
         extra={k: v for k, v in conf.items()},
     )
 

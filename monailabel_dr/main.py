@@ -23,6 +23,7 @@ from monailabel.tasks.activelearning.random import Random
 import monailabel_dr
 from monailabel_dr.config import import_object, load_model_table, parse_conf
 from monailabel_dr.lib.errors import InvalidId, NotFound, is_valid_id
+from monailabel_dr.lib.retrain import RetrainOnCorrection
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +44,11 @@ class MONAILabelDRApp(MONAILabelApp):
             name="monailabel-dr",
             description="Diabetic retinopathy in colour fundus photographs: grading, CAM, lesion models",
             version=monailabel_dr.__version__,
+        )
+        self.retrain = RetrainOnCorrection(
+            self.settings, set(self._trainers), submit=self._queue_training,
+            state_path=os.path.join(next(iter(self.settings.models.values())).model_dir, "retrain_state.json")
+            if self.settings.models else None,
         )
 
     # ------------------------------------------------------------- hooks
@@ -95,9 +101,29 @@ class MONAILabelDRApp(MONAILabelApp):
             logger.info(f"train_on_start: starting background training of '{model}'")
             self.async_training(model, enqueue=True)
 
+    # ------------------------------------------------------------- retrain on correction
+    def _queue_training(self, model: str, request: dict) -> dict | None:
+        from monailabel.utils.async_tasks.task import AsyncTask
+
+        request = dict(request)
+        request.pop("model", None)
+        # the MONAI Label train queue (one worker: jobs run one after the other, each in a subprocess)
+        task, _ = AsyncTask.run("train", request={"model": model}, params=request, enqueue=True)
+        return task
+
+    def on_save_label(self, image_id, label_id):
+        res = super().on_save_label(image_id, label_id) or {}
+        saved = getattr(self.datastore(), "last_saved", lambda _: None)(image_id)
+        tag, kind = saved if saved else ("final", None)   # a datastore that does not say: count it for every model
+        counted = self.retrain.on_saved(image_id, tag, kind)
+        if counted:
+            res["retrain"] = counted
+        return res
+
     # ------------------------------------------------------------- info
     def info(self):
         meta = super().info()
+        meta["retrain"] = self.retrain.info()
         meta["model_state"] = {name: task.state() for name, task in self._infers.items() if hasattr(task, "state")}
         meta["profiles"] = {name: m.profile_name for name, m in self.settings.models.items()}
         return meta

@@ -19,6 +19,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 from typing import Any
 
 import numpy as np
@@ -44,6 +45,8 @@ class FundusDatastore(LocalDatastore):
                  auto_reload: bool = False, read_only: bool = False):
         self.max_pixels = int(max_pixels)
         self.min_side = int(min_side)
+        self._saved: dict[str, tuple[str, str]] = {}   # image id -> (tag, kind) of its last saved label
+        self._saved_lock = threading.Lock()
         super().__init__(path, extensions=DATASTORE_PATTERNS, auto_reload=auto_reload, read_only=read_only)
 
     # ----------------------------------------------------------------- images
@@ -112,7 +115,7 @@ class FundusDatastore(LocalDatastore):
                 info = dict(label_info or {})
                 info["kind"] = "grade"
                 info["grade"] = label.grade
-                return super().save_label(image_id, clean, label_tag, info)
+                return self._saved_as(super().save_label(image_id, clean, label_tag, info), image_id, label_tag, "grade")
             if ext not in LABEL_MAP_EXTENSIONS:
                 raise UnsupportedType(
                     f"unsupported label type '{ext}'; accepted: a grade label (.json) or a label map "
@@ -136,9 +139,20 @@ class FundusDatastore(LocalDatastore):
             clean = io.write_label(os.path.join(tmpdir, image_id + ext), lab.astype(np.uint8))
             info = dict(label_info or {})
             info["kind"] = "lesion_map"
-            return super().save_label(image_id, clean, label_tag, info)
+            return self._saved_as(super().save_label(image_id, clean, label_tag, info), image_id, label_tag, "lesion_map")
         finally:
             shutil.rmtree(tmpdir, ignore_errors=True)
+
+    def _saved_as(self, label_id: str, image_id: str, tag: str, kind: str) -> str:
+        with self._saved_lock:
+            self._saved[image_id] = (tag, kind)
+        return label_id
+
+    def last_saved(self, image_id: str) -> tuple[str, str] | None:
+        """(tag, kind) of the label last saved for ``image_id`` through this datastore, if any: MONAI Label's
+        ``on_save_label(image_id, label_id)`` callback is told neither (the retrain-on-correction counter needs both)."""
+        with self._saved_lock:
+            return self._saved.get(image_id)
 
     def final_label_files(self, image_id: str, tag: str = DefaultLabelTag.FINAL) -> dict[str, str]:
         """Every kind of label of an image present on disk: {"grade": path, "lesion_map": path}."""
