@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 
@@ -35,9 +36,10 @@ class AtomicPublish(PublishStatsAndModel):
       noise, and can publish an early epoch that never saw a correction.
     """
 
-    def __init__(self, *args, network=None, export=None, **kwargs):
+    def __init__(self, *args, network=None, export=None, resumed_from=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.network = network
+        self.resumed_from = resumed_from   # the checkpoint this run started from (None: from scratch), in the stats
         # export(state_dict) -> what the published file holds; default {"model": state_dict}
         self.export = export or (lambda state: {"model": state})
         self._exported_from = None  # (mtime, size) of the run checkpoint last exported
@@ -48,6 +50,12 @@ class AtomicPublish(PublishStatsAndModel):
             stats = super().iteration_completed()
         finally:
             self._publish_path = publish_path
+        if stats is not None and self._stats_path:
+            stats["resumed_from"] = self.resumed_from
+            tmp = f"{self._stats_path}.tmp{os.getpid()}"
+            with open(tmp, "w") as f:
+                json.dump(stats, f, indent=2)
+            os.replace(tmp, self._stats_path)
         if not publish_path:
             return stats
         if self.evaluator is None and self.network is not None:
@@ -75,10 +83,12 @@ def attach_publisher(task, context) -> None:
     """Use in a BasicTrainTask.finalize(): publish after every validation (or epoch)."""
     if context.local_rank != 0:
         return
+    start = task.load_path(context.output_dir, context.pretrained)   # what _load_checkpoint loads
     publisher = AtomicPublish(
         task._stats_path, task._publish_path, task._key_metric_filename, context.start_ts,
         context.run_id, context.output_dir, context.trainer, context.evaluator, network=context.network,
         export=getattr(task, "publish_payload", None),
+        resumed_from=start if start and os.path.exists(start) else None,
     )
     (context.evaluator or context.trainer).add_event_handler(Events.EPOCH_COMPLETED, publisher)
 
@@ -155,6 +165,22 @@ class FundusTrainTask(BasicTrainTask):
 
     def load_path(self, output_dir, pretrained=True):
         return resume_path(self, output_dir, pretrained)
+
+    # ---- MONAI Label's multi-GPU (DDP) path, also on CPU processes with the gloo backend
+    def _device(self, context):
+        if context.multi_gpu and not torch.cuda.is_available():
+            return torch.device("cpu")   # the stock method asks CUDA for rank-th GPU
+        return super()._device(context)
+
+    def _create_network_and_optimizer(self, context):
+        if not (context.multi_gpu and context.device.type == "cpu"):
+            return super()._create_network_and_optimizer(context)
+        network = self.network(context).to(context.device)
+        context.network = network
+        optimizer = self.optimizer(context)
+        # CPU modules take device_ids=None (the stock method passes [device.index], which CPU DDP refuses)
+        ddp = torch.nn.parallel.DistributedDataParallel(network, find_unused_parameters=self._find_unused_parameters)
+        return ddp, optimizer
 
     def train(self, rank, world_size, request, datalist):
         seed = request.get("seed", 0)
