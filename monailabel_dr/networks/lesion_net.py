@@ -49,10 +49,11 @@ class LesionNetConfig:
     cut: int = 8                                  # Lesion-Net-<cut>s
     expansive_width: int | None = None            # None: the 1x1 convs map to the lesion channels
     out_channels: int = N_LESIONS
+    dropout: float = 0.0                          # channel dropout (Dropout2d) on the output head's input
 
     @classmethod
     def from_dict(cls, d: dict) -> "LesionNetConfig":
-        keys = ("in_channels", "backbone", "widths", "depths", "cut", "expansive_width", "out_channels")
+        keys = ("in_channels", "backbone", "widths", "depths", "cut", "expansive_width", "out_channels", "dropout")
         return cls(**{k: d[k] for k in keys if k in d})
 
 
@@ -119,6 +120,12 @@ class LesionNet(nn.Module):
                 conv if cfg.expansive_width is None else nn.Sequential(conv, nn.BatchNorm2d(width), nn.ReLU(inplace=True))
             )
             in_ch = width + chans[fine]
+        # Not in the paper: optional channel dropout before the output head (``dropout`` > 0), for
+        # MC-dropout uncertainty (lib/activelearning). Parameter-free, so checkpoints load either way;
+        # 0 (default) is an Identity and leaves the network exactly as before.
+        if not 0.0 <= float(cfg.dropout) < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {cfg.dropout}")
+        self.dropout = nn.Dropout2d(float(cfg.dropout)) if cfg.dropout > 0 else nn.Identity()
         self.head = nn.Conv2d(in_ch, m, kernel_size=1)
 
     def features(self, x: torch.Tensor) -> dict[int, torch.Tensor]:
@@ -132,17 +139,23 @@ class LesionNet(nn.Module):
         f32 = b.layer4(f16)
         return {2: f2, 4: f4, 8: f8, 16: f16, 32: f32}
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Per-lesion logits (B, m, H, W) at the input size."""
-        size = x.shape[-2:]
+    def head_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The expansive path's last merged map (B, C, h, w) at stride ``cut``: the output head's input."""
         f = self.features(x)
         y = f[32]
         for coarse, fine in zip(self.levels[:-1], self.levels[1:]):
             y = self.reduce[str(coarse)](y)
             y = F.interpolate(y, size=f[fine].shape[-2:], mode="bilinear", align_corners=False)
             y = torch.cat([y, f[fine]], dim=1)
-        y = self.head(y)
-        return F.interpolate(y, size=size, mode="bilinear", align_corners=False)
+        return y
+
+    def head_output(self, y: torch.Tensor, size) -> torch.Tensor:
+        """Per-lesion logits at ``size`` from a (possibly dropped-out) head input."""
+        return F.interpolate(self.head(y), size=size, mode="bilinear", align_corners=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-lesion logits (B, m, H, W) at the input size."""
+        return self.head_output(self.dropout(self.head_input(x)), x.shape[-2:])
 
 
 def presence_from_probs(probs: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
