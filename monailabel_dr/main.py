@@ -96,6 +96,11 @@ class MONAILabelDRApp(MONAILabelApp):
         return methods
 
     def on_init_complete(self):
+        # MONAI Label's auto-update would start one background scoring process per method (each rebuilding
+        # the app) at start-up and after every training and /activelearning call, failing while models are
+        # untrained. Scores are checked against the served checkpoint instead: a strategy recomputes stale
+        # scores itself (lib/activelearning/common.py), and POST /scoring/{method} refreshes them on demand.
+        self._auto_update_scoring = False
         super().on_init_complete()
         for model in self.settings.train_on_start:
             logger.info(f"train_on_start: starting background training of '{model}'")
