@@ -322,7 +322,6 @@ def test_lesion_targets_align_with_the_image_at_working_resolution(tmp_path):
     working-resolution centroid (a sub-pixel shift would be enough to lose microaneurysms)."""
     from scipy import ndimage
 
-    from monailabel_dr.fundus import io as fio
     from monailabel_dr.transforms import LoadFundusd, LoadLesionTargetsd
 
     h, w = 1424, 2144

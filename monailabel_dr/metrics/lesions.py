@@ -681,7 +681,7 @@ class FROCAccumulator:
                 "sensitivity": sens.tolist(),
             },
             "variant": (
-                f"lesion-level FROC; lesions = 8-connected truth components; a proposal is a TP when "
+                "lesion-level FROC; lesions = 8-connected truth components; a proposal is a TP when "
                 + {
                     "gt": f"intersection / lesion area >= {self.overlap:g}",
                     "iou": f"intersection / union >= {self.overlap:g}",
