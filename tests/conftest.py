@@ -37,6 +37,23 @@ def write_phantom_store(folder: Path, n: int, labelled: int, seed: int = 0, size
     return folder
 
 
+def write_idrid_phantoms(folder: Path, phantoms: list) -> Path:
+    """An IDRiD-layout folder (images/PH_NN.png, masks/<LES>/PH_NN_<LES>.png) of phantoms, numbered from 1."""
+    import cv2
+
+    from monailabel_dr.fundus import io as fio
+    from monailabel_dr.fundus.lesions import LESIONS
+
+    (folder / "images").mkdir(parents=True)
+    for i, ph in enumerate(phantoms, start=1):
+        fio.write_image(folder / "images" / f"PH_{i:02d}.png", ph.image)
+        for les in LESIONS:
+            if ph.masks[les].any():
+                (folder / "masks" / les).mkdir(parents=True, exist_ok=True)
+                cv2.imwrite(str(folder / "masks" / les / f"PH_{i:02d}_{les}.png"), ph.masks[les].astype("uint8") * 255)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def phantom_template(tmp_path_factory) -> Path:
     """A small phantom datastore (written once; copy it before modifying)."""

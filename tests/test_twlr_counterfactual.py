@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-from monailabel_dr.fundus import io as fio
 from monailabel_dr.fundus.counterfactual import CounterfactualSettings, RandLesionRemovald, grade_proxy
 from monailabel_dr.fundus.lesions import LESIONS
 from monailabel_dr.fundus.phantoms import make_phantom
@@ -102,15 +101,11 @@ def test_twlr_trains_from_an_idrid_layout_folder(tmp_path, caplog):
     """`monailabel-dr train twlr --dataset idrid:<folder>`: counterfactual training, the folder's split."""
     from monailabel_dr import cli
 
-    folder = tmp_path / "idrid"
-    (folder / "images").mkdir(parents=True)
-    for i in range(1, 11):   # PH_05 and PH_10 validate
-        ph = make_phantom(100 + i, size=(240, 320), grade=2 + i % 2)
-        fio.write_image(folder / "images" / f"PH_{i:02d}.png", ph.image)
-        for les in LESIONS:
-            if ph.masks[les].any():
-                (folder / "masks" / les).mkdir(parents=True, exist_ok=True)
-                cv2.imwrite(str(folder / "masks" / les / f"PH_{i:02d}_{les}.png"), ph.masks[les].astype("uint8") * 255)
+    from conftest import write_idrid_phantoms
+
+    # PH_05 and PH_10 validate
+    folder = write_idrid_phantoms(tmp_path / "idrid", [make_phantom(100 + i, size=(240, 320), grade=2 + i % 2)
+                                                       for i in range(1, 11)])
     model_dir = tmp_path / "model"
     conf = ["--conf", "models", "twlr", "--conf", "profile", "tiny", "--conf", "model_dir", str(model_dir)]
     import contextlib

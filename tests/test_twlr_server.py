@@ -148,15 +148,9 @@ def test_evaluate_twlr_inpaint_on_phantoms_and_on_an_idrid_layout_folder(twlr_se
     assert wm["any"]["random_dice"] is not None
     assert rep["params"] == {"tau": 0.05, "t_max": 2}
 
-    folder = tmp_path / "idrid"
-    (folder / "images").mkdir(parents=True)
-    for i, seed in enumerate((11, 12)):
-        ph = make_phantom(seed, size=(240, 320), grade=3)
-        fio.write_image(folder / "images" / f"PH_{i + 1:02d}.png", ph.image)
-        for les in LESIONS:
-            if ph.masks[les].any():
-                (folder / "masks" / les).mkdir(parents=True, exist_ok=True)
-                cv2.imwrite(str(folder / "masks" / les / f"PH_{i + 1:02d}_{les}.png"), ph.masks[les].astype("uint8") * 255)
+    from conftest import write_idrid_phantoms
+
+    folder = write_idrid_phantoms(tmp_path / "idrid", [make_phantom(seed, size=(240, 320), grade=3) for seed in (11, 12)])
     out = tmp_path / "idrid.json"
     assert cli.main(["evaluate", "twlr_inpaint", "--dataset", f"idrid:{folder}", "--n-boot", "20", "--json", str(out),
                      *conf, *params]) == 0
