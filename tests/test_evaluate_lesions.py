@@ -73,6 +73,10 @@ def test_true_masks_as_predictions_score_perfectly(idrid_folder, tmp_path):
         froc = report["froc"][les]
         assert froc["froc_score"] == pytest.approx(1.0) and froc["n_false_positive_proposals"] == 0
     assert seg["mean"]["dice_pooled"] == pytest.approx(1.0, abs=1e-6)
+    chance = report["random_area_baseline"]   # the true masks beat a random mask of their own area
+    for les in (*LESIONS, "any"):
+        assert chance[les]["dice"] == pytest.approx(1.0, abs=1e-6), les
+        assert 0 < chance[les]["random_dice"] < 0.5, les
 
 
 def test_missing_prediction_files_count_as_empty(idrid_folder, tmp_path):
@@ -91,6 +95,10 @@ def test_missing_prediction_files_count_as_empty(idrid_folder, tmp_path):
     assert ex["tp"] == ex["n_pos_pixels"] and ex["fp"] == ex["n_neg_pixels"]  # everything inside the FOV is "EX"
     assert ex["dice_pooled"] == pytest.approx(2 * ex["tp"] / (2 * ex["tp"] + ex["fp"]))
     assert "intersection / union" in report["froc_variant"]
+    chance = report["random_area_baseline"]
+    # a mask of the whole field of view lands the same wherever it is "placed": no better than chance
+    assert chance["EX"]["random_dice"] == pytest.approx(chance["EX"]["dice"], rel=1e-6)
+    assert chance["HE"]["dice"] == 0.0 and chance["HE"]["random_dice"] == 0.0   # nothing predicted
     # one FOV-sized proposal per image: under IoU >= 50 % it matches no small exudate
     assert report["froc"]["EX"]["froc_score"] == pytest.approx(0.0)
 

@@ -93,11 +93,16 @@ def evaluate_lesions(dataset: str, task=None, predictions: str | None = None, sp
     ``froc_mode`` / ``froc_overlap`` (:class:`FROCAccumulator`; ``gt`` = intersection / lesion
     area, the documented default, which credits one large proposal with every lesion it covers
     by half; ``iou`` does not).
+    ``random_area_baseline``: the pooled Dice of the masks (probability >= ``threshold``) next to the
+    expected Dice of a random mask of the same area per image in the field of view
+    (:class:`WeakMaskAccumulator`), per lesion and for the union: whether the masks beat chance
+    placement, which matters for weakly supervised masks (twlr_inpaint) whose area is not learned.
     """
     from monailabel_dr.fundus import geometry
     from monailabel_dr.fundus.idrid import idrid_image_path, idrid_masks, idrid_split, list_idrid
     from monailabel_dr.fundus.lesions import LESIONS
     from monailabel_dr.metrics.lesions import FROCAccumulator, LesionSegAccumulator
+    from monailabel_dr.metrics.regression import WeakMaskAccumulator
 
     kind, _, folder = dataset.partition(":")
     if kind != "idrid" or not folder:
@@ -109,6 +114,7 @@ def evaluate_lesions(dataset: str, task=None, predictions: str | None = None, sp
         raise SystemExit(f"evaluate: no image of split '{split}' in {folder}/images")
     seg = LesionSegAccumulator(threshold=threshold)
     froc = {les: FROCAccumulator(overlap=froc_overlap, mode=froc_mode) for les in LESIONS}
+    chance = WeakMaskAccumulator(LESIONS)
     t0 = time.time()
     for image_id in ids:
         img_path = idrid_image_path(folder, image_id)
@@ -123,6 +129,7 @@ def evaluate_lesions(dataset: str, task=None, predictions: str | None = None, sp
             probs = _predicted_masks_folder(predictions, image_id, shape)
         truth = idrid_masks(folder, image_id, shape=shape)
         seg.update(image_id, probs, truth, fov)
+        chance.update({les: probs[les] >= threshold for les in LESIONS}, truth, fov)
         for les in LESIONS:
             froc[les].update_from_map(image_id, probs[les] * fov, truth[les] & fov, threshold=froc_threshold)
     report = {
@@ -131,6 +138,7 @@ def evaluate_lesions(dataset: str, task=None, predictions: str | None = None, sp
         "images": ids,
         "segmentation": seg.compute(n_boot=n_boot),
         "froc": {les: froc[les].compute() for les in LESIONS},
+        "random_area_baseline": chance.compute(),
         "froc_variant": f"proposals: connected components of probability >= {froc_threshold}, scored by their max; "
                         + {"gt": f"TP when covering >= {froc_overlap:.0%} of a ground-truth lesion's area",
                            "iou": f"TP when intersection / union with a ground-truth lesion >= {froc_overlap:.0%}",
@@ -153,7 +161,8 @@ def lesion_summary(report: dict) -> str:
     seg = report["segmentation"]
     src = report.get("predictions") or (report.get("model") or {}).get("checkpoint", "")
     rows = [f"{len(report['images'])} images (split {report['split']}) of {report['dataset']}; predictions: {src}",
-            "lesion  dice_pooled [95% CI]      auc_pr [95% CI]          auc_roc  image_auc  froc"]
+            "lesion  dice_pooled [95% CI]      auc_pr [95% CI]          auc_roc  image_auc  froc   dice_random_area"]
+    chance = report.get("random_area_baseline", {})
     for les in (*LESIONS, "mean"):
         m = seg.get(les, {})
         ci = m.get("ci", {})
@@ -167,7 +176,9 @@ def lesion_summary(report: dict) -> str:
 
         fr = report["froc"].get(les, {}).get("froc_score") if les != "mean" else None
         rows.append(f"{les:6s}  {f(m.get('dice_pooled'))} {c('dice_pooled'):16s}  {f(m.get('auc_pr'))} {c('auc_pr'):16s}"
-                    f"  {f(m.get('auc_roc'))}    {f(m.get('image_auc'))}      {f(fr)}")
+                    f"  {f(m.get('auc_roc'))}    {f(m.get('image_auc'))}      {f(fr)}  {f(chance.get(les, {}).get('random_dice'))}")
+    if "any" in chance:
+        rows.append(f"any     {f(chance['any']['dice'])}  (random mask of the same area: {f(chance['any']['random_dice'])})")
     return "\n".join(rows)
 
 
