@@ -13,6 +13,9 @@ Subcommands run the same infer tasks and trainers as the server, in-process:
                                             TWLR weak lesion masks (twlr_inpaint) as pseudo-labels: each
                                             image's `original` label, or an IDRiD-layout folder for
                                             `train lesion_seg --dataset idrid:FOLDER`
+  monailabel-dr to-dicom FILE|DIR... --out DIR [--laterality L|R] [--csv CSV] [--patient-id ID] [--upload URL]
+                                            photographs -> DICOM Ophthalmic Photography 8 Bit (modality OP),
+                                            optionally stored (STOW-RS) in a DICOMweb server
   monailabel-dr conf                        print the --conf options
 """
 
@@ -69,6 +72,8 @@ def make_app(studies: str, conf: dict[str, str]):
     _quiet_settings()
     from monailabel_dr.main import MONAILabelDRApp
 
+    if studies.startswith(("http://", "https://")):   # a DICOMweb server (lib/dicomweb.py)
+        return MONAILabelDRApp(app_dir=APP_DIR, studies=studies, conf=conf)
     if not os.path.isdir(studies):
         raise SystemExit(f"--studies {studies}: no such folder")
     return MONAILabelDRApp(app_dir=APP_DIR, studies=os.path.realpath(studies), conf=conf)
@@ -107,8 +112,9 @@ def cmd_demo(args) -> int:
 
 
 def _serve(studies: str, conf: list, host: str, port: int) -> int:
+    remote = studies.startswith(("http://", "https://"))   # a DICOMweb server: not a folder
     cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", APP_DIR, "--studies",
-           os.path.realpath(studies), "--host", host, "--port", str(port)]
+           studies if remote else os.path.realpath(studies), "--host", host, "--port", str(port)]
     for k, v in conf:
         cmd += ["--conf", k, v]
     env = dict(os.environ)
@@ -313,6 +319,49 @@ def cmd_twlr_pseudolabels(args) -> int:
     return 1 if summary["failed"] else 0
 
 
+def cmd_to_dicom(args) -> int:
+    from monailabel_dr.dicom import photo
+
+    try:
+        files = photo.image_files(args.inputs)
+        sidecar = photo.read_sidecar_csv(args.csv) if args.csv else None
+        lat = photo.normalise_laterality(args.laterality) if args.laterality else None
+    except (photo.DicomConversionError, OSError) as e:
+        raise SystemExit(f"to-dicom: {e}") from e
+    if not files:
+        raise SystemExit("to-dicom: no photographs found")
+    web = None
+    if args.upload:
+        from monailabel_dr.dicom.web import DicomWeb
+
+        web = DicomWeb(args.upload)
+    failed = 0
+    for f in files:
+        try:
+            rec = photo.convert_file(f, args.out, laterality=lat, patient_id=args.patient_id,
+                                     patient_name=args.patient_name, study_date=args.study_date, sidecar=sidecar)
+        except photo.DicomConversionError as e:
+            failed += 1
+            print(json.dumps({"source": f, "error": str(e)}), flush=True)
+            continue
+        if rec["laterality"] is None:
+            print(f"to-dicom: {os.path.basename(f)}: laterality unknown (no left/right/OS/OD in the name, no --csv row, "
+                  f"no --laterality): Image Laterality left out", file=sys.stderr)
+        if web is not None:
+            import pydicom
+
+            from monailabel_dr.lib.errors import ClientError
+
+            try:
+                web.store([pydicom.dcmread(rec["dicom"])])
+                rec["stored"] = web.url
+            except ClientError as e:
+                failed += 1
+                rec["error"] = e.detail
+        print(json.dumps(rec), flush=True)
+    return 1 if failed else 0
+
+
 # ----------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="monailabel-dr", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -412,6 +461,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace an existing `original` label / the image's files in --idrid-out (default: skip)")
     w.add_argument("--copy-images", action="store_true", help="--idrid-out: copy the photographs instead of symlinking")
     w.set_defaults(func=cmd_twlr_pseudolabels)
+
+    dc = sub.add_parser("to-dicom", help="convert jpg/png/tif fundus photographs to DICOM Ophthalmic Photography (OP)")
+    dc.add_argument("inputs", nargs="+", metavar="FILE|DIR", help="photographs, or folders of them")
+    dc.add_argument("--out", required=True, help="output folder (one NAME.dcm per photograph)")
+    dc.add_argument("--laterality", help="eye of every photograph: L/R (left/right, OS/OD); default: the CSV, else the file name")
+    dc.add_argument("--csv", help="CSV with an image column (file name) and any of laterality (eye), patient_id, patient_name, study_date")
+    dc.add_argument("--patient-id", help="PatientID of every photograph (default: the CSV, else the file name without its eye token)")
+    dc.add_argument("--patient-name", help="PatientName (default: the patient id)")
+    dc.add_argument("--study-date", help="YYYYMMDD (default: today)")
+    dc.add_argument("--upload", metavar="DICOMWEB_URL", help="also store the instances there (STOW-RS), e.g. http://127.0.0.1:8042/dicom-web")
+    dc.set_defaults(func=cmd_to_dicom)
 
     c = sub.add_parser("conf", help="print the --conf options as a table")
     c.set_defaults(func=cmd_conf)

@@ -31,6 +31,8 @@ CONF_OPTIONS: dict[str, tuple[str, str]] = {
     "model_dir": ("<app>/model", "Folder where trained models are published and runs are kept."),
     "max_image_pixels": ("40000000", "Largest image accepted (pixels); larger uploads and requests get HTTP 422."),
     "min_image_side": ("64", "Smallest image side accepted (px)."),
+    "max_upload_mb": ("100", "Largest HTTP request body accepted (MB = 2^20 bytes; an upload to /datastore or /infer); larger ones get HTTP 413 "
+                             "before anything is read or written; 0 = no limit."),
     "train_on_start": ("", "Comma list of models to train in the background when the server starts (the demo uses `grading`)."),
     "retrain_after": ("0", "Retrain on correction: after this many new `final` labels of a kind a model learns from "
                            "(`learns_from` in configs/models.yaml), fine-tune it from the served model in the background; 0 = off."),
@@ -43,6 +45,11 @@ CONF_OPTIONS: dict[str, tuple[str, str]] = {
     "<model>_attention_mode": ("FA", "Lesion attention as `FA` (F x A, the paper) or `F(1+A)`."),
     "cam_threshold": ("0.65", "CAM region-proposal threshold on the min-max normalised map (the CAM paper's value)."),
     "cam_method": ("cam", "`cam` (GAP + linear head, the paper) or `gradcam` (monai.visualize.GradCAM)."),
+    "dicomweb_filter": ('{"Modality": "OP"}', "With `--studies http://.../dicom-web`: QIDO-RS filter (JSON) of the series served as photographs."),
+    "dicomweb_cache": ("~/.cache/monailabel-dr/dicomweb", "With a DICOMweb server: folder of the local cache (photographs as PNG, labels, SEGs waiting for upload); one subfolder per server URL."),
+    "dicomweb_refresh": ("10", "With a DICOMweb server: seconds between re-listings of the server (new series, SEGs, queued uploads)."),
+    "dicomweb_retries": ("3", "With a DICOMweb server: attempts per request (exponential back-off) before HTTP 503 / a queued upload."),
+    "dicomweb_timeout": ("30", "With a DICOMweb server: seconds per HTTP request."),
 }
 
 
@@ -135,6 +142,7 @@ class AppSettings:
     train_on_start: list[str]
     retrain_after: int = 0
     retrain_epochs: int = 5
+    max_upload_bytes: int = 100 * 2**20
     extra: dict = field(default_factory=dict)
 
     def get(self, key: str, default: Any = None) -> Any:
@@ -220,8 +228,16 @@ def parse_conf(conf: dict[str, Any] | None, app_dir: str, table: dict[str, Model
         if retrain[key] < low:
             raise ConfError(f"--conf {key} must be >= {low}, got {retrain[key]}")
 
+    try:
+        max_upload = float(conf.get("max_upload_mb", 100))
+    except (TypeError, ValueError) as e:
+        raise ConfError(f"--conf max_upload_mb must be a number of MB, got {conf.get('max_upload_mb')!r}") from e
+    if max_upload < 0:
+        raise ConfError(f"--conf max_upload_mb must be >= 0 (0 = no limit), got {max_upload}")
+
     return AppSettings(
         models=models,
+        max_upload_bytes=int(max_upload * 2**20),
         device=resolve_device(str(conf.get("device", "auto"))),
         max_image_pixels=int(conf.get("max_image_pixels", 40_000_000)),
         min_image_side=int(conf.get("min_image_side", 64)),

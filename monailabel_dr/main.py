@@ -24,6 +24,7 @@ import monailabel_dr
 from monailabel_dr.config import import_object, load_model_table, parse_conf
 from monailabel_dr.lib.errors import InvalidId, NotFound, is_valid_id
 from monailabel_dr.lib.retrain import RetrainOnCorrection
+from monailabel_dr.lib.slicer import segment_labels
 
 logger = logging.getLogger(__name__)
 
@@ -53,9 +54,16 @@ class MONAILabelDRApp(MONAILabelApp):
 
     # ------------------------------------------------------------- hooks
     def init_datastore(self):
-        if self.studies.startswith(("http://", "https://")):
-            return super().init_datastore()
         from monailabel.config import settings
+
+        if self.studies.startswith(("http://", "https://")):
+            # a DICOMweb server (Orthanc, a PACS): OP photographs in, DICOM SEG lesion labels back (lib/dicomweb.py);
+            # never MONAI Label's DICOMWebDatastore, which is built for volumes and downloads dcmqi at start
+            from monailabel_dr.lib.dicomweb import make_dicomweb_datastore
+
+            self.studies = self.studies.rstrip("/").strip()
+            return make_dicomweb_datastore(self.studies, self.conf, max_pixels=self.settings.max_image_pixels,
+                                           min_side=self.settings.min_image_side)
 
         from monailabel_dr.lib.datastore import FundusDatastore
 
@@ -102,6 +110,12 @@ class MONAILabelDRApp(MONAILabelApp):
         # scores itself (lib/activelearning/common.py), and POST /scoring/{method} refreshes them on demand.
         self._auto_update_scoring = False
         super().on_init_complete()
+        # --conf max_upload_mb: 413 for larger request bodies, in front of MONAI Label's endpoints (lib/upload_limit.py)
+        from monailabel_dr.lib.auth import fix_token_check
+        from monailabel_dr.lib.upload_limit import install_in_server
+
+        install_in_server(self.settings.max_upload_bytes)
+        fix_token_check()  # MONAI_LABEL_AUTH_ENABLE: accept valid tokens (lib/auth.py)
         for model in self.settings.train_on_start:
             logger.info(f"train_on_start: starting background training of '{model}'")
             self.async_training(model, enqueue=True)
@@ -123,6 +137,9 @@ class MONAILabelDRApp(MONAILabelApp):
         counted = self.retrain.on_saved(image_id, tag, kind)
         if counted:
             res["retrain"] = counted
+        upload = getattr(self.datastore(), "label_upload_state", None)   # DICOMweb: stored as SEG, or pending
+        if upload is not None and kind == "lesion_map" and tag == "final":
+            res["dicomweb"] = upload(image_id)
         return res
 
     # ------------------------------------------------------------- info
@@ -131,6 +148,8 @@ class MONAILabelDRApp(MONAILabelApp):
         meta["retrain"] = self.retrain.info()
         meta["model_state"] = {name: task.state() for name, task in self._infers.items() if hasattr(task, "state")}
         meta["profiles"] = {name: m.profile_name for name, m in self.settings.models.items()}
+        # the segments 3D Slicer creates for an image, in label-value order (lib/slicer.py)
+        meta["labels"] = segment_labels(meta["models"])
         return meta
 
     # ------------------------------------------------------------- request checks (4xx, not 500)
@@ -141,6 +160,8 @@ class MONAILabelDRApp(MONAILabelApp):
     @staticmethod
     def _is_uploaded_file(path: str) -> bool:
         """A file the /infer endpoint itself wrote from a multipart upload (NamedTemporaryFile)."""
+        if "\x00" in path:
+            return False
         real = os.path.realpath(path)
         return (
             os.path.isabs(path)

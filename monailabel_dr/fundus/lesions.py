@@ -16,10 +16,11 @@ LESION_NAMES: dict[str, str] = {
 # Label-map values (0 = background) used in every label map written for viewers.
 LESION_VALUES: dict[str, int] = {name: i + 1 for i, name in enumerate(LESIONS)}
 
-# RGB colours (0-255) shown in 3D Slicer / OHIF.
+# RGB colours (0-255) in /info (label_colors) and nrrd segment fields: MA red, HE green, EX yellow, SE blue
+# (the project's convention, as in the figures of bench/twlr_sequence_figure.py).
 LESION_COLORS: dict[str, tuple[int, int, int]] = {
     "MA": (255, 0, 0),
-    "HE": (128, 0, 128),
+    "HE": (64, 255, 64),
     "EX": (255, 255, 0),
     "SE": (0, 170, 255),
 }

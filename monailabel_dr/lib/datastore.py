@@ -29,7 +29,8 @@ from monailabel.interfaces.datastore import DefaultLabelTag
 from monailabel_dr.fundus import geometry, io
 from monailabel_dr.fundus.labels import GRADE_LABEL_SUFFIX, LabelFormatError, parse_grade_label
 from monailabel_dr.fundus.lesions import LESIONS
-from monailabel_dr.lib.errors import BadInput, Conflict, NotFound, UnsupportedType, check_id, check_tag
+from monailabel_dr.lib import slicer
+from monailabel_dr.lib.errors import BadInput, Conflict, InvalidId, NotFound, UnsupportedType, check_id, check_tag
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +86,41 @@ class FundusDatastore(LocalDatastore):
             return ""
         return super().get_image_uri(image_id)
 
+    def get_label_uri(self, label_id: str, label_tag: str) -> str:
+        try:
+            check_id(str(label_id), "label")
+            check_tag(str(label_tag))
+        except InvalidId:
+            return ""
+        return super().get_label_uri(label_id, label_tag)
+
+    # Requests on ids that are not in the datastore: 400 for ids with a path in them, 404 for unknown
+    # ones (MONAI Label's LocalDatastore raises exceptions the server turns into HTTP 500).
+    def _known_image(self, image_id: str) -> str:
+        check_id(image_id, "image")
+        if image_id not in self._datastore.objects:
+            raise NotFound(f"image '{image_id}' is not in the datastore")
+        return image_id
+
+    def _known_label(self, label_id: str, label_tag: str) -> str:
+        check_id(label_id, "label")
+        check_tag(label_tag)
+        if self._datastore.label(label_id, label_tag) is None:
+            raise NotFound(f"no '{label_tag}' label for '{label_id}' in the datastore")
+        return label_id
+
+    def update_image_info(self, image_id: str, info: dict[str, Any]) -> None:
+        return super().update_image_info(self._known_image(image_id), info)
+
+    def remove_image(self, image_id: str) -> None:
+        return super().remove_image(self._known_image(image_id))
+
+    def update_label_info(self, label_id: str, label_tag: str, info: dict[str, Any]) -> None:
+        return super().update_label_info(self._known_label(label_id, label_tag), label_tag, info)
+
+    def remove_label(self, label_id: str, label_tag: str) -> None:
+        return super().remove_label(self._known_label(label_id, label_tag), label_tag)
+
     def image_size(self, image_id: str) -> tuple[int, int]:
         info = self.get_image_info(image_id)
         if "height" in info and "width" in info:
@@ -129,6 +165,10 @@ class FundusDatastore(LocalDatastore):
                 raise BadInput(f"label map cannot be read: {e}") from e
             if lab.shape != (h, w):
                 raise BadInput(f"label map is {lab.shape[1]}x{lab.shape[0]} but image '{image_id}' is {w}x{h} (width x height)")
+            # 3D Slicer numbers exported segments by position: translate by segment name (lib/slicer.py)
+            named = slicer.lesion_value_map(label_filename, ext, label_info)
+            if named is not None:
+                lab = slicer.to_lesion_values(lab, *named)
             values = np.unique(lab)
             if values.min() < 0 or values.max() > len(LESIONS):
                 raise BadInput(

@@ -100,7 +100,16 @@ class FundusInferTask(BasicInferTask):
     def info(self) -> dict[str, Any]:
         i = super().info()
         i["state"] = self.state()
+        colors = self.label_colors()
+        if colors:
+            i["label_colors"] = colors  # {name: [r, g, b]} (lib/slicer.py)
         return i
+
+    def label_colors(self) -> dict[str, list[int]]:
+        """RGB (0-255) per label name of a segmentation model (the lesion colours by default)."""
+        from monailabel_dr.lib.slicer import label_colors
+
+        return label_colors(self.labels) if self.type == "segmentation" and isinstance(self.labels, dict) else {}
 
     def _untrained_message(self) -> str:
         m = self.model.name

@@ -112,6 +112,9 @@ class CAMInfer(FundusInferTask):
         )
         self.edges = edges
 
+    def label_colors(self) -> dict[str, list[int]]:
+        return {name: list(LEVEL_COLORS[v - 1]) for name, v in self.labels.items()}
+
     def run_inferer(self, data, convert_to_batch=True, device="cuda"):
         network = self._get_network(device, data)
         x = data["image"]

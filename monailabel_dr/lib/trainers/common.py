@@ -166,6 +166,14 @@ class FundusTrainTask(BasicTrainTask):
     def load_path(self, output_dir, pretrained=True):
         return resume_path(self, output_dir, pretrained)
 
+    def __call__(self, request, datastore):
+        # the run name becomes <model_dir>/<name>: no paths (e.g. "../../x") out of the model dir
+        from monailabel_dr.lib.errors import check_id
+
+        if request.get("name") is not None:
+            check_id(str(request["name"]), "train run name")
+        return super().__call__(request, datastore)
+
     # ---- MONAI Label's multi-GPU (DDP) path, also on CPU processes with the gloo backend
     def _device(self, context):
         if context.multi_gpu and not torch.cuda.is_available():
