@@ -40,7 +40,8 @@ CONF_OPTIONS: dict[str, tuple[str, str]] = {
     "<model>_max_epochs": ("(profile)", "Default number of epochs for the model's trainer."),
     "<model>_set": ("", "Override values of the model's profile: comma list of `dotted.key=value` (values in YAML), e.g. "
                         "`lesion_sam_set network.sam.checkpoint=/data/sam_vit_b_01ec64.pth,network.clip.pretrained=/data/clip_b16.bin` "
-                        "(local weights) or `lesion_sam_set network.text_mode=name,network.injector=false` (the TP-DRSeg ablations)."),
+                        "(local weights) or `lesion_sam_set network.text_mode=name,network.injector=false` (the TP-DRSeg ablations); "
+                        "lists and mappings in YAML brackets, e.g. `lesion_seg_set train.pos_weight=[10,3,1,1]`."),
     "<model>_lesion_checkpoint": ("<model_dir>/lesion_seg.pt", "Lesion-Net weights for a lesion-attention grading profile (`grading_profile attention`); frozen while the grader trains."),
     "<model>_attention_mode": ("FA", "Lesion attention as `FA` (F x A, the paper) or `F(1+A)`."),
     "cam_threshold": ("0.65", "CAM region-proposal threshold on the min-max normalised map (the CAM paper's value)."),
@@ -247,9 +248,30 @@ def parse_conf(conf: dict[str, Any] | None, app_dir: str, table: dict[str, Model
     )
 
 
+def _split_items(spec: str, what: str) -> list[str]:
+    """``spec`` split at the commas outside YAML brackets, so a value may be a list or a mapping
+    (``train.pos_weight=[10,3,1,1]``); unbalanced brackets are refused."""
+    items, depth, start = [], 0, 0
+    for i, ch in enumerate(spec):
+        if ch in "[{":
+            depth += 1
+        elif ch in "]}":
+            depth -= 1
+            if depth < 0:
+                raise ConfError(f"{what}: unbalanced {ch!r} in {spec!r}")
+        elif ch == "," and depth == 0:
+            items.append(spec[start:i])
+            start = i + 1
+    if depth:
+        raise ConfError(f"{what}: unclosed bracket in {spec!r}")
+    items.append(spec[start:])
+    return [x.strip() for x in items if x.strip()]
+
+
 def apply_overrides(profile: dict, spec: str, what: str = "overrides") -> dict:
-    """Apply ``a.b=value,c=value`` (YAML values) to a profile dict in place; unknown top-level keys are refused."""
-    for item in [x.strip() for x in spec.split(",") if x.strip()]:
+    """Apply ``a.b=value,c=value`` (YAML values; commas inside [] or {} belong to the value) to a profile
+    dict in place; unknown top-level keys are refused."""
+    for item in _split_items(spec, what):
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise ConfError(f"{what}: {item!r} is not key=value")

@@ -355,9 +355,14 @@ def test_profile_overrides_from_conf():
     assert m.network["text_mode"] == "name" and m.network["injector"] is False
     assert m.network["sam"]["checkpoint"] == "/data/sam.pth" and m.network["sam"]["embed_dim"] == 128  # rest kept
     assert m.train["learning_rate"] == 1e-4
-    for bad in ("network.text_mode", "weights=1", "network.sam.embed_dim.x=3"):
+    for bad in ("network.text_mode", "weights=1", "network.sam.embed_dim.x=3", "train.x=[1,2", "train.x=1]"):
         with pytest.raises(ConfError):
             parse_conf({"models": "lesion_sam", "lesion_sam_set": bad}, "/app")
+    # commas inside YAML brackets belong to the value: lists and mappings can be overridden
+    s = parse_conf({"models": "lesion_seg", "lesion_seg_set": "train.pos_weight=[10, 3,1,1],train.crop={size: 96, n: 2},"
+                    "train.learning_rate=0.01"}, "/app")
+    t = s.models["lesion_seg"].train
+    assert t["pos_weight"] == [10, 3, 1, 1] and t["crop"] == {"size": 96, "n": 2} and t["learning_rate"] == 0.01
 
 
 def test_rand_lesion_prompt_picks_present_lesions_and_some_negatives():
