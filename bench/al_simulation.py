@@ -89,38 +89,13 @@ class SimulationError(RuntimeError):
 # ----------------------------------------------------------------------------- the server
 @contextlib.contextmanager
 def serve_in_process(studies: Path, conf: dict, verbose: bool = False):
-    """The real MONAI Label FastAPI app with this app loaded, driven in-process (as tests/conftest.py does).
+    """The real MONAI Label FastAPI app with this app loaded, in-process (monailabel_dr/serving.py), with
+    MONAI Label's own logging quietened unless ``verbose``."""
+    from monailabel_dr.serving import serve_in_process as serve
 
-    Retrain-on-correction jobs still run as MONAI Label runs them: a subprocess per training, which
-    builds the app from the environment set here.
-    """
-    from fastapi.testclient import TestClient
-    from monailabel.config import settings
-    from monailabel.interfaces.utils.app import clear_cache
-
-    conf = {k: str(v) for k, v in conf.items()}
-    settings.MONAI_LABEL_APP_DIR = str(APP_DIR)
-    settings.MONAI_LABEL_STUDIES = str(studies)
-    settings.MONAI_LABEL_APP_CONF = conf
-    settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD = False
-    settings.MONAI_LABEL_AUTO_UPDATE_SCORING = False
-    settings.MONAI_LABEL_TRACKING_ENABLED = False
-    settings.MONAI_LABEL_SESSIONS = False
-    os.environ["MONAI_LABEL_APP_DIR"] = str(APP_DIR)
-    os.environ["MONAI_LABEL_STUDIES"] = str(studies)
-    os.environ["MONAI_LABEL_APP_CONF"] = json.dumps(conf)
-    paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    if str(ROOT) not in paths:
-        os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), *paths])
-    clear_cache()
-    from monailabel.app import app
-
-    try:
-        with TestClient(app) as client:
-            quiet(verbose)
-            yield client
-    finally:
-        clear_cache()
+    with serve(studies, conf) as client:
+        quiet(verbose)
+        yield client
 
 
 def quiet(verbose: bool) -> None:
@@ -188,7 +163,7 @@ def _write_phantom(seed: int, size: tuple[int, int], image_path: Path, kind: str
     from monailabel_dr.fundus import io
     from monailabel_dr.fundus.labels import GradeLabel, write_grade_label
     from monailabel_dr.fundus.phantoms import make_phantom
-    from monailabel_dr.lib.importers import label_map_from_masks
+    from monailabel_dr.fundus.lesions import label_map_from_masks
 
     ph = make_phantom(seed, size=size)
     io.write_image(image_path, ph.image)
@@ -290,7 +265,7 @@ def idrid_pool(folder: Path) -> tuple[dict, dict, list[str]]:
     """Pool = idrid_split's training ids, with label maps as `monailabel-dr import --idrid` writes them."""
     from monailabel_dr.fundus import io
     from monailabel_dr.fundus.idrid import idrid_image_path, idrid_masks, idrid_split, list_idrid
-    from monailabel_dr.lib.importers import label_map_from_masks
+    from monailabel_dr.fundus.lesions import label_map_from_masks
 
     train, val = idrid_split(list_idrid(folder))
     (folder / "truth").mkdir(exist_ok=True)

@@ -22,9 +22,6 @@ import json
 import os
 import random
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -41,64 +38,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
-# ----------------------------------------------------------------------------- server
-def free_port() -> int:
-    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def running_server(store: Path, model_dir: Path, conf: dict | None = None, env: dict | None = None,
-                   log_path: Path | None = None, timeout: float = 180.0):
-    """`monailabel start_server` on a free loopback port in its own process group; yields the URL.
-
-    ``conf``: extra ``--conf`` pairs (profile tiny, device cpu and model_dir are set here);
-    ``env``: extra environment (e.g. MONAI_LABEL_AUTH_*). The process group (server and the
-    train subprocesses it spawns) is terminated on exit.
-    """
-    port = free_port()
-    full_env = dict(os.environ)
-    full_env["PYTHONPATH"] = os.pathsep.join([str(ROOT), full_env.get("PYTHONPATH", "")])
-    full_env.setdefault("MONAI_LABEL_TRACKING_ENABLED", "false")
-    full_env.setdefault("MONAI_LABEL_AUTO_UPDATE_SCORING", "false")
-    full_env.setdefault("MONAI_LABEL_DATASTORE_AUTO_RELOAD", "false")
-    full_env.update(env or {})
-    c = {"profile": "tiny", "device": "cpu", "model_dir": str(model_dir)}
-    c.update({k: str(v) for k, v in (conf or {}).items()})
-    cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(APP_DIR), "--studies", str(store),
-           "--host", "127.0.0.1", "--port", str(port)]
-    for k, v in c.items():
-        cmd += ["--conf", k, v]
-    log_path = Path(log_path or (Path(store).parent / f"server_{port}.log"))
-    log = open(log_path, "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=full_env, cwd=str(Path(store).parent),
-                            start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + timeout
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited ({proc.returncode}): {log_path.read_text()[-3000:]}")
-            try:
-                # any HTTP answer means uvicorn is up (401 when auth is on)
-                requests.get(f"{url}/info/", timeout=2)
-                break
-            except requests.RequestException:
-                if time.time() > deadline:
-                    raise RuntimeError(f"server did not come up in {timeout:.0f} s: {log_path.read_text()[-3000:]}")
-                time.sleep(0.5)
-        yield url
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)  # the group this function started: server + train subprocesses
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
-        log.close()
+# the server: monailabel_dr/serving.py (shared with the tests)
+from monailabel_dr.serving import running_server  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- payloads
@@ -114,14 +55,10 @@ def slicer_label_bytes(label: np.ndarray, ext: str = ".nii.gz") -> bytes:
 
 
 def phantom_label_map(seed: int, size=(240, 320)) -> np.ndarray:
-    from monailabel_dr.fundus.lesions import LESION_VALUES
+    from monailabel_dr.fundus.lesions import label_map_from_masks
     from monailabel_dr.fundus.phantoms import make_phantom
 
-    ph = make_phantom(seed, size=size)
-    lab = np.zeros(size, np.uint8)
-    for les in ("EX", "SE", "HE", "MA"):
-        lab[ph.masks[les]] = LESION_VALUES[les]
-    return lab
+    return label_map_from_masks(make_phantom(seed, size=size).masks)
 
 
 LABEL_INFO = [{"name": n, "idx": i + 1} for i, n in enumerate(("MA", "HE", "EX", "SE"))]

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import shutil
-import socket
 import sys
 from pathlib import Path
 
 import pytest
+
+from monailabel_dr import serving
+
+# the server harness lives in the app package (shared with bench/); the test modules import these from here
+free_port = serving.free_port
+serve_in_process = serving.serve_in_process
 
 ROOT = Path(__file__).resolve().parents[1]
 APP_DIR = ROOT / "monailabel_dr"
@@ -22,12 +25,6 @@ os.environ.setdefault("MONAI_LABEL_DATASTORE_AUTO_RELOAD", "false")
 os.environ.setdefault("MONAI_LABEL_AUTO_UPDATE_SCORING", "false")
 os.environ.setdefault("MONAI_LABEL_TRACKING_ENABLED", "false")
 os.environ.setdefault("MONAI_LABEL_SESSIONS", "false")
-
-
-def free_port() -> int:
-    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def write_phantom_store(folder: Path, n: int, labelled: int, seed: int = 0, size=(240, 320)) -> Path:
@@ -71,34 +68,6 @@ def tiny_conf(model_dir: Path, **extra) -> dict:
     conf = {"models": "all", "profile": "tiny", "model_dir": str(model_dir), "device": "cpu", "server_mode": "true"}
     conf.update({k: str(v) for k, v in extra.items()})
     return conf
-
-
-@contextlib.contextmanager
-def serve_in_process(studies: Path, conf: dict):
-    """The real MONAI Label FastAPI app with this app loaded, driven in-process."""
-    from fastapi.testclient import TestClient
-    from monailabel.config import settings
-    from monailabel.interfaces.utils.app import clear_cache
-
-    settings.MONAI_LABEL_APP_DIR = str(APP_DIR)
-    settings.MONAI_LABEL_STUDIES = str(studies)
-    settings.MONAI_LABEL_APP_CONF = conf
-    settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD = False
-    settings.MONAI_LABEL_AUTO_UPDATE_SCORING = False
-    settings.MONAI_LABEL_TRACKING_ENABLED = False
-    settings.MONAI_LABEL_SESSIONS = False
-    os.environ["MONAI_LABEL_APP_DIR"] = str(APP_DIR)
-    os.environ["MONAI_LABEL_STUDIES"] = str(studies)
-    os.environ["MONAI_LABEL_APP_CONF"] = json.dumps(conf)
-    os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
-    clear_cache()
-    from monailabel.app import app
-
-    try:
-        with TestClient(app) as client:
-            yield client
-    finally:
-        clear_cache()
 
 
 @pytest.fixture()

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from monailabel_dr.fundus import io as fio
-from monailabel_dr.fundus.lesions import LESION_VALUES
+from monailabel_dr.fundus.lesions import label_map_from_masks
 from monailabel_dr.fundus.phantoms import make_phantom
 
 _INSTALL_TRIED: dict[tuple[str, ...], str | None] = {}
@@ -63,10 +63,7 @@ def running_orthanc(folder: Path):
 
 
 def phantom_label_map(ph) -> np.ndarray:
-    lab = np.zeros(ph.image.shape[:2], np.uint8)
-    for les in ("EX", "SE", "HE", "MA"):
-        lab[ph.masks[les]] = LESION_VALUES[les]
-    return lab
+    return label_map_from_masks(ph.masks)
 
 
 def write_phantom_photos(folder: Path, seeds: list[int], size=(240, 320)) -> dict[str, object]:

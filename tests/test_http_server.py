@@ -9,9 +9,6 @@ on held-out phantoms.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
 
 import cv2
@@ -19,50 +16,20 @@ import numpy as np
 import pytest
 import requests
 
-from conftest import APP_DIR, ROOT, free_port, write_phantom_store
+from conftest import write_phantom_store
 from monailabel_dr.demo import read_truth
 from monailabel_dr.fundus import io as fio
 from monailabel_dr.fundus.phantoms import make_phantom
 from monailabel_dr.metrics.grading import quadratic_weighted_kappa
+from monailabel_dr.serving import running_server
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     base = tmp_path_factory.mktemp("http")
     store = write_phantom_store(base / "store", n=100, labelled=80, seed=500, size=(240, 320))
-    port = free_port()
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    env["MONAI_LABEL_TRACKING_ENABLED"] = "false"
-    env["MONAI_LABEL_AUTO_UPDATE_SCORING"] = "false"
-    cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(APP_DIR), "--studies", str(store),
-           "--host", "127.0.0.1", "--port", str(port),
-           "--conf", "profile", "tiny", "--conf", "image_size", "128", "--conf", "device", "cpu",
-           "--conf", "model_dir", str(base / "model")]
-    log = open(base / "server.log", "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(base))
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {(base / 'server.log').read_text()[-3000:]}")
-        try:
-            if requests.get(f"{url}/info/", timeout=2).status_code == 200:
-                break
-        except requests.ConnectionError:
-            time.sleep(0.5)
-    else:
-        proc.kill()
-        raise RuntimeError("server did not come up in 120 s")
-    try:
+    with running_server(store, base / "model", conf={"image_size": 128}, log_path=base / "server.log") as url:
         yield url, store, base
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
 
 
 def _jpg(arr) -> bytes:

@@ -12,7 +12,7 @@ import pytest
 from conftest import serve_in_process, tiny_conf
 from monailabel_dr.fundus import io as fio
 from monailabel_dr.fundus.landmarks import ANATOMICAL_QUADRANTS
-from monailabel_dr.fundus.lesions import LESION_VALUES, LESIONS
+from monailabel_dr.fundus.lesions import LESION_VALUES, LESIONS, label_map_from_masks
 from monailabel_dr.fundus.phantoms import make_phantom
 
 
@@ -30,11 +30,7 @@ def slicer_nrrd(label: np.ndarray) -> bytes:
 
 
 def phantom_label_map(seed: int, size=(240, 320)) -> np.ndarray:
-    ph = make_phantom(seed, size=size)
-    lab = np.zeros(size, np.uint8)
-    for les in ("EX", "SE", "HE", "MA"):
-        lab[ph.masks[les]] = LESION_VALUES[les]
-    return lab
+    return label_map_from_masks(make_phantom(seed, size=size).masks)
 
 
 @pytest.fixture()

@@ -15,19 +15,17 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
 import requests
 
-from conftest import APP_DIR, ROOT, free_port
 from dicom_support import require_debs, running_orthanc
 from monailabel_dr import cli
 from monailabel_dr.fundus import io as fio
 from monailabel_dr.fundus.phantoms import make_phantom
+from monailabel_dr.serving import running_server
 
 pytestmark = [pytest.mark.browser, pytest.mark.dicomweb]
 
@@ -50,38 +48,9 @@ def ohif_server(tmp_path_factory):
         assert cli.main(["to-dicom", str(base / "DEMO_left.png"), "--out", str(base / "dcm"), "--study-date", "20240101",
                          "--upload", orthanc.dicomweb_url]) == 0
         study = orthanc.rest("/studies?expand")[0]["MainDicomTags"]["StudyInstanceUID"]
-        port = free_port()
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-        env["MONAI_LABEL_TRACKING_ENABLED"] = "false"
-        env["MONAI_LABEL_AUTO_UPDATE_SCORING"] = "false"
-        cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(APP_DIR),
-               "--studies", orthanc.dicomweb_url, "--host", "127.0.0.1", "--port", str(port),
-               "--conf", "profile", "tiny", "--conf", "device", "cpu", "--conf", "model_dir", str(base / "model"),
-               "--conf", "dicomweb_cache", str(base / "cache")]
-        log = open(base / "server.log", "w")
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(base))
-        url = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.time() + 120
-            while time.time() < deadline:
-                if proc.poll() is not None:
-                    raise RuntimeError(f"server exited: {(base / 'server.log').read_text()[-3000:]}")
-                try:
-                    if requests.get(f"{url}/info/", timeout=2).status_code == 200:
-                        break
-                except requests.ConnectionError:
-                    time.sleep(0.5)
-            else:
-                raise RuntimeError("server did not come up in 120 s")
+        with running_server(orthanc.dicomweb_url, base / "model", conf={"dicomweb_cache": base / "cache"},
+                            log_path=base / "server.log") as url:
             yield {"url": url, "study": study, "phantom": ph, "browser": browser, "driver": driver, "base": base}
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-            log.close()
 
 
 @pytest.fixture()

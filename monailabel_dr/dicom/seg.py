@@ -23,13 +23,12 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from monailabel_dr import __version__
-from monailabel_dr.fundus.lesions import LESION_COLORS, LESION_NAMES, LESION_VALUES, LESIONS
+from monailabel_dr.fundus.lesions import LESION_COLORS, LESION_NAMES, LESION_VALUES, LESIONS, label_map_from_masks
 
 logger = logging.getLogger(__name__)
 
 CODING_SCHEME = "99MLDR"
 SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
-PAINT_ORDER = ("EX", "SE", "HE", "MA")   # where segments overlap, the one painted last wins
 SERIES_DESCRIPTION = "monailabel-dr lesions"
 
 
@@ -197,11 +196,7 @@ def seg_to_label_map(seg: Dataset, shape: tuple[int, int] | None = None) -> np.n
             continue
         m = frames[i] > threshold
         masks[code] = masks[code] | m if code in masks else m
-    label = np.zeros((rows, cols), np.uint8)
-    for code in PAINT_ORDER:
-        if code in masks:
-            label[masks[code]] = LESION_VALUES[code]
-    return label
+    return label_map_from_masks(masks, shape=(rows, cols))
 
 
 def seg_timestamp(seg: Dataset) -> str:

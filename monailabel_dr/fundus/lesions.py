@@ -25,6 +25,25 @@ LESION_COLORS: dict[str, tuple[int, int, int]] = {
     "SE": (0, 170, 255),
 }
 
+# Where lesion masks overlap in a single-valued label map, the lesion painted last wins:
+# EX, then SE, then HE, then MA, so the smaller and rarer lesions stay visible.
+PAINT_ORDER: tuple[str, ...] = ("EX", "SE", "HE", "MA")
+
+
+def label_map_from_masks(masks: dict, shape: tuple[int, int] | None = None):
+    """One uint8 label map (0 background, MA=1 HE=2 EX=3 SE=4) from per-lesion bool masks, painted in
+    ``PAINT_ORDER``; a lesion missing from ``masks`` is empty (``shape`` needed when ``masks`` is empty)."""
+    import numpy as np
+
+    if shape is None:
+        shape = next(iter(masks.values())).shape
+    lab = np.zeros(shape, dtype=np.uint8)
+    for les in PAINT_ORDER:
+        if les in masks:
+            lab[np.asarray(masks[les], bool)] = LESION_VALUES[les]
+    return lab
+
+
 # International Clinical Diabetic Retinopathy (ICDR) severity scale.
 GRADES: tuple[str, ...] = (
     "No DR",

@@ -15,13 +15,9 @@ import numpy as np
 
 from monailabel_dr.fundus import io
 from monailabel_dr.fundus.labels import GRADE_LABEL_SUFFIX, GradeLabel, write_grade_label
-from monailabel_dr.fundus.lesions import LESION_VALUES, LESIONS
+from monailabel_dr.fundus.lesions import LESIONS, label_map_from_masks
 
 logger = logging.getLogger(__name__)
-
-# Where lesion masks overlap in a single-valued label map, the lesion painted last wins:
-# EX, then SE, then HE, then MA, so the smaller and rarer lesions stay visible.
-PAINT_ORDER = ("EX", "SE", "HE", "MA")
 
 _IMAGE_COLUMNS = ("image", "image name", "image_id", "id", "filename", "file")
 _GRADE_COLUMNS = ("grade", "retinopathy grade", "dr_grade", "level", "icdr")
@@ -119,14 +115,6 @@ def idrid_masks(root: str, image_id: str, shape: tuple[int, int]) -> dict[str, n
         else:
             out[les] = np.zeros(shape, dtype=bool)
     return out
-
-
-def label_map_from_masks(masks: dict[str, np.ndarray]) -> np.ndarray:
-    shape = next(iter(masks.values())).shape
-    lab = np.zeros(shape, dtype=np.uint8)
-    for les in PAINT_ORDER:
-        lab[masks[les]] = LESION_VALUES[les]
-    return lab
 
 
 def import_idrid(datastore, root: str, limit: int | None = None) -> dict:
