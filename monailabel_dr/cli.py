@@ -265,6 +265,8 @@ def cmd_evaluate(args) -> int:
         return 0
     if args.model not in ("grading",):
         raise SystemExit(f"evaluate: {args.model} is not evaluable yet (grading, {', '.join(LESION_MODELS)} are)")
+    if args.dataset:
+        return _evaluate_graded_folder(args)
     app = make_app(args.studies or _tmp_studies(), _conf(args))
     report = evaluate_grading(app, studies=args.studies if args.phantoms is None else None,
                               phantoms=args.phantoms, seed=args.seed, size=args.size)
@@ -272,6 +274,44 @@ def cmd_evaluate(args) -> int:
         with open(args.json, "w") as f:
             json.dump(json_safe(report), f, indent=2)
     _print(report)
+    return 0
+
+
+def _evaluate_graded_folder(args) -> int:
+    """evaluate grading --dataset grades:<folder> [--checkpoint CKPT] [--split val]: the profile is read from the
+    checkpoint (no --conf needed to match it)."""
+    from monailabel_dr.config import load_model_table
+    from monailabel_dr.lib.evaluation import (checkpoint_profile, conf_for_checkpoint, evaluate_graded_folder,
+                                              grading_summary)
+
+    kind, _, folder = args.dataset.partition(":")
+    if kind != "grades" or not folder:
+        raise SystemExit(f"--dataset {args.dataset!r}: evaluate grading takes grades:<folder> (images/ and grades.csv)")
+    conf = _conf(args)
+    conf.setdefault("models", "grading")
+    record = None
+    if args.checkpoint:
+        if not os.path.isfile(args.checkpoint):
+            raise SystemExit(f"--checkpoint {args.checkpoint}: no such file")
+        record = checkpoint_profile(args.checkpoint)
+        if record and not any(k in conf for k in ("grading_profile", "grading_set", "profile")):
+            conf.update(conf_for_checkpoint("grading", record, load_model_table()["grading"].network_profiles()["profiles"]))
+        conf["grading_checkpoint"] = os.path.realpath(args.checkpoint)
+        conf["model_dir"] = _tmp_studies()   # an empty model dir, so nothing shadows the given checkpoint
+    app = make_app(args.studies or _tmp_studies(), conf)
+    task = app._infers["grading"]
+    train = app.settings.models["grading"].train
+    try:
+        report = evaluate_graded_folder(task, folder, split=args.split, n_boot=args.n_boot,
+                                        val_split=float((record or {}).get("val_split", train.get("val_split", 0.2))),
+                                        split_seed=int((record or {}).get("split_seed", train.get("split_seed", 0))))
+    except ValueError as e:
+        raise SystemExit(f"evaluate: {e}") from e
+    report["profile_from_checkpoint"] = record
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(json_safe(report), f, indent=1)
+    print(grading_summary(report))
     return 0
 
 
@@ -429,13 +469,15 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=1_000_000, help="first phantom seed (default 1000000: never used by the demo)")
     e.add_argument("--size", default="480x640")
     e.add_argument("--json", help="also write the report here")
-    e.add_argument("--dataset", help="lesion_seg / lesion_sam: idrid:<folder> with images/ and masks/<LES>/")
-    e.add_argument("--checkpoint", help="lesion_seg / lesion_sam: evaluate exactly this checkpoint")
+    e.add_argument("--dataset", help="lesion_seg / lesion_sam / twlr_inpaint: idrid:<folder> with images/ and masks/<LES>/; "
+                                     "grading: grades:<folder> with images/ and grades.csv (image,grade)")
+    e.add_argument("--checkpoint", help="evaluate exactly this checkpoint (grading: its profile is read from the file)")
     e.add_argument("--predictions", help="lesion models: evaluate a folder of predicted masks (<LES>/<ID>_<LES>.png) instead of a model")
     e.add_argument("--params", help="lesion models: infer request parameters as JSON, e.g. '{\"mode\": \"fast\"}' for lesion_sam")
     e.add_argument("--split", default="all", choices=["val", "train", "all"],
-                   help="lesion_seg: which ids of the folder: all (default; e.g. a test folder), or val / train of "
-                        "the fixed split the trainer uses (ids ending in 0 or 5 validate)")
+                   help="which images of the folder: all (default; e.g. a test folder), or val / train of the split the "
+                        "trainer uses (lesion models: IDRiD ids ending in 0 or 5 validate; grading: the patient split "
+                        "with the checkpoint's val_split / split_seed)")
     e.add_argument("--threshold", type=float, default=0.5, help="lesion_seg: probability threshold for Dice / IoU")
     e.add_argument("--froc-mode", default="gt", choices=["gt", "iou", "pixel"],
                    help="lesion_seg FROC hit rule: intersection / lesion area (gt, the documented default), "

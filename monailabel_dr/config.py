@@ -201,6 +201,13 @@ def parse_conf(conf: dict[str, Any] | None, app_dir: str, table: dict[str, Model
         network = dict(profile.get("network") or {})
         if network.get("attention"):
             network["attention"] = _resolve_attention(name, network["attention"], conf, table, model_dir)
+        if "preprocess" in profile:
+            from monailabel_dr.fundus.preprocess import parse_preprocess
+
+            try:
+                profile["preprocess"] = parse_preprocess(profile["preprocess"])
+            except ValueError as e:
+                raise ConfError(f"{name} profile '{profile_name}': {e}") from e
         ckpt = conf.get(f"{name}_checkpoint") or None
         if ckpt:
             ckpt = os.path.realpath(os.path.expanduser(str(ckpt)))
@@ -276,8 +283,8 @@ def apply_overrides(profile: dict, spec: str, what: str = "overrides") -> dict:
         if not sep or not key.strip():
             raise ConfError(f"{what}: {item!r} is not key=value")
         parts = key.strip().split(".")
-        if parts[0] not in ("image_size", "network", "train", "regression"):
-            raise ConfError(f"{what}: {key!r} must start with image_size, network., train. or regression.")
+        if parts[0] not in ("image_size", "network", "train", "regression", "preprocess"):
+            raise ConfError(f"{what}: {key!r} must start with image_size, network., train., regression. or preprocess")
         try:
             value = yaml.safe_load(raw)
         except yaml.YAMLError as e:

@@ -157,3 +157,101 @@ class RandLesionPromptd(Randomizable, MapTransform):
             d[key] = torch.stack([lab[k], lab[m]])
             d[self.cls_key] = torch.tensor(k, dtype=torch.int64)
         return d
+
+
+class LocalContrastd(MapTransform):
+    """:func:`monailabel_dr.fundus.preprocess.local_contrast` on ``data[key]`` (3, S, S) inside ``data["fov"]``
+    (run :class:`LoadFundusd` first)."""
+
+    def __init__(self, keys: KeysCollection = "image", sigma_fraction: float | None = None, gain: float | None = None,
+                 allow_missing_keys: bool = False):
+        from monailabel_dr.fundus import preprocess
+
+        super().__init__(keys, allow_missing_keys)
+        self.sigma_fraction = preprocess.DEFAULT_SIGMA_FRACTION if sigma_fraction is None else float(sigma_fraction)
+        self.gain = preprocess.DEFAULT_GAIN if gain is None else float(gain)
+
+    def __call__(self, data):
+        from monailabel_dr.fundus.preprocess import local_contrast
+
+        d = dict(data)
+        fov = d[FOV_KEY]
+        fov = (fov.numpy() if torch.is_tensor(fov) else np.asarray(fov))[0] > 0.5
+        for key in self.key_iterator(d):
+            x = d[key]
+            x = x.numpy() if torch.is_tensor(x) else np.asarray(x)
+            out = local_contrast(x.transpose(1, 2, 0), fov, self.sigma_fraction, self.gain)
+            d[key] = torch.from_numpy(np.ascontiguousarray(out.transpose(2, 0, 1)))
+        return d
+
+
+def preprocessing_transforms(options: Mapping | None, keys: KeysCollection = "image") -> list:
+    """The deterministic preprocessing a profile asks for (its ``preprocess`` block, checked by
+    :func:`monailabel_dr.fundus.preprocess.parse_preprocess`), after :class:`LoadFundusd` and before
+    augmentation / standardisation; the same list for a model's infer task and trainer, so what is
+    evaluated is what is served. ``none`` (the default) adds nothing."""
+    from monailabel_dr.fundus.preprocess import parse_preprocess
+
+    spec = parse_preprocess((options or {}).get("preprocess"))
+    if spec["method"] == "none":
+        return []
+    return [LocalContrastd(keys=keys, sigma_fraction=spec.get("sigma_fraction"), gain=spec.get("gain"))]
+
+
+LESION_MAPS_KEY = "lesion_maps"
+
+
+class LesionMapsd(MapTransform):
+    """Lesion probability maps of a frozen lesion network for a photograph, at a grader's working size.
+
+    Runs before :class:`LoadFundusd` on the photograph's path in ``data[key]``: the field of view is cropped
+    and resized to ``lesion_size`` (the lesion model's own working resolution) and standardised exactly as
+    the ``lesion_seg`` infer task does, the network's sigmoid maps (zero outside the field of view) are
+    max-pooled to ``out_size`` (the maps line up with the grader's image: the crop is the same, only the
+    scale differs; with ``out_size`` a divisor of ``lesion_size`` the pooling windows nest exactly) and written to ``data[LESION_MAPS_KEY]`` (m, out, out).
+    Max rather than mean pooling keeps a 2-pixel microaneurysm visible.
+
+    ``network`` is a callable returning the lesion network (e.g. the grader's frozen branch), called at the
+    first use, so a trainer can build this before its network is loaded.
+    """
+
+    def __init__(self, keys: KeysCollection, network, lesion_size: int, out_size: int,
+                 max_pixels: int = io.DEFAULT_MAX_PIXELS, min_side: int = io.DEFAULT_MIN_SIDE, device: str = "cpu",
+                 allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.network = network
+        self.lesion_size = int(lesion_size)
+        self.out_size = int(out_size)
+        self.load = LoadFundusd(keys="image", size=self.lesion_size, max_pixels=max_pixels, min_side=min_side)
+        self.device = device
+
+    def __call__(self, data):
+        import torch.nn.functional as F
+        from monai.transforms import NormalizeIntensity
+
+        d = dict(data)
+        for key in self.key_iterator(d):
+            sub = self.load({"image": d[key]})
+            x = NormalizeIntensity()(sub["image"])
+            x = torch.as_tensor(x, dtype=torch.float32)[None].to(self.device)
+            net = self.network()
+            with torch.no_grad():
+                p = torch.sigmoid(net(x).float()) * sub[FOV_KEY][None].to(self.device)
+            d[LESION_MAPS_KEY] = F.adaptive_max_pool2d(p, (self.out_size, self.out_size))[0].cpu()
+        return d
+
+
+def lesion_map_transforms(network_config: Mapping, network, grader_size: int, max_pixels: int, min_side: int,
+                          device: str = "cpu") -> tuple[list, list]:
+    """``(before, after)`` transforms of a lesion-attention grading profile: :class:`LesionMapsd` to run before
+    :class:`LoadFundusd`, and the concatenation of the maps after the image's own preprocessing and
+    standardisation (so the grader gets (3 + m, S, S)). Both empty for a profile without attention."""
+    att = (network_config or {}).get("attention")
+    if not att:
+        return [], []
+    from monai.transforms import ConcatItemsd, DeleteItemsd
+
+    before = [LesionMapsd(keys="image", network=network, lesion_size=int(att["lesion_size"]), out_size=int(grader_size),
+                          max_pixels=max_pixels, min_side=min_side, device=device)]
+    after = [ConcatItemsd(keys=["image", LESION_MAPS_KEY], name="image", dim=0), DeleteItemsd(keys=LESION_MAPS_KEY)]
+    return before, after

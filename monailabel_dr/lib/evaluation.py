@@ -23,6 +23,106 @@ def _grade(task, path: str) -> dict:
     return result
 
 
+def checkpoint_profile(path: str, key: str = "grading_profile") -> dict | None:
+    """The profile record a grading checkpoint was published with (``GradingTrainer.publish_payload``),
+    or None for a checkpoint without one (older files, bare state dicts)."""
+    import torch
+
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    rec = ckpt.get(key) if isinstance(ckpt, dict) else None
+    return dict(rec) if isinstance(rec, dict) else None
+
+
+def conf_for_checkpoint(model: str, record: dict, profiles: dict) -> dict[str, str]:
+    """``--conf`` entries that rebuild the network a checkpoint was trained with: its profile by name
+    when that profile exists here, with the recorded image size, network and preprocessing laid over
+    it (so a profile edited since, or one made with ``<model>_set``, still matches the weights)."""
+    import yaml
+
+    base = record.get("name") if record.get("name") in profiles else next(iter(profiles))
+    flow = lambda v: yaml.safe_dump(v, default_flow_style=True, width=10**6).strip()  # noqa: E731
+    sets = [f"image_size={int(record['image_size'])}", f"network={flow(record['network'])}",
+            f"preprocess={flow(record.get('preprocess') or {'method': 'none'})}"]
+    for k in ("val_split", "split_seed"):
+        if k in record:
+            sets.append(f"train.{k}={record[k]}")
+    return {f"{model}_profile": str(base), f"{model}_set": ",".join(sets)}
+
+
+def read_graded_folder(folder: str) -> list[tuple[str, str, int]]:
+    """``(id, image path, grade)`` of a graded folder: ``images/`` and ``grades.csv`` (``image,grade``,
+    other columns ignored). Raises ValueError naming what is missing."""
+    from monailabel_dr.lib.importers import _find_image, read_grades_csv
+
+    csv_path = os.path.join(folder, "grades.csv")
+    img_dir = os.path.join(folder, "images")
+    if not os.path.isfile(csv_path) or not os.path.isdir(img_dir):
+        raise ValueError(f"grades:{folder}: expected {img_dir}/ and {csv_path} (columns image,grade)")
+    grades = read_grades_csv(csv_path)
+    out, missing = [], []
+    for image_id, g in sorted(grades.items()):
+        p = _find_image(img_dir, image_id)
+        if p is None:
+            missing.append(image_id)
+        else:
+            out.append((image_id, p, int(g)))
+    if missing:
+        raise ValueError(f"grades:{folder}: {len(missing)} grades.csv rows have no image in images/, e.g. {missing[:5]}")
+    if not out:
+        raise ValueError(f"grades:{folder}: grades.csv lists no image")
+    return out
+
+
+def evaluate_graded_folder(task, folder: str, split: str = "all", val_split: float = 0.2, split_seed: int = 0,
+                           n_boot: int = 1000, threshold: float = 0.5) -> dict:
+    """Grading metrics of the served infer task on a graded folder (:func:`read_graded_folder`), through
+    the same infer task as ``/infer/grading``; ``split`` ``val`` / ``train``: the trainer's patient split
+    of the folder (:func:`monailabel_dr.fundus.patients.patient_split`, with the checkpoint's
+    ``val_split`` / ``split_seed``), ``all`` every image. Bootstrap CIs resample patients."""
+    from monailabel_dr.fundus.patients import patient_id, patient_split, split_description
+
+    items = read_graded_folder(folder)
+    if split != "all":
+        train_ids, val_ids = patient_split([i for i, _, _ in items], [g for _, _, g in items], val_split, seed=split_seed)
+        keep = set(val_ids if split == "val" else train_ids)
+        split_info = split_description(train_ids, val_ids, seed=split_seed)
+        items = [it for it in items if it[0] in keep]
+    else:
+        split_info = {"kind": "all"}
+    t0 = time.time()
+    per_image = []
+    for image_id, path, g in items:
+        r = _grade(task, path)
+        per_image.append({"image": image_id, "grade": g, "predicted": r["grade"],
+                          "grade_probabilities": r["grade_probabilities"],
+                          "referable_probability": r["referable_probability"], "image_size": r["image_size"]})
+    report = grading_report(np.asarray([p["grade"] for p in per_image]),
+                            np.asarray([p["grade_probabilities"] for p in per_image]),
+                            np.asarray([p["referable_probability"] for p in per_image]),
+                            threshold=threshold, groups=[patient_id(p["image"]) for p in per_image], n_boot=n_boot)
+    report["data"] = {"kind": "grades", "folder": os.path.realpath(folder), "split": split, "split_info": split_info,
+                      "n": len(per_image), "patients": len({patient_id(p["image"]) for p in per_image})}
+    report["model"] = task.model_json()
+    report["seconds"] = round(time.time() - t0, 1)
+    report["per_image"] = per_image
+    return report
+
+
+def grading_summary(report: dict) -> str:
+    """A few lines for the terminal: the point figures with their CIs and the confusion matrix."""
+    ci = report.get("ci95", {})
+    lines = [f"grading on {report['data'].get('folder', report['data'].get('kind'))} "
+             f"(split {report['data'].get('split', '-')}, {report['n']} images):"]
+    for k in ("quadratic_weighted_kappa", "accuracy", "referable_auc", "referable_sensitivity", "referable_specificity"):
+        v = report.get(k)
+        c = ci.get(k)
+        lines.append(f"  {k:24s} {v:.3f}" + (f"  [{c[0]:.3f}, {c[1]:.3f}]" if c else "")
+                     if v is not None and np.isfinite(v) else f"  {k:24s} n/a")
+    lines.append("  confusion (rows true 0-4, columns predicted 0-4):")
+    lines += ["    " + " ".join(f"{v:4d}" for v in row) for row in report["confusion_matrix"]]
+    return "\n".join(lines)
+
+
 def evaluate_grading(app, studies: str | None = None, phantoms: int | None = None, seed: int = 1_000_000,
                      size: str = "480x640") -> dict:
     task = app._infers["grading"]

@@ -65,9 +65,24 @@ class LesionAttentionGrader(nn.Module):
             return torch.sigmoid(self.lesion_net(xs))
 
     # --------------------------------------------------------------- grader
+    @property
+    def lesion_channels(self) -> int:
+        return int(self.lesion_net.config.out_channels)
+
     def feature_maps(self, x: torch.Tensor) -> torch.Tensor:
-        f = self.grader.feature_maps(x)
-        s = F.adaptive_max_pool2d(self.lesion_maps(x), f.shape[-2:])
+        """Weighted features F' of an RGB batch (B, 3, S, S), whose lesion maps the branch computes from
+        the same pixels resized to its working size, or of (B, 3 + m, S, S): RGB followed by the m lesion
+        probability maps already computed from the photograph at the branch's working size and max-pooled
+        to S (:class:`monailabel_dr.transforms.LesionMapsd`, which the trainer caches and the infer tasks
+        run). Max-pooling nests (lesion size / S and S / feature grid are integers), so both give the
+        same S when the RGB is the same."""
+        m = self.lesion_channels
+        if x.shape[1] == 3 + m:
+            rgb, maps = x[:, :3], x[:, 3:]
+        else:
+            rgb, maps = x, None
+        f = self.grader.feature_maps(rgb)
+        s = F.adaptive_max_pool2d(self.lesion_maps(rgb) if maps is None else maps, f.shape[-2:])
         a = self.attention(s)
         return f * a if self.mode == "FA" else f * (1 + a)
 

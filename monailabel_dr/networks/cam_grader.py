@@ -154,15 +154,32 @@ class GraderLoss(nn.Module):
 
     Entries marked -1 in the target are ignored, so images with only a grade or
     only lesion labels both contribute.
+
+    Options for imbalanced, ordinal grades (none is in the CAM paper; all off by default):
+
+    - ``class_weights`` (5 values): per-grade weights of the cross-entropy (e.g. inverse square root of
+      the grade frequencies, :func:`grade_class_weights`), so the few severe / proliferative eyes count;
+    - ``ordinal_weight``: adds ``ordinal_weight * (E[grade] - grade)^2 / 16`` with ``E[grade]`` the
+      softmax's expected grade: a wrong grade costs by its distance, as quadratic weighted kappa counts
+      it, which the plain cross-entropy does not (calling a grade 4 eye grade 3 or grade 0 costs the same).
     """
 
     def __init__(self, grade_weight: float = 1.0, referable_weight: float = 0.5, lesion_weight: float = 0.5,
-                 label_smoothing: float = 0.0):
+                 label_smoothing: float = 0.0, class_weights: Sequence[float] | None = None,
+                 ordinal_weight: float = 0.0):
         super().__init__()
         self.grade_weight = grade_weight
         self.referable_weight = referable_weight
         self.lesion_weight = lesion_weight
         self.label_smoothing = label_smoothing
+        self.ordinal_weight = float(ordinal_weight)
+        if class_weights is not None:
+            w = torch.as_tensor([float(v) for v in class_weights], dtype=torch.float32)
+            if w.numel() != N_GRADES or not torch.isfinite(w).all() or (w <= 0).any():
+                raise ValueError(f"class_weights needs {N_GRADES} positive numbers, got {list(class_weights)}")
+            self.register_buffer("class_weights", w)
+        else:
+            self.class_weights = None
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         target = target.to(logits.dtype)
@@ -170,9 +187,16 @@ class GraderLoss(nn.Module):
         grade = target[:, 0]
         known = grade >= 0
         if known.any():
-            total = total + self.grade_weight * F.cross_entropy(
-                logits[known, :N_GRADES], grade[known].long(), label_smoothing=self.label_smoothing
-            )
+            g = grade[known].long()
+            gl = logits[known, :N_GRADES]
+            w = None if self.class_weights is None else self.class_weights.to(logits.device, logits.dtype)
+            total = total + self.grade_weight * F.cross_entropy(gl, g, weight=w, label_smoothing=self.label_smoothing)
+            if self.ordinal_weight > 0:
+                levels = torch.arange(N_GRADES, device=logits.device, dtype=logits.dtype)
+                expected = (torch.softmax(gl, dim=1) * levels).sum(1)
+                sq = (expected - g.to(logits.dtype)) ** 2 / float((N_GRADES - 1) ** 2)
+                sw = torch.ones_like(sq) if w is None else w[g]
+                total = total + self.ordinal_weight * (sq * sw).sum() / sw.sum()
         ref = target[:, 1]
         known = ref >= 0
         if known.any():
@@ -186,3 +210,19 @@ class GraderLoss(nn.Module):
                 logits[:, LESION_SLICE][known], les[known]
             )
         return total
+
+
+def grade_class_weights(grades: Sequence[int], power: float = 0.5) -> list[float]:
+    """Per-grade weights ``(n_max / n_g) ** power`` from training grades (-1 = unknown is skipped), mean 1 over
+    the grades present; a grade absent from training gets the largest weight. ``power`` 0.5: inverse square
+    root of the frequency (1: inverse frequency)."""
+    g = [int(v) for v in grades if int(v) >= 0]
+    counts = [sum(1 for v in g if v == k) for k in range(N_GRADES)]
+    if not g:
+        return [1.0] * N_GRADES
+    n_max = max(counts)
+    w = [(n_max / c) ** power if c else None for c in counts]
+    top = max(v for v in w if v is not None)
+    w = [top if v is None else v for v in w]
+    mean = sum(w[k] for k in range(N_GRADES) if counts[k]) / sum(1 for c in counts if c)
+    return [round(v / mean, 6) for v in w]

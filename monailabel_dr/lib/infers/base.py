@@ -24,7 +24,7 @@ from monailabel.tasks.infer.basic_infer import BasicInferTask
 from monailabel_dr.config import AppSettings, ModelSettings
 from monailabel_dr.fundus import geometry, io
 from monailabel_dr.lib.errors import BadInput, ClientError, ModelNotTrained, find_cause
-from monailabel_dr.transforms import LoadFundusd
+from monailabel_dr.transforms import LoadFundusd, lesion_map_transforms, preprocessing_transforms
 
 logger = logging.getLogger(__name__)
 
@@ -122,7 +122,14 @@ class FundusInferTask(BasicInferTask):
 
     # ------------------------------------------------------------- transforms
     def pre_transforms(self, data=None) -> Sequence[Callable]:
+        # a lesion-attention grader: its frozen lesion branch's maps from the photograph at the branch's own
+        # working size, exactly as its trainer computed them (transforms.lesion_map_transforms)
+        device = (data or {}).get("device") or self.app_settings.device
+        before, after = lesion_map_transforms(
+            self.model.network, lambda: self._get_network(device, data).lesion_net, self.model.image_size,
+            self.app_settings.max_image_pixels, self.app_settings.min_image_side, device=str(device))
         return [
+            *before,
             LoadFundusd(
                 keys="image",
                 size=self.model.image_size,
@@ -132,8 +139,11 @@ class FundusInferTask(BasicInferTask):
                 keep_source_fov=True,
                 landmarks=self.detect_landmarks,
             ),
+            # the profile's deterministic preprocessing (e.g. local contrast), exactly as its trainer applies it
+            *preprocessing_transforms(self.model.options),
             # The CAM paper standardises every image by its own mean and std.
             NormalizeIntensityd(keys="image"),
+            *after,
         ]
 
     def post_transforms(self, data=None) -> Sequence[Callable]:

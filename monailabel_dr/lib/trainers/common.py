@@ -36,10 +36,11 @@ class AtomicPublish(PublishStatsAndModel):
       noise, and can publish an early epoch that never saw a correction.
     """
 
-    def __init__(self, *args, network=None, export=None, resumed_from=None, **kwargs):
+    def __init__(self, *args, network=None, export=None, resumed_from=None, split=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.network = network
         self.resumed_from = resumed_from   # the checkpoint this run started from (None: from scratch), in the stats
+        self.split = split                 # how train / validation were split (grade trainers), in the stats
         # export(state_dict) -> what the published file holds; default {"model": state_dict}
         self.export = export or (lambda state: {"model": state})
         self._exported_from = None  # (mtime, size) of the run checkpoint last exported
@@ -52,6 +53,8 @@ class AtomicPublish(PublishStatsAndModel):
             self._publish_path = publish_path
         if stats is not None and self._stats_path:
             stats["resumed_from"] = self.resumed_from
+            if self.split is not None:
+                stats["split"] = self.split
             tmp = f"{self._stats_path}.tmp{os.getpid()}"
             with open(tmp, "w") as f:
                 json.dump(stats, f, indent=2)
@@ -89,6 +92,7 @@ def attach_publisher(task, context) -> None:
         context.run_id, context.output_dir, context.trainer, context.evaluator, network=context.network,
         export=getattr(task, "publish_payload", None),
         resumed_from=start if start and os.path.exists(start) else None,
+        split=getattr(context, "split_info", None),
     )
     (context.evaluator or context.trainer).add_event_handler(Events.EPOCH_COMPLETED, publisher)
 

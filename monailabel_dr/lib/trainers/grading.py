@@ -45,10 +45,11 @@ from monailabel_dr.lib.trainers.common import (
     stack_pred_label,
     trainer_config,
 )
-from monailabel_dr.metrics.grading import accuracy, quadratic_weighted_kappa
+from monailabel_dr.fundus.patients import patient_split, split_description
+from monailabel_dr.metrics.grading import accuracy, quadratic_weighted_kappa, selection_score
 from monailabel_dr.networks.attention_grader import build_grader
-from monailabel_dr.networks.cam_grader import N_GRADES, GraderLoss, make_targets
-from monailabel_dr.transforms import LoadFundusd
+from monailabel_dr.networks.cam_grader import N_GRADES, GraderLoss, grade_class_weights, make_targets, split_outputs
+from monailabel_dr.transforms import LESION_MAPS_KEY, LoadFundusd, lesion_map_transforms, preprocessing_transforms
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +71,46 @@ def kappa_metric() -> EpochMetric:
 
 def accuracy_metric() -> EpochMetric:
     return EpochMetric(_accuracy, output_transform=stack_pred_label, check_compute_fn=False)
+
+
+def _selection(y_pred: torch.Tensor, y: torch.Tensor) -> float:
+    out = split_outputs(y_pred.float().cpu())
+    return selection_score(y[:, 0].cpu().numpy(), out["grade"].numpy(), out["referable"].numpy())
+
+
+class SmoothedSelection(EpochMetric):
+    """The model-selection criterion: :func:`selection_score` (mean of quadratic weighted kappa and
+    referable-DR AUC) averaged over the last ``window`` validations, and -1 before ``warmup``
+    validations have run.
+
+    A kappa measured on ~80 validation eyes moves by +-0.1 between neighbouring epochs, so selecting the
+    single best epoch picks noise (an epoch-5 model was published that way); the running mean selects an
+    epoch whose neighbourhood was good, and the warm-up keeps the barely trained first epochs out. The
+    history lives in the metric object, i.e. for one training run (one evaluator)."""
+
+    def __init__(self, window: int = 3, warmup: int = 0):
+        self.window = max(1, int(window))
+        self.warmup = max(0, int(warmup))
+        self.history: list[float] = []
+        super().__init__(_selection, output_transform=stack_pred_label, check_compute_fn=False)
+
+    def compute(self) -> float:
+        raw = float(super().compute())
+        self.history.append(raw if np.isfinite(raw) else 0.0)
+        if len(self.history) < max(self.warmup, 1):
+            return -1.0
+        return float(np.mean(self.history[-self.window:]))
+
+
+def _raw_selection_metric() -> EpochMetric:
+    return EpochMetric(_selection, output_transform=stack_pred_label, check_compute_fn=False)
+
+
+def _referable_auc(y_pred: torch.Tensor, y: torch.Tensor) -> float:
+    from monailabel_dr.metrics.grading import referable_auc
+
+    v = referable_auc(y[:, 0].cpu().numpy(), torch.sigmoid(y_pred[:, N_GRADES].float()).cpu().numpy())
+    return 0.0 if np.isnan(v) else v
 
 
 # ---------------------------------------------------------------- targets
@@ -148,24 +189,44 @@ class GradingTrainer(FundusTrainTask):
         logger.info(f"grading: {len(items)} labelled images")
         return items
 
+    def _lesion_maps(self, context: Context) -> tuple[list, list]:
+        """A lesion-attention profile: the frozen branch's maps, computed once per image from the photograph
+        at the branch's working size (deterministic, so CacheDataset keeps them) and concatenated to the
+        image; the infer tasks run the same transforms."""
+        def branch():
+            net = context.network.module if hasattr(context.network, "module") else context.network
+            return net.lesion_net
+        return lesion_map_transforms(self.model.network, branch, self.model.image_size,
+                                     self.app_settings.max_image_pixels, self.app_settings.min_image_side,
+                                     device=str(context.device))
+
     def train_pre_transforms(self, context: Context):
+        before, after = self._lesion_maps(context)
+        spatial = ["image", LESION_MAPS_KEY] if after else ["image"]
         return [
+            *before,
             self._load(),
-            RandFlipd(keys="image", prob=0.5, spatial_axis=0),
-            RandFlipd(keys="image", prob=0.5, spatial_axis=1),
-            RandRotate90d(keys="image", prob=0.5),
-            RandRotated(keys="image", range_x=np.pi / 12, prob=0.3, padding_mode="zeros"),
-            # random brightness and contrast, as in the CAM paper's augmentation
+            *preprocessing_transforms(self.model.options),
+            RandFlipd(keys=spatial, prob=0.5, spatial_axis=0),
+            RandFlipd(keys=spatial, prob=0.5, spatial_axis=1),
+            RandRotate90d(keys=spatial, prob=0.5),
+            RandRotated(keys=spatial, range_x=np.pi / 12, prob=0.3, padding_mode="zeros"),
+            # random brightness and contrast, as in the CAM paper's augmentation (the image only, not its lesion maps)
             RandScaleIntensityd(keys="image", factors=0.15, prob=0.5),
             RandAdjustContrastd(keys="image", gamma=(0.8, 1.25), prob=0.5),
             *self._normalise(),
+            *after,
             EnsureTyped(keys="label", data_type="tensor", dtype=torch.float32, track_meta=False),
         ]
 
     def val_pre_transforms(self, context: Context):
+        before, after = self._lesion_maps(context)
         return [
+            *before,
             self._load(),
+            *preprocessing_transforms(self.model.options),
             *self._normalise(),
+            *after,
             EnsureTyped(keys="label", data_type="tensor", dtype=torch.float32, track_meta=False),
         ]
 
@@ -212,7 +273,18 @@ class GradingTrainer(FundusTrainTask):
 
 
     def loss_function(self, context: Context):
-        return GraderLoss()
+        t = self.model.train
+        balance = str(t.get("class_balance", "none"))
+        weights = None
+        if balance in ("inverse_sqrt", "inverse"):
+            grades = [int(d["label"][0]) for d in (context.train_datalist or context.datalist)]
+            weights = grade_class_weights(grades, power=0.5 if balance == "inverse_sqrt" else 1.0)
+            logger.info(f"grading: class weights {weights} ({balance} of the training grade counts)")
+        elif balance != "none":
+            raise Conflict(f"grading profile '{self.model.profile_name}': train.class_balance {balance!r}: "
+                           "use none, inverse_sqrt or inverse")
+        return GraderLoss(ordinal_weight=float(t.get("ordinal_weight", 0.0)), class_weights=weights,
+                          label_smoothing=float(t.get("label_smoothing", 0.0)))
 
     def lr_scheduler_handler(self, context: Context):
         gamma = float(self.model.train.get("lr_gamma", 1.0))
@@ -229,17 +301,60 @@ class GradingTrainer(FundusTrainTask):
 
     val_key = "val_kappa"   # the validation metric that selects the published model (and early stopping)
 
+    @property
+    def _selection(self) -> str:
+        """``kappa`` (the best validation kappa, the default) or ``smoothed`` (:class:`SmoothedSelection`)."""
+        sel = str(self.model.train.get("selection", "kappa"))
+        if sel not in ("kappa", "smoothed"):
+            raise Conflict(f"grading profile '{self.model.profile_name}': train.selection {sel!r}: use kappa or smoothed")
+        return sel
+
     def val_key_metric(self, context: Context):
+        if self._selection == "smoothed":
+            t = self.model.train
+            warmup = int(round(float(t.get("selection_warmup", 0.0)) * int(context.max_epochs)))
+            return {"val_select": SmoothedSelection(window=int(t.get("selection_window", 3)), warmup=warmup)}
         return {"val_kappa": kappa_metric()}
 
     def val_additional_metrics(self, context: Context):
-        return {"val_acc": accuracy_metric()}
+        extra = {"val_acc": accuracy_metric(), "val_referable_auc": EpochMetric(
+            _referable_auc, output_transform=stack_pred_label, check_compute_fn=False)}
+        if self._selection == "smoothed":
+            extra.update({"val_kappa": kappa_metric(), "val_select_raw": _raw_selection_metric()})
+        return extra
 
     def partition_datalist(self, context: Context, shuffle=False):
-        # Too few images for a validation split: train on all and select by training kappa.
-        if len(context.datalist) < 5:
+        """Validation by patient (:func:`monailabel_dr.fundus.patients.patient_split`): both eyes of a
+        patient on the same side, grades stratified; ids without an eye suffix split by image. The split
+        used is in the run's stats (``split``). Too few images: train on all, select by training kappa."""
+        self._last_split = None
+        if context.request.get("val_ds") or context.request.get("train_ds"):
+            return super().partition_datalist(context, shuffle=shuffle)
+        val_split = float(context.request.get("val_split", 0.0) or 0.0)
+        if len(context.datalist) < 5 or val_split <= 0:
             context.request["val_split"] = 0.0
-        return super().partition_datalist(context, shuffle=shuffle)
+            self._last_split = {"kind": "none", "train_images": len(context.datalist), "val_images": 0}
+            return super().partition_datalist(context, shuffle=shuffle)
+        seed = int(self.model.train.get("split_seed", 0))
+        by_id = {d["id"]: d for d in context.datalist}
+        ids = sorted(by_id)
+        train_ids, val_ids = patient_split(ids, [int(by_id[i]["label"][0]) for i in ids], val_split, seed=seed)
+        self._last_split = split_description(train_ids, val_ids, seed=seed)
+        logger.info(f"grading split: {self._last_split}")
+        context.split_info = self._last_split
+        return [by_id[i] for i in train_ids], [by_id[i] for i in val_ids]
+
+    def __call__(self, request, datastore):
+        stats = super().__call__(request, datastore)
+        if isinstance(stats, dict) and getattr(self, "_last_split", None):
+            stats["split"] = self._last_split
+        return stats
+
+    # ------------------------------------------------------------ what the published checkpoint records
+    def publish_payload(self, state: dict) -> dict:
+        """The weights and the profile they were trained with, so ``evaluate --checkpoint`` and a server
+        started on another profile know what the file is (:func:`monailabel_dr.lib.evaluation.checkpoint_profile`)."""
+        return {"model": state, "grading_profile": profile_record(self.model)}
 
     def finalize(self, context: Context):
         attach_publisher(self, context)
@@ -248,3 +363,15 @@ class GradingTrainer(FundusTrainTask):
             stopper = EarlyStopping(patience=patience, score_function=stopping_fn_from_metric(self.val_key),
                                     trainer=context.trainer)
             context.evaluator.add_event_handler(Events.EPOCH_COMPLETED, stopper)
+
+
+def profile_record(model: ModelSettings) -> dict:
+    """What a grading checkpoint records of the profile it was trained with (JSON-able)."""
+    network = dict(model.network)
+    att = network.get("attention")
+    if att:  # the resolved block holds paths of this machine; keep what the profile said
+        network["attention"] = {k: att[k] for k in ("lesion_profile", "mode", "mid_channels") if k in att}
+    t = model.train
+    return {"name": model.profile_name, "image_size": int(model.image_size), "network": network,
+            "preprocess": model.options.get("preprocess", {"method": "none"}),
+            "val_split": float(t.get("val_split", 0.2)), "split_seed": int(t.get("split_seed", 0))}
