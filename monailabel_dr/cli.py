@@ -131,8 +131,8 @@ def cmd_serve(args) -> int:
 def cmd_import(args) -> int:
     from monailabel_dr.lib.importers import import_grades, import_idrid
 
-    if not args.grades and not args.idrid:
-        raise SystemExit("import: give --grades CSV and/or --idrid PATH")
+    if not args.grades and not args.idrid and not args.lesion_presence:
+        raise SystemExit("import: give --grades CSV, --idrid PATH and/or --lesion-presence DIR")
     os.makedirs(args.studies, exist_ok=True)
     app = make_app(args.studies, _conf(args))
     ds = app.datastore()
@@ -141,6 +141,10 @@ def cmd_import(args) -> int:
         out.update(import_idrid(ds, args.idrid, limit=args.limit))
     if args.grades:
         out.update(import_grades(ds, args.grades, images_dir=args.images))
+    if args.lesion_presence:
+        from monailabel_dr.lib.importers import import_lesion_presence
+
+        out.update(import_lesion_presence(ds, args.lesion_presence))
     _print(out)
     return 0
 
@@ -263,6 +267,8 @@ def cmd_evaluate(args) -> int:
                 json.dump(json_safe(report), f, indent=1, default=str)
         print(lesion_summary(report))
         return 0
+    if args.model == "cam":
+        return _evaluate_cam(args)
     if args.model not in ("grading",):
         raise SystemExit(f"evaluate: {args.model} is not evaluable yet (grading, {', '.join(LESION_MODELS)} are)")
     if args.dataset:
@@ -277,16 +283,12 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
-def _evaluate_graded_folder(args) -> int:
-    """evaluate grading --dataset grades:<folder> [--checkpoint CKPT] [--split val]: the profile is read from the
-    checkpoint (no --conf needed to match it)."""
+def _grading_app(args):
+    """The app serving the grading row, with ``--checkpoint`` exactly that file and its recorded profile (so no
+    --conf is needed to match it): ``(app, profile record or None)``."""
     from monailabel_dr.config import load_model_table
-    from monailabel_dr.lib.evaluation import (checkpoint_profile, conf_for_checkpoint, evaluate_graded_folder,
-                                              grading_summary)
+    from monailabel_dr.lib.evaluation import checkpoint_profile, conf_for_checkpoint
 
-    kind, _, folder = args.dataset.partition(":")
-    if kind != "grades" or not folder:
-        raise SystemExit(f"--dataset {args.dataset!r}: evaluate grading takes grades:<folder> (images/ and grades.csv)")
     conf = _conf(args)
     conf.setdefault("models", "grading")
     record = None
@@ -298,7 +300,39 @@ def _evaluate_graded_folder(args) -> int:
             conf.update(conf_for_checkpoint("grading", record, load_model_table()["grading"].network_profiles()["profiles"]))
         conf["grading_checkpoint"] = os.path.realpath(args.checkpoint)
         conf["model_dir"] = _tmp_studies()   # an empty model dir, so nothing shadows the given checkpoint
-    app = make_app(args.studies or _tmp_studies(), conf)
+    return make_app(args.studies or _tmp_studies(), conf), record
+
+
+def _evaluate_cam(args) -> int:
+    """evaluate cam --dataset idrid:<folder> [--checkpoint grading.pt]: the CAM paper's FROC of the served proposals."""
+    from monailabel_dr.lib.evaluation import cam_summary, evaluate_cam_lesions
+
+    if not args.dataset:
+        raise SystemExit("evaluate cam: give --dataset idrid:<folder> (lesion masks)")
+    app, record = _grading_app(args)
+    params = json.loads(args.params) if args.params else {}
+    try:
+        report = evaluate_cam_lesions(app._infers["cam"], args.dataset, split=args.split, params=params,
+                                      overlap=args.froc_overlap)
+    except ValueError as e:
+        raise SystemExit(f"evaluate: {e}") from e
+    report["profile_from_checkpoint"] = record
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(json_safe(report), f, indent=1)
+    print(cam_summary(report))
+    return 0
+
+
+def _evaluate_graded_folder(args) -> int:
+    """evaluate grading --dataset grades:<folder> [--checkpoint CKPT] [--split val]: the profile is read from the
+    checkpoint (no --conf needed to match it)."""
+    from monailabel_dr.lib.evaluation import evaluate_graded_folder, grading_summary
+
+    kind, _, folder = args.dataset.partition(":")
+    if kind != "grades" or not folder:
+        raise SystemExit(f"--dataset {args.dataset!r}: evaluate grading takes grades:<folder> (images/ and grades.csv)")
+    app, record = _grading_app(args)
     task = app._infers["grading"]
     train = app.settings.models["grading"].train
     try:
@@ -312,6 +346,45 @@ def _evaluate_graded_folder(args) -> int:
         with open(args.json, "w") as f:
             json.dump(json_safe(report), f, indent=1)
     print(grading_summary(report))
+    return 0
+
+
+def cmd_rationale(args) -> int:
+    """Fit the lesion-statistics grade on a graded folder's training patients and report it on its validation
+    patients beside the ICDR rule (and the CNN grader, given its `evaluate --split val` report)."""
+    from monailabel_dr.lib.evaluation import read_graded_folder
+    from monailabel_dr.lib.rationale import RATIONALE_FILE, fit_and_evaluate, read_lesion_answers
+
+    kind, _, folder = args.dataset.partition(":")
+    if kind != "grades" or not folder:
+        raise SystemExit(f"--dataset {args.dataset!r}: use grades:<folder> (images/ and grades.csv)")
+    try:
+        grades = {i: g for i, _, g in read_graded_folder(folder)}
+        answers = read_lesion_answers(args.lesion_answers, sorted(grades))
+        cnn = None
+        if args.cnn_report:
+            with open(args.cnn_report) as f:
+                cnn = json.load(f)
+        model, report = fit_and_evaluate(answers, grades, val_split=args.val_split, split_seed=args.split_seed,
+                                         n_boot=args.n_boot, cnn_report=cnn)
+    except ValueError as e:
+        raise SystemExit(f"rationale: {e}") from e
+    out = args.out or os.path.join(str(_conf(args).get("model_dir") or os.path.join(APP_DIR, "model")), RATIONALE_FILE)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    model.info["lesion_answers"] = os.path.realpath(args.lesion_answers)
+    model.save(out)
+    report["model_file"] = os.path.realpath(out)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(json_safe(report), f, indent=1)
+    rows = [k for k in ("rule", "learned", "cnn", "cnn_plus_learned") if k in report]
+    print(f"validation patients: {report['split']['val_patients']}, images: {report['split']['val_images']}; C = {report['C']}")
+    for k in rows:
+        r = report[k]
+        ci = r.get("ci95", {}).get("quadratic_weighted_kappa")
+        print(f"  {k:18s} kappa {r['quadratic_weighted_kappa']:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+              + f"  acc {r['accuracy']:.3f}  referable AUC {r['referable_auc']:.3f}")
+    print(f"model written to {out}")
     return 0
 
 
@@ -438,6 +511,9 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--images", help="folder to take images from when the CSV names images not yet in the datastore")
     i.add_argument("--idrid", help="folder in the IDRiD layout: images/NAME.jpg, masks/<LES>/NAME_<LES>.png")
     i.add_argument("--limit", type=int, help="import only the first N IDRiD images")
+    i.add_argument("--lesion-presence", metavar="DIR",
+                   help="lesion-presence flags from lesion_seg answers (<id>_lesion_seg.json, `infer lesion_seg --all "
+                        "--output DIR`) into the graded images' grade labels, marked as model predictions (TWLR targets)")
     i.set_defaults(func=cmd_import)
 
     t = sub.add_parser("train", help="train a model on the datastore's final labels (same trainer as the server)")
@@ -514,6 +590,22 @@ def build_parser() -> argparse.ArgumentParser:
     dc.add_argument("--study-date", help="YYYYMMDD (default: today)")
     dc.add_argument("--upload", metavar="DICOMWEB_URL", help="also store the instances there (STOW-RS), e.g. http://127.0.0.1:8042/dicom-web")
     dc.set_defaults(func=cmd_to_dicom)
+
+    ra = sub.add_parser("rationale", help="fit the lesion-statistics grade (grade rationale) on a graded folder's "
+                                          "training patients; report it with the ICDR rule on the validation patients")
+    ra.add_argument("--dataset", required=True, help="grades:<folder> with images/ and grades.csv")
+    ra.add_argument("--lesion-answers", required=True,
+                    help="folder of <id>_lesion_seg.json answers (monailabel-dr infer lesion_seg --all --output FOLDER)")
+    ra.add_argument("--cnn-report", help="an `evaluate grading --split val --json` report of the same folder: "
+                                         "compare with the CNN grader and report the average of both")
+    ra.add_argument("--out", help="model file (default <model_dir>/grade_rationale.json); /infer/grading serves it from beside "
+                                  "the served grading checkpoint or from the model dir")
+    ra.add_argument("--val-split", type=float, default=0.2, help="as the grader's profile (default 0.2)")
+    ra.add_argument("--split-seed", type=int, default=0)
+    ra.add_argument("--n-boot", type=int, default=1000)
+    ra.add_argument("--json", help="also write the report here")
+    ra.add_argument("--conf", nargs=2, action="append", metavar=("KEY", "VALUE"))
+    ra.set_defaults(func=cmd_rationale)
 
     c = sub.add_parser("conf", help="print the --conf options as a table")
     c.set_defaults(func=cmd_conf)

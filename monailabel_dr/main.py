@@ -80,6 +80,8 @@ class MONAILabelDRApp(MONAILabelApp):
         for name, model in self.settings.models.items():
             for infer_name, ref in model.spec.infers.items():
                 infers[infer_name] = import_object(ref)(infer_name, model, self.settings)
+        if "grading" in infers and "lesion_seg" in infers:   # the grade rationale reads lesion_seg's answer
+            infers["grading"].lesion_answer = infers["lesion_seg"].answer
         return infers
 
     def init_trainers(self) -> dict[str, TrainTask]:

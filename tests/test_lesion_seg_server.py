@@ -155,3 +155,24 @@ def test_lesion_attention_grading_on_a_trained_lesion_seg(phantom_store, tmp_pat
         assert r.status_code == 200 and len(r.json()["grade_probabilities"]) == 5
         r = c.post("/infer/cam?image=fundus_0010&output=json")
         assert r.status_code == 200, r.text
+
+        # the grade rationale: lesion_seg's statistics of the same photograph read by the ICDR rule ...
+        r = c.post("/infer/grading?image=fundus_0010", data={"params": json.dumps({"rationale": True})})
+        assert r.status_code == 200, r.text
+        rat = r.json()["rationale"]
+        seg = c.post("/infer/lesion_seg?image=fundus_0010&output=json").json()
+        from monailabel_dr.networks.lesion_rationale import icdr_rule, rationale_text
+
+        assert rat["icdr_rule_grade"] == icdr_rule(seg["lesions"])[0] and rat["text"] == rationale_text(
+            seg["lesions"], seg["quadrants"]["reference"].startswith("fovea"))
+        assert "learned_grade" not in rat and rat["learned_model"] is None
+        # ... and the learned lesion-statistics model once grade_rationale.json sits beside the grading checkpoint
+        from monailabel_dr.networks.lesion_rationale import FEATURE_NAMES, LesionGradeModel
+
+        rng = np.random.default_rng(0)
+        LesionGradeModel.fit(rng.normal(size=(40, len(FEATURE_NAMES))), np.arange(40) % 5).save(
+            str(tmp_path / "model" / "grade_rationale.json"))
+        r = c.post("/infer/grading?image=fundus_0010", data={"params": json.dumps({"rationale": True})})
+        assert r.status_code == 200, r.text
+        rat = r.json()["rationale"]
+        assert 0 <= rat["learned_grade"] <= 4 and abs(sum(rat["learned_grade_probabilities"]) - 1) < 1e-3

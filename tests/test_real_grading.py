@@ -206,6 +206,25 @@ def test_import_train_by_patient_and_evaluate_from_the_checkpoint(tmp_path):
         assert k in rep
     assert "quadratic_weighted_kappa" in out.stdout
 
+    # the CAM paper's evaluation of the served proposals on an IDRiD-layout folder (phantoms here)
+    from conftest import write_idrid_phantoms
+    from monailabel_dr.fundus.phantoms import make_phantom
+
+    idrid = write_idrid_phantoms(tmp_path / "idrid", [make_phantom(900 + k, size=(300, 400), grade=2 + k % 3)
+                                                      for k in range(3)])
+    cam_json = tmp_path / "cam.json"
+    out = _cli("evaluate", "cam", "--dataset", f"idrid:{idrid}", "--checkpoint", str(ckpt), "--json", str(cam_json))
+    cam = json.loads(cam_json.read_text())
+    assert cam["data"]["n"] == 3 and cam["params"]["target"] == "referable"
+    for k in ("MA", "HE", "EX", "SE", "any"):
+        for rule in ("overlap_rule", "lenient"):
+            assert len(cam["froc"][k][rule]["sensitivity"]) == 7
+        assert 0 <= cam["cam_mass"][k]["fraction_inside"] <= 1 and 0 <= cam["cam_mass"][k]["area_fraction"] <= 1
+    assert cam["froc"]["any"]["lenient"]["mode"] == "pixel" and cam["froc"]["any"]["overlap_rule"]["overlap"] == 0.5
+    # lenient detection finds at least what the 50 % rule finds
+    assert all(a >= b for a, b in zip(cam["froc"]["any"]["lenient"]["sensitivity"], cam["froc"]["any"]["overlap_rule"]["sensitivity"]))
+    assert "mass-in" in out.stdout
+
     # --split val evaluates exactly the trainer's validation patients
     out = _cli("evaluate", "grading", "--dataset", f"grades:{folder}", "--checkpoint", str(ckpt), "--split", "val",
                "--json", str(report), "--n-boot", "0")
@@ -224,3 +243,90 @@ def test_evaluate_graded_folder_errors_are_clear(tmp_path):
     r = subprocess.run([sys.executable, "-m", "monailabel_dr.cli", "evaluate", "grading", "--dataset", f"grades:{folder}"],
                        capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert r.returncode != 0 and "images/" in (r.stdout + r.stderr)
+
+
+# ----------------------------------------------------------------------------- grade rationale from lesions
+def _stats(**counts):
+    """lesion_seg-style statistics: counts = {"HE": (n, [q1, q2, q3, q4], nearest)}."""
+    from monailabel_dr.fundus.lesions import LESIONS
+
+    names = ["superior_nasal", "superior_temporal", "inferior_nasal", "inferior_temporal"]
+    out = {}
+    for les in LESIONS:
+        n, quads, near = counts.get(les, (0, [0, 0, 0, 0], None))
+        out[les] = {"components": n, "area_px": 30 * n, "presence_probability": 0.9 if n else 0.1,
+                    "components_per_quadrant": dict(zip(names, quads)), "nearest_to_centre": near}
+    return out
+
+
+def test_icdr_rule_and_rationale_text():
+    from monailabel_dr.networks.lesion_rationale import icdr_rule, rationale_text
+
+    assert icdr_rule(_stats())[0] == 0
+    assert icdr_rule(_stats(MA=(3, [1, 1, 1, 0], 0.6)))[0] == 1
+    assert icdr_rule(_stats(MA=(3, [1, 1, 1, 0], 0.6), EX=(2, [0, 2, 0, 0], 0.1)))[0] == 2
+    # 4-2-1 rule, first part: more than 20 haemorrhages in each of the 4 quadrants
+    assert icdr_rule(_stats(HE=(88, [22, 21, 23, 22], 0.3)))[0] == 3
+    assert icdr_rule(_stats(HE=(80, [20, 20, 20, 20], 0.3)))[0] == 2
+    txt = rationale_text(_stats(HE=(31, [8, 8, 8, 7], 0.5), EX=(2, [0, 2, 0, 0], 0.1)))
+    assert txt == "HE in 4 quadrants, 31 components; EX in 1 quadrant, 2 components; EX near the fovea"
+    assert "near the fovea" not in rationale_text(_stats(EX=(2, [0, 2, 0, 0], 0.1)), anatomical=False)
+
+
+def test_lesion_grade_model_learns_counts_and_round_trips(tmp_path):
+    from monailabel_dr.networks.lesion_rationale import LesionGradeModel, lesion_features
+
+    rng = np.random.default_rng(0)
+    X, y = [], []
+    for g in range(5):
+        for _ in range(30):
+            n = int(rng.poisson([0.2, 3, 12, 40, 60][g]))
+            X.append(lesion_features(_stats(HE=(n, [n // 4] * 4, 0.5), MA=(n + 1, [1, 1, 1, 1], 0.4)), 1e5))
+            y.append(g)
+    X, y = np.stack(X), np.array(y)
+    m = LesionGradeModel.fit(X, y, C=1.0)
+    p = m.predict_proba(X)
+    assert p.shape == (150, 5) and np.allclose(p.sum(1), 1)
+    from monailabel_dr.metrics.grading import quadratic_weighted_kappa
+
+    assert quadratic_weighted_kappa(y, p.argmax(1)) > 0.7
+    m.save(str(tmp_path / "r.json"))
+    m2 = LesionGradeModel.load(str(tmp_path / "r.json"))
+    assert np.allclose(m2.predict_proba(X), p)
+    # the stored model gives what scikit-learn gives
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    sc = StandardScaler().fit(X)
+    ref = LogisticRegression(C=1.0, class_weight="balanced", max_iter=5000).fit(sc.transform(X), y)
+    assert np.allclose(ref.predict_proba(sc.transform(X)), p, atol=1e-6)
+    bad = m.to_dict()
+    bad["features"] = bad["features"][:-1]
+    with pytest.raises(ValueError):
+        LesionGradeModel.from_dict(bad)
+
+
+def test_import_lesion_presence_marks_model_flags(tmp_path):
+    """lesion_seg answers -> lesion flags in grade labels, grades kept, the source recorded."""
+    from monailabel_dr.fundus.labels import read_grade_label
+    from monailabel_dr.lib.importers import import_grades, import_lesion_presence
+
+    folder = _graded_folder(tmp_path / "graded", n_patients=2)
+    from monailabel_dr.cli import make_app
+
+    app = make_app(str(tmp_path), {"models": "grading", "model_dir": str(tmp_path / "m")})
+    ds = app.datastore()
+    import_grades(ds, str(folder / "grades.csv"), images_dir=str(folder / "images"))
+    answers = tmp_path / "answers"
+    answers.mkdir()
+    ids = sorted(ds.list_images())
+    for k, i in enumerate(ids[:-1]):   # the last image has no answer
+        st = {les: {"present": les == "HE" and k % 2 == 0, "presence_probability": 0.9 if les == "HE" else 0.1}
+              for les in ("MA", "HE", "EX", "SE")}
+        (answers / f"{i}_lesion_seg.json").write_text(json.dumps({"lesions": st, "model": {"name": "lesion_seg"}}))
+    out = import_lesion_presence(ds, str(answers))
+    assert out["lesion_presence_imported"] == len(ids) - 1 and out["missing_answers"] == [ids[-1]]
+    g0 = read_grade_label(ds.final_label_files(ids[0])["grade"])
+    assert g0.grade == 0 and g0.lesions == {"MA": False, "HE": True, "EX": False, "SE": False}
+    assert g0.extra["lesions_source"]["kind"] == "lesion_seg predictions"
+    assert read_grade_label(ds.final_label_files(ids[-1])["grade"]).lesions == {}

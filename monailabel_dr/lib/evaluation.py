@@ -123,6 +123,85 @@ def grading_summary(report: dict) -> str:
     return "\n".join(lines)
 
 
+def evaluate_cam_lesions(task, dataset: str, split: str = "all", params: dict | None = None,
+                         overlap: float = 0.5) -> dict:
+    """The CAM paper's evaluation of CAM region proposals on an IDRiD-layout folder (lesion masks, no grades).
+
+    For every photograph, ``task.predict`` runs the served ``/infer/cam`` pipeline (request ``params``, default
+    target ``referable``) and its regions are counted, exactly as served: the proposals are
+    :func:`~monailabel_dr.metrics.lesions.proposals_from_map` of the served map (checked against the JSON
+    answer's regions). Per lesion type and for any lesion: lesion-level FROC (sensitivity at 1/8 ... 8 FP per
+    image) with the paper's rule (a region covers >= ``overlap`` of a lesion) and the lenient one (one shared
+    pixel); the fraction of the CAM's mass inside lesions against the lesions' share of the field of view,
+    which is what a map that knows nothing scores (its expectation for a random map)."""
+    from monailabel_dr.fundus.idrid import idrid_image_path, idrid_masks, idrid_split, list_idrid
+    from monailabel_dr.fundus.lesions import LESIONS
+    from monailabel_dr.metrics.lesions import FROCAccumulator, proposals_from_map
+
+    kind, _, folder = dataset.partition(":")
+    if kind != "idrid" or not folder:
+        raise ValueError(f"--dataset {dataset!r}: use idrid:<folder>")
+    ids = list_idrid(folder)
+    train, val = idrid_split(ids)
+    ids = {"val": val, "train": train, "all": ids}[split]
+    params = dict(params or {})
+    params.setdefault("target", "referable")
+    kinds = [*LESIONS, "any"]
+    froc = {k: {"gt": FROCAccumulator(overlap=overlap, mode="gt"), "pixel": FROCAccumulator(mode="pixel")} for k in kinds}
+    mass = {k: [0.0, 0.0] for k in kinds}   # CAM mass inside the lesion, lesion area (pixels in the FOV)
+    cam_total, fov_total, per_image = 0.0, 0, []
+    t0 = time.time()
+    for image_id in ids:
+        full, answer, fov = task.predict(idrid_image_path(folder, image_id), **params)
+        labels, scores = proposals_from_map(full, threshold=float(answer["threshold"]))
+        served = sorted(r["score"] for r in answer["regions"])
+        if len(served) != scores.size or not np.allclose(served, np.sort(np.round(scores, 4)), atol=1e-4):
+            raise RuntimeError(f"{image_id}: the evaluated proposals differ from the served regions")
+        masks = idrid_masks(folder, image_id, full.shape)
+        masks["any"] = np.any([masks[les] for les in LESIONS], axis=0)
+        total = float(full[fov].sum())
+        cam_total += total
+        fov_total += int(fov.sum())
+        row = {"image": image_id, "regions": int(scores.size), "grade": answer["grade"],
+               "target_probability": answer["target_probability"]}
+        for k in kinds:
+            truth = masks[k] & fov
+            for acc in froc[k].values():
+                acc.update_regions(image_id, labels, scores, truth)
+            mass[k][0] += float(full[truth].sum())
+            mass[k][1] += float(truth.sum())
+            row[f"mass_in_{k}"] = float(full[truth].sum()) / total if total > 0 else None
+        per_image.append(row)
+    out = {"data": {"kind": "idrid", "folder": os.path.realpath(folder), "split": split, "n": len(ids)},
+           "params": params, "froc": {}, "cam_mass": {}, "per_image": per_image, "model": task.model_json(),
+           "seconds": round(time.time() - t0, 1)}
+    for k in kinds:
+        g, p = froc[k]["gt"].compute(), froc[k]["pixel"].compute()
+        for r in (g, p):
+            r.pop("curve", None)
+        out["froc"][k] = {"overlap_rule": g, "lenient": p}
+        out["cam_mass"][k] = {"fraction_inside": mass[k][0] / cam_total if cam_total else None,
+                              "area_fraction": mass[k][1] / fov_total if fov_total else None}
+        fi, af = out["cam_mass"][k]["fraction_inside"], out["cam_mass"][k]["area_fraction"]
+        out["cam_mass"][k]["ratio"] = fi / af if fi is not None and af else None
+    return out
+
+
+def cam_summary(report: dict) -> str:
+    rates = report["froc"]["any"]["overlap_rule"]["fp_rates"]
+    head = "  lesion  rule     " + " ".join(f"{r:>6g}" for r in rates) + "   mass-in  area   ratio"
+    lines = [f"CAM region proposals on {report['data']['folder']} ({report['data']['n']} images, target "
+             f"{report['params'].get('target')}): lesion sensitivity at FP/image", head]
+    for k, v in report["froc"].items():
+        m = report["cam_mass"][k]
+        for rule in ("overlap_rule", "lenient"):
+            sens = " ".join(f"{s:6.3f}" if s is not None and np.isfinite(s) else "   n/a" for s in v[rule]["sensitivity"])
+            tail = (f"   {m['fraction_inside']:.3f}  {m['area_fraction']:.3f}  {m['ratio']:.2f}"
+                    if rule == "overlap_rule" and m["ratio"] is not None else "")
+            lines.append(f"  {k:6s}  {'>=50%' if rule == 'overlap_rule' else 'pixel':7s}  {sens}{tail}")
+    return "\n".join(lines)
+
+
 def evaluate_grading(app, studies: str | None = None, phantoms: int | None = None, seed: int = 1_000_000,
                      size: str = "480x640") -> dict:
     task = app._infers["grading"]

@@ -143,3 +143,45 @@ def import_idrid(datastore, root: str, limit: int | None = None) -> dict:
             datastore.save_label(image_id, p, "final", {"source": "IDRiD import", "lesion_presence": presence})
             added += 1
     return {"idrid_images": added}
+
+
+def import_lesion_presence(datastore, answers_dir: str, threshold: float | None = None) -> dict:
+    """Lesion-presence flags from ``/infer/lesion_seg`` answers (``<id>_lesion_seg.json``, as ``monailabel-dr
+    infer lesion_seg --all --output DIR`` writes them) into the images' grade labels, keeping their grades.
+
+    These are a model's predictions, not annotations: the label records ``lesions_source`` (the answers'
+    model and checkpoint) so they are never mistaken for a grader's flags. A lesion is present when the
+    answer found a component of it (``presence_probability >= threshold`` instead, with ``threshold``).
+    Used to give TWLR's vision-language grader lesion targets on photographs that carry grades only.
+    """
+    import json
+
+    from monailabel_dr.fundus.labels import read_grade_label
+
+    done, missing = 0, []
+    with tempfile.TemporaryDirectory() as tmp:
+        for image_id in sorted(datastore.list_images()):
+            existing = datastore.final_label_files(image_id).get("grade")
+            p = os.path.join(answers_dir, f"{image_id}_lesion_seg.json")
+            if not existing:
+                continue
+            if not os.path.isfile(p):
+                missing.append(image_id)
+                continue
+            with open(p) as f:
+                answer = json.load(f)
+            lesions = {}
+            for les in LESIONS:
+                st = answer["lesions"][les]
+                lesions[les] = bool(st["present"]) if threshold is None else st["presence_probability"] >= threshold
+            g = read_grade_label(existing)
+            extra = dict(g.extra or {})
+            extra["lesions_source"] = {"kind": "lesion_seg predictions", "model": answer.get("model"),
+                                       "rule": "a component found" if threshold is None else f"presence >= {threshold}"}
+            out = write_grade_label(os.path.join(tmp, image_id + GRADE_LABEL_SUFFIX),
+                                    GradeLabel(grade=g.grade, lesions=lesions, extra=extra))
+            datastore.save_label(image_id, out, "final", {"source": "import lesion presence (lesion_seg predictions)"})
+            done += 1
+    if missing:
+        logger.warning(f"{len(missing)} graded images have no lesion_seg answer in {answers_dir}, e.g. {missing[:5]}")
+    return {"lesion_presence_imported": done, "missing_answers": missing}

@@ -47,6 +47,7 @@ __all__ = [
     "LesionSegAccumulator",
     "pr_roc_from_histograms",
     "proposals_from_map",
+    "CAM_THRESHOLD",
 ]
 
 # np.trapz was renamed np.trapezoid in numpy 2.0
@@ -463,10 +464,16 @@ class LesionSegAccumulator:
 # --------------------------------------------------------------------------- FROC
 
 
+CAM_THRESHOLD = 0.65   # the CAM paper's region-proposal threshold on the min-max normalised map
+
+
 def proposals_from_map(
-    score_map: np.ndarray, threshold: float = 0.65, normalize: bool = False
+    score_map: np.ndarray, threshold: float = CAM_THRESHOLD, normalize: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
     """CAM-paper region proposals: ``(labels (H, W) int32, scores (K,))``.
+
+    The one implementation of the rule: ``/infer/cam`` serves these regions
+    (:func:`monailabel_dr.lib.infers.cam.region_proposals`) and the FROC evaluation counts them.
 
     Optionally min-max normalise the map to [0, 1], keep pixels ``>= threshold``, take
     the 8-connected components (``scipy.ndimage.label``); region k (label k+1) scores the
@@ -634,7 +641,7 @@ class FROCAccumulator:
         image_id: str,
         score_map: np.ndarray,
         truth: np.ndarray,
-        threshold: float = 0.65,
+        threshold: float = CAM_THRESHOLD,
         normalize: bool = False,
     ) -> None:
         """Add one image from a score map (e.g. a CAM): proposals = :func:`proposals_from_map`."""

@@ -42,6 +42,7 @@ from monailabel_dr.lib.errors import BadInput, ModelNotTrained
 from monailabel_dr.lib.infers.cam import CAMInfer
 from monailabel_dr.lib.infers.lesion_sam import LesionSamInfer
 from monailabel_dr.lib.infers.lesion_seg import LesionSegInfer
+from monailabel_dr.metrics.lesions import CAM_THRESHOLD
 from monailabel_dr.metrics.uncertainty import pairwise_disagreement
 from monailabel_dr.networks.cam_grader import split_outputs
 
@@ -103,7 +104,7 @@ class DisagreementScoring(FundusScoringMethod):
 
     def prepare(self, request: dict) -> dict:
         threshold = float_param(request, "threshold", 0.5, 0.0, 1.0)
-        cam_threshold = float_param(request, "cam_threshold", float(self.app.get("cam_threshold", 0.65)), 0.0, 1.0)
+        cam_threshold = float_param(request, "cam_threshold", float(self.app.get("cam_threshold", CAM_THRESHOLD)), 0.0, 1.0)
         sam_mode = str(request.get("sam_mode") or "faithful").lower()
         if sam_mode not in ("faithful", "fast"):
             raise BadInput(f"sam_mode must be faithful or fast, got {sam_mode!r}")

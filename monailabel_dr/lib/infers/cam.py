@@ -33,6 +33,7 @@ from monailabel_dr.fundus.lesions import GRADES, LESIONS
 from monailabel_dr.lib.errors import BadInput
 from monailabel_dr.lib.infers.base import FundusInferTask
 from monailabel_dr.networks.attention_grader import build_grader
+from monailabel_dr.metrics.lesions import CAM_THRESHOLD, proposals_from_map
 from monailabel_dr.networks.cam_grader import LESION_SLICE, N_GRADES, REFERABLE_INDEX, split_outputs
 
 DEFAULT_LEVELS = (0.2, 0.4, 0.65, 0.8)
@@ -51,16 +52,16 @@ def quantise(cam: np.ndarray, edges) -> np.ndarray:
     return np.digitize(cam, edges, right=False).astype(np.uint8)
 
 
-def region_proposals(cam: np.ndarray, threshold: float = 0.65) -> list[dict]:
-    """Connected components of cam >= threshold, each scored by its maximum CAM value (the paper)."""
-    mask = cam >= threshold
-    labels, n = ndimage.label(mask, structure=np.ones((3, 3), dtype=int))
+def region_proposals(cam: np.ndarray, threshold: float = CAM_THRESHOLD) -> list[dict]:
+    """The paper's proposals (:func:`monailabel_dr.metrics.lesions.proposals_from_map`: 8-connected components
+    of cam >= threshold, scored by their maximum) as JSON, highest score first."""
+    labels, scores = proposals_from_map(cam, threshold=threshold)
+    n = int(scores.size)
     if n == 0:
         return []
     idx = np.arange(1, n + 1)
-    scores = ndimage.maximum(cam, labels, idx)
-    areas = ndimage.sum_labels(np.ones_like(cam, dtype=np.int64), labels, idx)
-    centroids = ndimage.center_of_mass(mask, labels, idx)
+    areas = ndimage.sum_labels(np.ones(labels.shape, dtype=np.int64), labels, idx)
+    centroids = ndimage.center_of_mass(labels > 0, labels, idx)
     boxes = ndimage.find_objects(labels)
     out = []
     for i in range(n):
@@ -106,7 +107,7 @@ class CAMInfer(FundusInferTask):
             config={
                 "target": "referable",
                 "method": str(app.get("cam_method", "cam")),
-                "threshold": float(app.get("cam_threshold", 0.65)),
+                "threshold": float(app.get("cam_threshold", CAM_THRESHOLD)),
                 "result_extension": ".png",
             },
         )
@@ -138,7 +139,10 @@ class CAMInfer(FundusInferTask):
         data["cam_target"] = {"index": index, "name": target_name, "method": method}
         return data
 
-    def writer(self, data, extension=None, dtype=None):
+    @staticmethod
+    def cam_at_input(data) -> np.ndarray:
+        """The min-max normalised CAM (within the field of view) restored to the input's pixel grid, 0 outside
+        the field of view: what the label levels and the region proposals are made of."""
         geom = geometry.FundusGeometry.from_dict(data["fundus_geometry"])
         fov = data["fov"][0].numpy() > 0.5 if torch.is_tensor(data["fov"]) else np.asarray(data["fov"])[0] > 0.5
         cam = data["cam_raw"].astype(np.float32)
@@ -148,7 +152,24 @@ class CAMInfer(FundusInferTask):
         norm[~fov] = 0.0
         full = geometry.to_original(norm, geom, interpolation="linear").astype(np.float32)
         full[~data["fundus_source_fov"]] = 0.0  # nothing outside the field of view
-        threshold = float(data.get("threshold", 0.65))
+        return full
+
+    def predict(self, image_path: str, **params) -> tuple[np.ndarray, dict, np.ndarray]:
+        """The served CAM of one image file at its input size (:meth:`cam_at_input`), the JSON answer
+        (regions included) and the field of view (H, W), through the same pipeline as ``/infer/cam``."""
+        _, data = self({**params, "image": image_path, "skip_writer": True})
+        import os
+
+        full = self.cam_at_input(data)
+        path, result = self.writer(data)
+        if path and os.path.isfile(path):
+            os.remove(path)
+        return full, result, np.asarray(data["fundus_source_fov"], bool)
+
+    def writer(self, data, extension=None, dtype=None):
+        geom = geometry.FundusGeometry.from_dict(data["fundus_geometry"])
+        full = self.cam_at_input(data)
+        threshold = float(data.get("threshold", CAM_THRESHOLD))
         label = quantise(full, self.edges)
         names = {v: k for k, v in self.labels.items()}
         colors = {i + 1: c for i, c in enumerate(LEVEL_COLORS)}

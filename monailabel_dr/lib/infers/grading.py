@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -9,6 +10,7 @@ from monailabel.interfaces.tasks.infer_v2 import InferType
 
 from monailabel_dr.config import AppSettings, ModelSettings
 from monailabel_dr.fundus.lesions import GRADES, LESIONS, REFERABLE_MIN_GRADE
+from monailabel_dr.lib.errors import BadInput, ModelNotTrained
 from monailabel_dr.lib.infers.base import FundusInferTask
 from monailabel_dr.networks.attention_grader import build_grader
 from monailabel_dr.networks.cam_grader import split_outputs
@@ -35,10 +37,53 @@ class GradingInfer(FundusInferTask):
             description="DR grading: ICDR grade 0-4, referable DR and lesion-presence probabilities",
         )
 
+    # set by the app when lesion_seg is served too: image path -> the /infer/lesion_seg answer (main.py)
+    lesion_answer = None
+
     def writer(self, data: dict, extension=None, dtype=None):
         result = grading_result(data[self.output_label_key], data)
         result["model"] = self.model_json()
         return None, result
+
+    @property
+    def rationale_path(self) -> str:
+        """``grade_rationale.json`` beside the served grading checkpoint (it travels with it), else in the model dir."""
+        from monailabel_dr.lib.rationale import RATIONALE_FILE
+
+        beside = os.path.join(os.path.dirname(os.path.abspath(self.model.serve_path)), RATIONALE_FILE)
+        return beside if os.path.isfile(beside) else os.path.join(self.model.model_dir, RATIONALE_FILE)
+
+    def __call__(self, request, callbacks=None):
+        """``{"rationale": true}``: also the grade the lesions support (``lib/rationale.py``): the ICDR rule read
+        off lesion_seg's per-lesion, per-quadrant statistics of the same photograph, in words, and the learned
+        lesion-statistics grade when ``grade_rationale.json`` (``monailabel-dr rationale``) sits beside the served
+        checkpoint or in the model dir."""
+        want = request.get("rationale", False)
+        if not isinstance(want, bool):
+            if str(want).lower() not in ("true", "false", "1", "0"):
+                raise BadInput(f"rationale must be true or false, got {want!r}")
+            want = str(want).lower() in ("true", "1")
+        label, result = super().__call__(request, callbacks)
+        if want:
+            result["rationale"] = self._rationale(request["image"])
+        return label, result
+
+    def _rationale(self, image) -> dict:
+        from monailabel_dr.lib.rationale import explain
+        from monailabel_dr.networks.lesion_rationale import LesionGradeModel
+
+        if self.lesion_answer is None:
+            raise ModelNotTrained("a grade rationale needs the lesion_seg model: serve it too (--conf models all, or "
+                                  "a list with grading and lesion_seg)")
+        model, path = None, self.rationale_path
+        if os.path.isfile(path):
+            try:
+                model = LesionGradeModel.load(path)
+            except (ValueError, KeyError, OSError) as e:
+                raise ModelNotTrained(f"{path} is not a lesion-grade model ({e}); refit it with `monailabel-dr rationale`") from e
+        out = explain(self.lesion_answer(image), model)
+        out["learned_model"] = path if model is not None else None
+        return out
 
 
 def grading_result(logits, data: dict) -> dict[str, Any]:
