@@ -316,12 +316,7 @@ def _evaluate_cam(args) -> int:
                                       overlap=args.froc_overlap)
     except ValueError as e:
         raise SystemExit(f"evaluate: {e}") from e
-    report["profile_from_checkpoint"] = record
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(json_safe(report), f, indent=1)
-    print(cam_summary(report))
-    return 0
+    return _report(args, report, record, cam_summary)
 
 
 def _evaluate_graded_folder(args) -> int:
@@ -341,11 +336,16 @@ def _evaluate_graded_folder(args) -> int:
                                         split_seed=int((record or {}).get("split_seed", train.get("split_seed", 0))))
     except ValueError as e:
         raise SystemExit(f"evaluate: {e}") from e
+    return _report(args, report, record, grading_summary)
+
+
+def _report(args, report: dict, record: dict | None, summary) -> int:
+    """--json (NaN -> null) and the terminal summary of a report made from a checkpoint's recorded profile."""
     report["profile_from_checkpoint"] = record
     if args.json:
         with open(args.json, "w") as f:
             json.dump(json_safe(report), f, indent=1)
-    print(grading_summary(report))
+    print(summary(report))
     return 0
 
 

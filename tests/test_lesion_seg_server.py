@@ -176,3 +176,6 @@ def test_lesion_attention_grading_on_a_trained_lesion_seg(phantom_store, tmp_pat
         assert r.status_code == 200, r.text
         rat = r.json()["rationale"]
         assert 0 <= rat["learned_grade"] <= 4 and abs(sum(rat["learned_grade_probabilities"]) - 1) < 1e-3
+        cnn = r.json()["grade_probabilities"]
+        assert np.allclose(rat["combined_grade_probabilities"],
+                           (np.array(cnn) + np.array(rat["learned_grade_probabilities"])) / 2, atol=2e-4)

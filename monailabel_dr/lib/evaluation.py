@@ -123,6 +123,22 @@ def grading_summary(report: dict) -> str:
     return "\n".join(lines)
 
 
+def idrid_ids(dataset: str, split: str = "all") -> tuple[str, list[str]]:
+    """``(folder, ids)`` of ``idrid:<folder>``: every image (``all``) or the lesion trainers' ``val`` / ``train``
+    split (ids ending in 0 or 5 validate); ValueError naming what is wrong."""
+    from monailabel_dr.fundus.idrid import idrid_split, list_idrid
+
+    kind, _, folder = dataset.partition(":")
+    if kind != "idrid" or not folder:
+        raise ValueError(f"--dataset {dataset!r}: use idrid:<folder>")
+    ids = list_idrid(folder)
+    train, val = idrid_split(ids)
+    ids = {"val": val, "train": train, "all": ids}[split]
+    if not ids:
+        raise ValueError(f"no image of split '{split}' in {folder}/images")
+    return folder, ids
+
+
 def evaluate_cam_lesions(task, dataset: str, split: str = "all", params: dict | None = None,
                          overlap: float = 0.5) -> dict:
     """The CAM paper's evaluation of CAM region proposals on an IDRiD-layout folder (lesion masks, no grades).
@@ -134,16 +150,11 @@ def evaluate_cam_lesions(task, dataset: str, split: str = "all", params: dict | 
     image) with the paper's rule (a region covers >= ``overlap`` of a lesion) and the lenient one (one shared
     pixel); the fraction of the CAM's mass inside lesions against the lesions' share of the field of view,
     which is what a map that knows nothing scores (its expectation for a random map)."""
-    from monailabel_dr.fundus.idrid import idrid_image_path, idrid_masks, idrid_split, list_idrid
+    from monailabel_dr.fundus.idrid import idrid_image_path, idrid_masks
     from monailabel_dr.fundus.lesions import LESIONS
     from monailabel_dr.metrics.lesions import FROCAccumulator, proposals_from_map
 
-    kind, _, folder = dataset.partition(":")
-    if kind != "idrid" or not folder:
-        raise ValueError(f"--dataset {dataset!r}: use idrid:<folder>")
-    ids = list_idrid(folder)
-    train, val = idrid_split(ids)
-    ids = {"val": val, "train": train, "all": ids}[split]
+    folder, ids = idrid_ids(dataset, split)
     params = dict(params or {})
     params.setdefault("target", "referable")
     kinds = [*LESIONS, "any"]
@@ -278,19 +289,15 @@ def evaluate_lesions(dataset: str, task=None, predictions: str | None = None, sp
     placement, which matters for weakly supervised masks (twlr_inpaint) whose area is not learned.
     """
     from monailabel_dr.fundus import geometry
-    from monailabel_dr.fundus.idrid import idrid_image_path, idrid_masks, idrid_split, list_idrid
+    from monailabel_dr.fundus.idrid import idrid_image_path, idrid_masks
     from monailabel_dr.fundus.lesions import LESIONS
     from monailabel_dr.metrics.lesions import FROCAccumulator, LesionSegAccumulator
     from monailabel_dr.metrics.regression import WeakMaskAccumulator
 
-    kind, _, folder = dataset.partition(":")
-    if kind != "idrid" or not folder:
-        raise SystemExit(f"--dataset {dataset!r}: use idrid:<folder>")
-    ids = list_idrid(folder)
-    train, val = idrid_split(ids)
-    ids = {"val": val, "train": train, "all": ids}[split]
-    if not ids:
-        raise SystemExit(f"evaluate: no image of split '{split}' in {folder}/images")
+    try:
+        folder, ids = idrid_ids(dataset, split)
+    except ValueError as e:
+        raise SystemExit(f"evaluate: {e}") from e
     seg = LesionSegAccumulator(threshold=threshold)
     froc = {les: FROCAccumulator(overlap=froc_overlap, mode=froc_mode) for les in LESIONS}
     chance = WeakMaskAccumulator(LESIONS)

@@ -16,7 +16,8 @@ import numpy as np
 
 from monailabel_dr.fundus.patients import patient_id, patient_split, split_description
 from monailabel_dr.metrics.grading import grading_report, quadratic_weighted_kappa
-from monailabel_dr.networks.lesion_rationale import (LesionGradeModel, icdr_rule, lesion_features, rationale_text)
+from monailabel_dr.networks.lesion_rationale import (LesionGradeModel, combine, icdr_rule, lesion_features,
+                                                     rationale_text)
 
 C_GRID = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
 RATIONALE_FILE = "grade_rationale.json"
@@ -97,18 +98,18 @@ def fit_and_evaluate(answers: dict[str, dict], grades: dict[str, int], val_split
                              "give an `evaluate grading --split val` report of the same folder")
         cnn = np.array([per[i]["grade_probabilities"] for i in val_ids])
         cnn_ref = np.array([per[i]["referable_probability"] for i in val_ids])
-        both = (cnn + learned) / 2
+        both, both_ref = combine(cnn, cnn_ref, learned)
         report["cnn"] = grading_report(yv, cnn, cnn_ref, groups=groups, n_boot=n_boot)
-        report["cnn_plus_learned"] = grading_report(yv, both, (cnn_ref + learned[:, 2:].sum(1)) / 2, groups=groups,
-                                                    n_boot=n_boot)
+        report["cnn_plus_learned"] = grading_report(yv, both, both_ref, groups=groups, n_boot=n_boot)
     report["examples"] = [{"image": i, "grade": grades[i], "rule_grade": int(r), "learned_grade": int(p.argmax()),
                            "rationale": rationale_text(answers[i]["lesions"], _anatomical(answers[i]))}
                           for i, r, p in list(zip(val_ids, rule, learned))[:12]]
     return model, report
 
 
-def explain(answer: dict, model: LesionGradeModel | None) -> dict:
-    """The rationale served with a grading answer, from a ``/infer/lesion_seg`` answer of the same photograph."""
+def explain(answer: dict, model: LesionGradeModel | None, grading: dict | None = None) -> dict:
+    """The rationale served with a grading answer, from a ``/infer/lesion_seg`` answer of the same photograph;
+    with the CNN's ``grading`` answer and a learned model, also the two combined (:func:`combine`)."""
     grade, why = icdr_rule(answer["lesions"])
     out = {
         "text": rationale_text(answer["lesions"], _anatomical(answer)),
@@ -123,4 +124,9 @@ def explain(answer: dict, model: LesionGradeModel | None) -> dict:
         p = model.predict_proba(features_of_answer(answer)[None])[0]
         out["learned_grade"] = int(p.argmax())
         out["learned_grade_probabilities"] = [round(float(v), 4) for v in p]
+        if grading is not None:
+            both, ref = combine(grading["grade_probabilities"], grading["referable_probability"], p[None])
+            out["combined_grade"] = int(both[0].argmax())
+            out["combined_grade_probabilities"] = [round(float(v), 4) for v in both[0]]
+            out["combined_referable_probability"] = round(float(ref[0]), 4)
     return out

@@ -90,6 +90,17 @@ def rationale_text(lesions: Mapping[str, Mapping], anatomical: bool = True) -> s
     return "; ".join(parts) if parts else "no lesion found"
 
 
+def combine(cnn_probs, cnn_referable, learned_probs) -> tuple[np.ndarray, np.ndarray]:
+    """The CNN grader and the lesion-statistics model together: the mean of their grade probabilities, and
+    of the CNN's referable output with the lesion model's P(grade >= 2). Unweighted (nothing fitted on the
+    validation patients), so what the server answers is what ``monailabel-dr rationale`` evaluates."""
+    cnn = np.atleast_2d(np.asarray(cnn_probs, float))
+    learned = np.atleast_2d(np.asarray(learned_probs, float))
+    probs = (cnn + learned) / 2
+    ref = (np.asarray(cnn_referable, float).reshape(-1) + learned[:, 2:].sum(axis=1)) / 2
+    return probs, ref
+
+
 class LesionGradeModel:
     """Multinomial logistic regression on standardised :func:`lesion_features`, as plain arrays."""
 

@@ -57,7 +57,7 @@ class GradingInfer(FundusInferTask):
         """``{"rationale": true}``: also the grade the lesions support (``lib/rationale.py``): the ICDR rule read
         off lesion_seg's per-lesion, per-quadrant statistics of the same photograph, in words, and the learned
         lesion-statistics grade when ``grade_rationale.json`` (``monailabel-dr rationale``) sits beside the served
-        checkpoint or in the model dir."""
+        checkpoint or in the model dir, and the mean of the two (``combined_*``, what ``rationale`` evaluates)."""
         want = request.get("rationale", False)
         if not isinstance(want, bool):
             if str(want).lower() not in ("true", "false", "1", "0"):
@@ -65,10 +65,10 @@ class GradingInfer(FundusInferTask):
             want = str(want).lower() in ("true", "1")
         label, result = super().__call__(request, callbacks)
         if want:
-            result["rationale"] = self._rationale(request["image"])
+            result["rationale"] = self._rationale(request["image"], result)
         return label, result
 
-    def _rationale(self, image) -> dict:
+    def _rationale(self, image, grading: dict) -> dict:
         from monailabel_dr.lib.rationale import explain
         from monailabel_dr.networks.lesion_rationale import LesionGradeModel
 
@@ -81,7 +81,7 @@ class GradingInfer(FundusInferTask):
                 model = LesionGradeModel.load(path)
             except (ValueError, KeyError, OSError) as e:
                 raise ModelNotTrained(f"{path} is not a lesion-grade model ({e}); refit it with `monailabel-dr rationale`") from e
-        out = explain(self.lesion_answer(image), model)
+        out = explain(self.lesion_answer(image), model, grading)
         out["learned_model"] = path if model is not None else None
         return out
 
