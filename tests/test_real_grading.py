@@ -193,12 +193,12 @@ def test_import_train_by_patient_and_evaluate_from_the_checkpoint(tmp_path):
     # a folder of full-size originals the model never saw; no --conf: the profile comes from the checkpoint
     # (the default profile's network would not load these weights)
     test = tmp_path / "heldout"
-    _graded_folder(test, n_patients=2, size=(2592, 3872), seed=500)
+    _graded_folder(test, n_patients=1, size=(2592, 3872), seed=500)
     report = tmp_path / "out.json"
     out = _cli("evaluate", "grading", "--dataset", f"grades:{test}", "--checkpoint", str(ckpt), "--json", str(report),
                "--n-boot", "50")
     rep = json.loads(report.read_text())
-    assert rep["n"] == 4 and rep["data"]["patients"] == 2
+    assert rep["n"] == 2 and rep["data"]["patients"] == 1
     assert rep["profile_from_checkpoint"]["name"] == "tiny_real"
     assert all(p["image_size"] == [2592, 3872] for p in rep["per_image"])
     for k in ("quadratic_weighted_kappa", "accuracy", "referable_auc", "referable_sensitivity", "referable_specificity",

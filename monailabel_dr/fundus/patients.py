@@ -7,8 +7,9 @@ figure. Ids that carry an eye suffix name their patient:
 - ``Patient012_L`` / ``Patient012_R`` (the graded_dr folder), ``13_left`` / ``13_right`` (Kaggle EyePACS),
   ``P7-OD`` / ``P7 OS`` (clinical OD/OS), case-insensitive, separated by ``_``, ``-``, ``.`` or a space.
 
-An id without such a suffix is its own patient (IDRiD ids, for example), so the split is by image
-there, and :func:`split_description` says which one was used.
+An id without such a suffix is its own patient (IDRiD ids, for example), so :func:`patient_split` splits by
+image there; :func:`split_description` says which one was used. (The grading trainer keeps MONAI Label's
+own image split for datastores whose ids carry no eye suffix at all.)
 
 The split is :class:`sklearn.model_selection.StratifiedGroupKFold` (groups = patients, stratified by
 grade, shuffled with a fixed seed) with ``round(1 / val_fraction)`` folds; fold 0 validates. It is a
@@ -25,7 +26,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["EYE_SUFFIX", "patient_id", "patient_split", "split_description"]
+__all__ = ["EYE_SUFFIX", "has_eye_suffix", "patient_id", "patient_split", "split_description"]
 
 # <patient><sep><eye> at the end of the id
 EYE_SUFFIX = re.compile(r"^(?P<patient>.+?)[_\-. ](?P<eye>l|r|left|right|od|os)$", re.IGNORECASE)

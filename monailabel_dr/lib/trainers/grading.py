@@ -45,7 +45,7 @@ from monailabel_dr.lib.trainers.common import (
     stack_pred_label,
     trainer_config,
 )
-from monailabel_dr.fundus.patients import patient_split, split_description
+from monailabel_dr.fundus.patients import has_eye_suffix, patient_split, split_description
 from monailabel_dr.metrics.grading import accuracy, quadratic_weighted_kappa, selection_score
 from monailabel_dr.networks.attention_grader import build_grader
 from monailabel_dr.networks.cam_grader import N_GRADES, GraderLoss, grade_class_weights, make_targets, split_outputs
@@ -324,9 +324,10 @@ class GradingTrainer(FundusTrainTask):
         return extra
 
     def partition_datalist(self, context: Context, shuffle=False):
-        """Validation by patient (:func:`monailabel_dr.fundus.patients.patient_split`): both eyes of a
-        patient on the same side, grades stratified; ids without an eye suffix split by image. The split
-        used is in the run's stats (``split``). Too few images: train on all, select by training kappa."""
+        """Validation by patient (:func:`monailabel_dr.fundus.patients.patient_split`) when the ids carry an eye
+        suffix: both eyes of a patient on the same side, grades stratified. Ids without one (phantoms, IDRiD)
+        keep MONAI Label's split by image (the last ``val_split`` of the sorted ids). The split used is in the
+        run's stats (``split``). Too few images: train on all, select by training kappa."""
         self._last_split = None
         if context.request.get("val_ds") or context.request.get("train_ds"):
             return super().partition_datalist(context, shuffle=shuffle)
@@ -338,6 +339,14 @@ class GradingTrainer(FundusTrainTask):
         seed = int(self.model.train.get("split_seed", 0))
         by_id = {d["id"]: d for d in context.datalist}
         ids = sorted(by_id)
+        if not any(has_eye_suffix(i) for i in ids):
+            # no patient in the ids: MONAI Label's own split (the last val_split of the sorted ids), as before
+            train, val = super().partition_datalist(context, shuffle=shuffle)
+            self._last_split = {**split_description([d["id"] for d in train], [d["id"] for d in val], seed=seed),
+                                "rule": "MONAI Label's partition_dataset: the last val_split of the ids (no eye suffix, "
+                                        "so no patient to group by)"}
+            context.split_info = self._last_split
+            return train, val
         train_ids, val_ids = patient_split(ids, [int(by_id[i]["label"][0]) for i in ids], val_split, seed=seed)
         self._last_split = split_description(train_ids, val_ids, seed=seed)
         logger.info(f"grading split: {self._last_split}")
