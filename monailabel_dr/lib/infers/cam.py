@@ -158,23 +158,21 @@ class CAMInfer(FundusInferTask):
         """The served CAM of one image file at its input size (:meth:`cam_at_input`), the JSON answer
         (regions included) and the field of view (H, W), through the same pipeline as ``/infer/cam``."""
         _, data = self({**params, "image": image_path, "skip_writer": True})
-        import os
-
         full = self.cam_at_input(data)
-        path, result = self.writer(data)
-        if path and os.path.isfile(path):
-            os.remove(path)
-        return full, result, np.asarray(data["fundus_source_fov"], bool)
+        return full, self.answer(data, full), np.asarray(data["fundus_source_fov"], bool)
 
     def writer(self, data, extension=None, dtype=None):
-        geom = geometry.FundusGeometry.from_dict(data["fundus_geometry"])
         full = self.cam_at_input(data)
-        threshold = float(data.get("threshold", CAM_THRESHOLD))
-        label = quantise(full, self.edges)
         names = {v: k for k, v in self.labels.items()}
         colors = {i + 1: c for i, c in enumerate(LEVEL_COLORS)}
         path = self.result_path(data)
-        io.write_label(path, label, label_names=names, colors=colors)
+        io.write_label(path, quantise(full, self.edges), label_names=names, colors=colors)
+        return path, self.answer(data, full)
+
+    def answer(self, data, full: np.ndarray) -> dict:
+        """The JSON answer (target, probability, region proposals) for the CAM ``full`` of :meth:`cam_at_input`."""
+        geom = geometry.FundusGeometry.from_dict(data["fundus_geometry"])
+        threshold = float(data.get("threshold", CAM_THRESHOLD))
         probs = split_outputs(data["logits"].float())
         idx = data["cam_target"]["index"]
         if idx < N_GRADES:
@@ -183,7 +181,7 @@ class CAMInfer(FundusInferTask):
             p = float(probs["referable"])
         else:
             p = float(probs["lesions"][idx - LESION_SLICE.start])
-        result = {
+        return {
             "target": data["cam_target"]["name"],
             "method": data["cam_target"]["method"],
             "target_probability": round(p, 4),
@@ -196,4 +194,3 @@ class CAMInfer(FundusInferTask):
             "image_size": [geom.height, geom.width],
             "model": self.model_json(),
         }
-        return path, result
