@@ -1,17 +1,25 @@
-"""Concurrent load on a real `monailabel start_server` while a training job runs.
+"""Concurrent load on a real `monailabel start_server` while a training job runs, new vs stock.
 
-Starts the app (uvicorn, one worker, loopback port) on a phantom datastore, trains a tiny
-`lesion_seg` and `grading` so /infer has models to serve, starts a background training job
-(MONAI Label's train subprocess, as `POST /train/grading` from a client does), then fires
-N parallel `/infer` requests (lesion_seg as .nrrd the way 3D Slicer asks, grading, cam) and
-N parallel `PUT /datastore/label` saves (Slicer-style label maps with `label_info`, and grade
-JSON), each save on its own image. Afterwards every accepted label is checked on disk (file
-content), in the server's datastore listing and in `datastore_v2.json` once training ended,
-and `/info/` must still answer. Prints one JSON object: p50/p95/max latency per endpoint, the
-error count, lost labels, server state. Asserts nothing (tests/test_load.py does, at small N).
+For each serving mode (``offload``: this app's requests in worker threads, lib/offload.py;
+``stock``: ``--conf offload false``, MONAI Label's own handling, every request on the event
+loop) the script starts the app (uvicorn, one worker, loopback port) on a phantom datastore,
+trains a tiny `lesion_seg` and `grading` so /infer has models to serve, and measures:
 
-    .venv/bin/python bench/load_test.py                 # 20 infers + 20 label saves
-    .venv/bin/python bench/load_test.py --n-infer 40 --n-labels 40 --json load.json
+1. single-request latency of each endpoint alone (server idle; median of 3): `/infer` of
+   lesion_seg (.nrrd, as 3D Slicer asks), grading and cam, a Slicer-style label-map save, a
+   grade save, `GET /info/`;
+2. for each load N: a background training job (MONAI Label's train subprocess, as
+   `POST /train/grading` from a client does), then N parallel `/infer` and N parallel
+   `PUT /datastore/label` saves released at once (each save on its own image), while one
+   client polls `GET /info/` every 0.25 s. Afterwards every accepted label is checked on disk
+   (file content), in the server's listing and in `datastore_v2.json` once training ended, and
+   `/info/` must still answer.
+
+Prints a table (p50 / p95 per endpoint, errors, lost labels; the stock / offload ratio and the
+issue's targets) and one JSON object. Asserts nothing (tests/test_load.py does, at small N).
+
+    .venv/bin/python bench/load_test.py                          # both modes, N = 20 and 40
+    .venv/bin/python bench/load_test.py --modes offload --loads 20 --json load.json
 """
 
 from __future__ import annotations
@@ -64,10 +72,13 @@ def phantom_label_map(seed: int, size=(240, 320)) -> np.ndarray:
 LABEL_INFO = [{"name": n, "idx": i + 1} for i, n in enumerate(("MA", "HE", "EX", "SE"))]
 
 
-def save_lesion_label(url: str, image_id: str, label: np.ndarray, ext: str = ".nii.gz", timeout: float = 600):
+def save_lesion_label(url: str, image_id: str, label: np.ndarray | None, ext: str = ".nii.gz", timeout: float = 600,
+                      payload: bytes | None = None):
+    """``payload``: the file bytes made beforehand (under load, so the client's own encoding is not timed)."""
+    body = payload if payload is not None else slicer_label_bytes(label, ext)
     return requests.put(f"{url}/datastore/label", params={"image": image_id, "tag": "final"},
                         data={"params": json.dumps({"label_info": LABEL_INFO, "client_id": "load-test"})},
-                        files={"label": (f"{image_id}{ext}", slicer_label_bytes(label, ext))}, timeout=timeout)
+                        files={"label": (f"{image_id}{ext}", body)}, timeout=timeout)
 
 
 def save_grade_label(url: str, image_id: str, grade: int, timeout: float = 600):
@@ -100,131 +111,193 @@ def wait_training(url: str, timeout: float) -> dict:
     deadline = time.time() + timeout
     status: dict = {}
     while time.time() < deadline:
-        status = requests.get(f"{url}/train/", timeout=30).json()
+        status = requests.get(f"{url}/train/", timeout=60).json()
         if status.get("status") in ("DONE", "ERROR", "STOPPED"):
             break
         time.sleep(1)
     return status
 
 
-def run(n_infer: int = 20, n_labels: int = 20, workers: int | None = None, train_epochs: int = 40,
-        seed: int = 0, workdir: str | None = None, keep: bool = False, log=print) -> dict:
-    from monailabel_dr.demo import write_demo
+MODELS = ("lesion_seg", "grading", "cam")
+
+
+def _single_latencies(url: str, ids: list[str], spare: list[str], size, seed: int, reps: int = 3) -> dict:
+    """Median latency of each endpoint alone on an idle server (``spare``: images to save labels on)."""
+    out: dict[str, float] = {}
+
+    def timed(fn):
+        t = time.perf_counter()
+        r = fn()
+        r.raise_for_status()
+        return time.perf_counter() - t
+
+    for model in MODELS:
+        infer(url, model, ids[0]).raise_for_status()    # warm: the network loaded once
+        out[f"infer {model}"] = float(np.median([timed(lambda m=model, i=i: infer(url, m, ids[i])) for i in range(reps)]))
+    out["label map save"] = float(np.median([timed(lambda i=i: save_lesion_label(
+        url, spare[i], phantom_label_map(seed + 1000 + i, size), ".nrrd")) for i in range(reps)]))
+    out["grade save"] = float(np.median([timed(lambda i=i: save_grade_label(url, spare[reps + i], i % 5))
+                                         for i in range(reps)]))
+    out["info"] = float(np.median([timed(lambda: requests.get(f"{url}/info/", timeout=600)) for _ in range(reps)]))
+    return {k: round(v, 3) for k, v in out.items()}
+
+
+def _load_phase(url: str, store: Path, ids: list[str], label_ids: list[str], n_infer: int, size, seed: int,
+                train_epochs: int, workers: int | None, log=print) -> dict:
     from monailabel_dr.fundus import io as fio
+
+    rng = random.Random(seed)
+    result: dict = {"n_infer": n_infer, "n_labels": len(label_ids)}
+    # a training job in MONAI Label's background subprocess, running during the load
+    r = requests.post(f"{url}/train/grading", json={"max_epochs": train_epochs, "name": "load_background"}, timeout=60)
+    r.raise_for_status()
+    t0 = time.time()
+    while requests.get(f"{url}/train/", timeout=60).json().get("status") != "RUNNING" and time.time() - t0 < 120:
+        time.sleep(0.5)
+    result["training_status_at_load_start"] = requests.get(f"{url}/train/", timeout=60).json().get("status")
+    log(f"background training: {result['training_status_at_load_start']}")
+
+    expected: dict[str, dict] = {}
+    jobs = [("infer", MODELS[i % 3], rng.choice(ids)) for i in range(n_infer)]
+    for i, image_id in enumerate(label_ids):
+        if i % 2 == 0:
+            lab = phantom_label_map(seed + ids.index(image_id), size)
+            ext = ".nii.gz" if i % 4 == 0 else ".nrrd"
+            expected[image_id] = {"kind": "lesion_map", "ext": ext, "label": lab, "payload": slicer_label_bytes(lab, ext)}
+        else:
+            expected[image_id] = {"kind": "grade", "grade": rng.randint(0, 4)}
+        jobs.append(("label", expected[image_id]["kind"], image_id))
+    rng.shuffle(jobs)
+    barrier = threading.Barrier(len(jobs) + 1)
+    done = threading.Event()
+    info_rows: list[dict] = []
+
+    def poll_info():
+        with contextlib.suppress(threading.BrokenBarrierError):
+            barrier.wait(timeout=60)
+        while not done.is_set():
+            t = time.perf_counter()
+            try:
+                st = requests.get(f"{url}/info/", timeout=600).status_code
+            except requests.RequestException:
+                st = None
+            info_rows.append({"endpoint": "/info", "status": st, "ok": st == 200, "latency_s": time.perf_counter() - t})
+            done.wait(0.25)
+
+    def one(job):
+        kind, what, image_id = job
+        with contextlib.suppress(threading.BrokenBarrierError):
+            barrier.wait(timeout=60)
+        t = time.perf_counter()
+        status, err = None, None
+        try:
+            if kind == "infer":
+                resp = infer(url, what, image_id)
+            elif what == "lesion_map":
+                e = expected[image_id]
+                resp = save_lesion_label(url, image_id, None, e["ext"], payload=e["payload"])
+            else:
+                resp = save_grade_label(url, image_id, expected[image_id]["grade"])
+            status = resp.status_code
+            if status != 200:
+                err = resp.text[:300]
+        except requests.RequestException as ex:
+            err = f"{type(ex).__name__}: {ex}"
+        return {"endpoint": "/infer" if kind == "infer" else "/datastore/label", "what": what, "image": image_id,
+                "status": status, "ok": status == 200, "latency_s": time.perf_counter() - t, "error": err}
+
+    poller = threading.Thread(target=poll_info, daemon=True)
+    poller.start()
+    t_load = time.time()
+    with ThreadPoolExecutor(max_workers=workers or len(jobs)) as ex:
+        rows = list(ex.map(one, jobs))
+    result["load_wall_s"] = round(time.time() - t_load, 2)
+    done.set()
+    poller.join(timeout=600)
+    result["training_status_at_load_end"] = requests.get(f"{url}/train/", timeout=60).json().get("status")
+    log(f"load done in {result['load_wall_s']} s; training {result['training_status_at_load_end']}")
+
+    def verify(listing_objects) -> list[str]:
+        lost = []
+        for image_id, e in expected.items():
+            saved = any(r["ok"] for r in rows if r["image"] == image_id and r["endpoint"] == "/datastore/label")
+            if not saved:
+                continue
+            folder = store / "labels" / "final"
+            try:
+                if e["kind"] == "grade":
+                    ok = json.loads((folder / f"{image_id}.grade.json").read_text())["grade"] == e["grade"]
+                else:
+                    ok = np.array_equal(fio.read_label(folder / f"{image_id}{e['ext']}"), e["label"])
+            except (OSError, ValueError, KeyError, fio.FundusIOError):
+                ok = False
+            obj = listing_objects.get(image_id) or {}
+            if not ok or "final" not in (obj.get("labels") or {}):
+                lost.append(image_id)
+        return lost
+
+    listing = requests.get(f"{url}/datastore/?output=all", timeout=600).json()["objects"]
+    lost_now = verify(listing)
+    final_train = wait_training(url, timeout=900)
+    result["training_final_status"] = final_train.get("status")
+    on_disk = json.loads((store / "datastore_v2.json").read_text())["objects"]
+    lost_after = verify(on_disk)
+    info = requests.get(f"{url}/info/", timeout=60)
+    result.update({
+        "infer": _summary([r for r in rows if r["endpoint"] == "/infer"]),
+        "infer_by_model": {m: _summary([r for r in rows if r["endpoint"] == "/infer" and r["what"] == m]) for m in MODELS},
+        "label": _summary([r for r in rows if r["endpoint"] == "/datastore/label"]),
+        "info": _summary(info_rows),
+        "errors": sum(not r["ok"] for r in rows) + sum(not r["ok"] for r in info_rows),
+        "error_samples": [r for r in rows if not r["ok"]][:5],
+        "labels_accepted": sum(r["ok"] for r in rows if r["endpoint"] == "/datastore/label"),
+        "lost_labels": len(set(lost_now) | set(lost_after)),
+        "lost_label_ids": sorted(set(lost_now) | set(lost_after)),
+        "server_alive": info.status_code == 200,
+        "trained_model_after": info.json().get("train_stats", {}).get("grading", {}).get("epoch")
+        if info.status_code == 200 else None,
+        "inference_slots": info.json().get("inference_slots") if info.status_code == 200 else None,
+    })
+    return result
+
+
+def run_mode(offload: bool = True, loads=(20,), n_labels: int | None = None, workers: int | None = None,
+             train_epochs: int = 40, seed: int = 0, workdir: str | None = None, keep: bool = False,
+             singles: bool = True, conf: dict | None = None, log=print) -> dict:
+    """One server in one serving mode: single-request latencies, then one load phase per N in ``loads``
+    (N infers + ``n_labels`` or N label saves, on images no earlier phase saved on)."""
+    from monailabel_dr.demo import write_demo
 
     t_start = time.time()
     base = Path(workdir or tempfile.mkdtemp(prefix="mldr_load_"))
     base.mkdir(parents=True, exist_ok=True)
     size = (240, 320)
-    n_images = max(24, n_labels + 8)
+    label_counts = [n_labels if n_labels is not None else n for n in loads]
+    n_images = 8 + 6 + sum(label_counts) + 4
     store = base / "store"
     write_demo(str(store), n=n_images, labelled=16, seed=seed, size=size, workers=1)
     ids = sorted(p.stem for p in store.glob("fundus_*.jpg"))
     seg_train_ids = ids[:6]                       # lesion maps for the initial lesion_seg
-    label_ids = ids[8:8 + n_labels]               # one save per image under load
-    rng = random.Random(seed)
-    result: dict = {"n_infer": n_infer, "n_labels": n_labels, "images": n_images, "image_size": list(size)}
-    with running_server(store, base / "model", conf={"models": "grading,lesion_seg"}, log_path=base / "server.log") as url:
-        log(f"server up at {url} ({time.time() - t_start:.1f} s)")
-        for i, image_id in enumerate(seg_train_ids):
-            r = save_lesion_label(url, image_id, phantom_label_map(seed + ids.index(image_id), size))
-            r.raise_for_status()
+    spare = ids[8:14]                             # single-request label saves
+    c = {"models": "grading,lesion_seg", "offload": "true" if offload else "false"}
+    c.update(conf or {})
+    result: dict = {"mode": "offload" if offload else "stock", "images": n_images, "image_size": list(size), "phases": []}
+    with running_server(store, base / "model", conf=c, log_path=base / "server.log") as url:
+        log(f"[{result['mode']}] server up at {url} ({time.time() - t_start:.1f} s)")
+        for image_id in seg_train_ids:
+            save_lesion_label(url, image_id, phantom_label_map(seed + ids.index(image_id), size)).raise_for_status()
         for model in ("lesion_seg", "grading"):
             r = requests.post(f"{url}/train/{model}?run_sync=true", json={"max_epochs": 2}, timeout=900)
             r.raise_for_status()
-        log(f"models trained ({time.time() - t_start:.1f} s)")
-
-        # a training job in MONAI Label's background subprocess, running during the load
-        r = requests.post(f"{url}/train/grading", json={"max_epochs": train_epochs, "name": "load_background"}, timeout=60)
-        r.raise_for_status()
-        t0 = time.time()
-        while requests.get(f"{url}/train/", timeout=30).json().get("status") != "RUNNING" and time.time() - t0 < 120:
-            time.sleep(0.5)
-        result["training_status_at_load_start"] = requests.get(f"{url}/train/", timeout=30).json().get("status")
-        log(f"background training: {result['training_status_at_load_start']}")
-
-        expected: dict[str, dict] = {}
-        jobs = []
-        models = ["lesion_seg", "grading", "cam"]
-        for i in range(n_infer):
-            jobs.append(("infer", models[i % 3], rng.choice(ids)))
-        for i, image_id in enumerate(label_ids):
-            if i % 2 == 0:
-                lab = phantom_label_map(seed + ids.index(image_id), size)
-                expected[image_id] = {"kind": "lesion_map", "ext": ".nii.gz" if i % 4 == 0 else ".nrrd", "label": lab}
-            else:
-                expected[image_id] = {"kind": "grade", "grade": rng.randint(0, 4)}
-            jobs.append(("label", expected[image_id]["kind"], image_id))
-        rng.shuffle(jobs)
-        barrier = threading.Barrier(len(jobs))
-
-        def one(job):
-            kind, what, image_id = job
-            with contextlib.suppress(threading.BrokenBarrierError):
-                barrier.wait(timeout=60)
-            t = time.perf_counter()
-            status, err = None, None
-            try:
-                if kind == "infer":
-                    resp = infer(url, what, image_id)
-                elif what == "lesion_map":
-                    e = expected[image_id]
-                    resp = save_lesion_label(url, image_id, e["label"], e["ext"])
-                else:
-                    resp = save_grade_label(url, image_id, expected[image_id]["grade"])
-                status = resp.status_code
-                if status != 200:
-                    err = resp.text[:300]
-            except requests.RequestException as ex:
-                err = f"{type(ex).__name__}: {ex}"
-            return {"endpoint": "/infer" if kind == "infer" else "/datastore/label", "what": what, "image": image_id,
-                    "status": status, "ok": status == 200, "latency_s": time.perf_counter() - t, "error": err}
-
-        t_load = time.time()
-        with ThreadPoolExecutor(max_workers=workers or len(jobs)) as ex:
-            rows = list(ex.map(one, jobs))
-        result["load_wall_s"] = round(time.time() - t_load, 2)
-        result["training_status_at_load_end"] = requests.get(f"{url}/train/", timeout=60).json().get("status")
-        log(f"load done in {result['load_wall_s']} s; training {result['training_status_at_load_end']}")
-
-        def verify(listing_objects) -> list[str]:
-            lost = []
-            for image_id, e in expected.items():
-                saved = any(r["ok"] for r in rows if r["image"] == image_id and r["endpoint"] == "/datastore/label")
-                if not saved:
-                    continue
-                folder = store / "labels" / "final"
-                try:
-                    if e["kind"] == "grade":
-                        ok = json.loads((folder / f"{image_id}.grade.json").read_text())["grade"] == e["grade"]
-                    else:
-                        ok = np.array_equal(fio.read_label(folder / f"{image_id}{e['ext']}"), e["label"])
-                except (OSError, ValueError, KeyError, fio.FundusIOError):
-                    ok = False
-                obj = listing_objects.get(image_id) or {}
-                if not ok or "final" not in (obj.get("labels") or {}):
-                    lost.append(image_id)
-            return lost
-
-        listing = requests.get(f"{url}/datastore/?output=all", timeout=60).json()["objects"]
-        lost_now = verify(listing)
-        final_train = wait_training(url, timeout=900)
-        result["training_final_status"] = final_train.get("status")
-        on_disk = json.loads((store / "datastore_v2.json").read_text())["objects"]
-        lost_after = verify(on_disk)
-        info = requests.get(f"{url}/info/", timeout=60)
-        result.update({
-            "infer": _summary([r for r in rows if r["endpoint"] == "/infer"]),
-            "label": _summary([r for r in rows if r["endpoint"] == "/datastore/label"]),
-            "errors": sum(not r["ok"] for r in rows),
-            "error_samples": [r for r in rows if not r["ok"]][:5],
-            "labels_accepted": sum(r["ok"] for r in rows if r["endpoint"] == "/datastore/label"),
-            "lost_labels": len(set(lost_now) | set(lost_after)),
-            "lost_label_ids": sorted(set(lost_now) | set(lost_after)),
-            "server_alive": info.status_code == 200,
-            "trained_model_after": info.json().get("train_stats", {}).get("grading", {}).get("epoch")
-            if info.status_code == 200 else None,
-        })
+        log(f"[{result['mode']}] models trained ({time.time() - t_start:.1f} s)")
+        if singles:
+            result["single_s"] = _single_latencies(url, ids, spare, size, seed)
+            log(f"[{result['mode']}] single-request latencies: {result['single_s']}")
+        offset = 14
+        for n, nl in zip(loads, label_counts):
+            phase = _load_phase(url, store, ids, ids[offset:offset + nl], n, size, seed + n, train_epochs, workers, log)
+            offset += nl
+            result["phases"].append(phase)
     result["total_wall_s"] = round(time.time() - t_start, 1)
     if not keep and not workdir:
         shutil.rmtree(base, ignore_errors=True)
@@ -233,23 +306,92 @@ def run(n_infer: int = 20, n_labels: int = 20, workers: int | None = None, train
     return result
 
 
+def run(n_infer: int = 20, n_labels: int = 20, workers: int | None = None, train_epochs: int = 40,
+        seed: int = 0, workdir: str | None = None, keep: bool = False, offload: bool = True, log=print) -> dict:
+    """One load phase of ``n_infer`` + ``n_labels`` on a fresh server (tests/test_load.py): the phase's figures."""
+    res = run_mode(offload=offload, loads=(n_infer,), n_labels=n_labels, workers=workers, train_epochs=train_epochs,
+                   seed=seed, workdir=workdir, keep=keep, singles=False, log=log)
+    phase = dict(res["phases"][0])
+    phase.update({k: v for k, v in res.items() if k != "phases"})
+    return phase
+
+
+def targets(mode: dict, slots: int) -> list[dict]:
+    """The issue's targets for each load phase of one mode: label save and /info p95 <= 1 s at N = 20;
+    inference p95 <= (N / slots + 1) x the mean single-request inference latency; no errors, no lost labels."""
+    single = mode.get("single_s") or {}
+    mean_infer = float(np.mean([single[f"infer {m}"] for m in MODELS])) if single else None
+    rows = []
+    for ph in mode["phases"]:
+        n = ph["n_infer"]
+        bound = (n / slots + 1) * mean_infer if mean_infer else None
+        rows.append({
+            "N": n, "label_p95_le_1s": ph["label"]["p95_s"] <= 1.0, "info_p95_le_1s": (ph["info"]["p95_s"] or 0) <= 1.0,
+            "infer_p95_bound_s": round(bound, 2) if bound else None,
+            "infer_p95_within": bool(bound and ph["infer"]["p95_s"] <= bound),
+            "no_errors": ph["errors"] == 0, "no_lost": ph["lost_labels"] == 0, "alive": ph["server_alive"],
+        })
+    return rows
+
+
+def table(modes: list[dict]) -> str:
+    lines = ["| mode | N infers + N saves | /infer p50 / p95 s | /datastore/label p50 / p95 s | /info p50 / p95 s "
+             "| errors | lost labels | load wall s |", "|---|---|---|---|---|---|---|---|"]
+    for m in modes:
+        for ph in m["phases"]:
+            lines.append(f"| {m['mode']} | {ph['n_infer']} + {ph['n_labels']} | {ph['infer']['p50_s']} / {ph['infer']['p95_s']} "
+                         f"| {ph['label']['p50_s']} / {ph['label']['p95_s']} | {ph['info']['p50_s']} / {ph['info']['p95_s']} "
+                         f"| {ph['errors']} | {ph['lost_labels']} | {ph['load_wall_s']} |")
+    by = {m["mode"]: m for m in modes}
+    if "stock" in by and "offload" in by:
+        lines += ["", "| N | stock / offload p95: /infer | /datastore/label | /info |", "|---|---|---|---|"]
+        for a, b in zip(by["stock"]["phases"], by["offload"]["phases"]):
+            r = [round(a[k]["p95_s"] / b[k]["p95_s"], 1) if b[k]["p95_s"] else None for k in ("infer", "label", "info")]
+            lines.append(f"| {a['n_infer']} | {r[0]}x | {r[1]}x | {r[2]}x |")
+    singles = [m for m in modes if m.get("single_s")]
+    if singles:
+        keys = list(singles[0]["single_s"])
+        lines += ["", "| single request alone (median of 3), s | " + " | ".join(m["mode"] for m in singles) + " |",
+                  "|---|" + "---|" * len(singles)]
+        for k in keys:
+            lines.append(f"| {k} | " + " | ".join(str(m["single_s"][k]) for m in singles) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--n-infer", type=int, default=20, help="parallel /infer requests (lesion_seg, grading, cam in turn)")
-    p.add_argument("--n-labels", type=int, default=20, help="parallel PUT /datastore/label saves (one image each)")
+    p.add_argument("--modes", default="stock,offload", help="comma list of serving modes: stock, offload")
+    p.add_argument("--loads", default="20,40", help="comma list of N: N parallel /infer + N parallel label saves")
     p.add_argument("--workers", type=int, default=None, help="client threads (default: all requests at once)")
-    p.add_argument("--train-epochs", type=int, default=40, help="epochs of the background grading job")
+    p.add_argument("--train-epochs", type=int, default=40, help="epochs of each background grading job")
+    p.add_argument("--infer-concurrency", default="auto", help="--conf infer_concurrency of the offload server")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workdir", default=None, help="keep the datastore and server log here")
+    p.add_argument("--workdir", default=None, help="keep the datastores and server logs here")
     p.add_argument("--json", default=None, help="also write the result here")
     a = p.parse_args(argv)
-    res = run(a.n_infer, a.n_labels, a.workers, a.train_epochs, a.seed, a.workdir,
-              log=lambda m: print(m, file=sys.stderr, flush=True))
-    text = json.dumps(res, indent=2, default=str)
-    print(text)
+    loads = [int(x) for x in a.loads.split(",") if x.strip()]
+    modes = []
+    for mode in [m.strip() for m in a.modes.split(",") if m.strip()]:
+        if mode not in ("stock", "offload"):
+            p.error(f"unknown mode {mode!r}; use stock, offload")
+        wd = str(Path(a.workdir) / mode) if a.workdir else None
+        modes.append(run_mode(offload=mode == "offload", loads=loads, workers=a.workers, train_epochs=a.train_epochs,
+                              seed=a.seed, workdir=wd, conf={"infer_concurrency": a.infer_concurrency} if mode == "offload" else None,
+                              log=lambda m: print(m, file=sys.stderr, flush=True)))
+    for m in modes:
+        slots = 1
+        if m["phases"] and m["phases"][0].get("inference_slots"):
+            slots = max((m["phases"][0]["inference_slots"].get("per_device") or {"x": 1}).values() or [1])
+        if m["mode"] == "stock":
+            slots = 1   # the event loop answers one request at a time
+        m["targets"] = targets(m, int(slots or 1))
+    text = json.dumps({"modes": modes}, indent=2, default=str)
     if a.json:
         Path(a.json).write_text(text)
-    return 0 if res["errors"] == 0 and res["lost_labels"] == 0 and res["server_alive"] else 1
+    print(text)
+    print(table(modes))
+    ok = all(ph["errors"] == 0 and ph["lost_labels"] == 0 and ph["server_alive"] for m in modes for ph in m["phases"])
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -33,6 +33,10 @@ CONF_OPTIONS: dict[str, tuple[str, str]] = {
     "min_image_side": ("64", "Smallest image side accepted (px)."),
     "max_upload_mb": ("100", "Largest HTTP request body accepted (MB = 2^20 bytes; an upload to /datastore or /infer); larger ones get HTTP 413 "
                              "before anything is read or written; 0 = no limit."),
+    "infer_concurrency": ("auto", "Inferences computed at once per device (more wait their turn; label saves, /info and the datastore never wait "
+                                  "for them). `auto`: one per two CPU cores on a CPU, 2 per GPU."),
+    "offload": ("true", "`true`: requests run in worker threads, off the event loop (lib/offload.py); `false`: MONAI Label's stock "
+                        "handling, one request at a time on the event loop (for bench/load_test.py's comparison)."),
     "train_on_start": ("", "Comma list of models to train in the background when the server starts (the demo uses `grading`)."),
     "retrain_after": ("0", "Retrain on correction: after this many new `final` labels of a kind a model learns from "
                            "(`learns_from` in configs/models.yaml), fine-tune it from the served model in the background; 0 = off."),
@@ -144,6 +148,8 @@ class AppSettings:
     retrain_after: int = 0
     retrain_epochs: int = 5
     max_upload_bytes: int = 100 * 2**20
+    infer_concurrency: int | None = None   # None: lib/offload.default_infer_concurrency per device
+    offload: bool = True
     extra: dict = field(default_factory=dict)
 
     def get(self, key: str, default: Any = None) -> Any:
@@ -243,8 +249,24 @@ def parse_conf(conf: dict[str, Any] | None, app_dir: str, table: dict[str, Model
     if max_upload < 0:
         raise ConfError(f"--conf max_upload_mb must be >= 0 (0 = no limit), got {max_upload}")
 
+    ic = str(conf.get("infer_concurrency", "auto")).strip().lower()
+    if ic in ("", "auto"):
+        infer_concurrency = None
+    else:
+        try:
+            infer_concurrency = int(ic)
+        except ValueError as e:
+            raise ConfError(f"--conf infer_concurrency must be `auto` or an integer 1..64, got {ic!r}") from e
+        if not 1 <= infer_concurrency <= 64:
+            raise ConfError(f"--conf infer_concurrency must be `auto` or an integer 1..64, got {infer_concurrency}")
+    offload = str(conf.get("offload", "true")).strip().lower()
+    if offload not in ("true", "false", "1", "0", "yes", "no"):
+        raise ConfError(f"--conf offload must be true or false, got {offload!r}")
+
     return AppSettings(
         models=models,
+        infer_concurrency=infer_concurrency,
+        offload=offload in ("true", "1", "yes"),
         max_upload_bytes=int(max_upload * 2**20),
         device=resolve_device(str(conf.get("device", "auto"))),
         max_image_pixels=int(conf.get("max_image_pixels", 40_000_000)),

@@ -46,6 +46,10 @@ class MONAILabelDRApp(MONAILabelApp):
             description="Diabetic retinopathy in colour fundus photographs: grading, CAM, lesion models",
             version=monailabel_dr.__version__,
         )
+        from monailabel_dr.lib.offload import InferSlots
+
+        # at most --conf infer_concurrency inferences compute at once per device (lib/offload.py)
+        self.infer_slots = InferSlots(self.settings.infer_concurrency, self.settings.device)
         self.retrain = RetrainOnCorrection(
             self.settings, set(self._trainers), submit=self._queue_training,
             state_path=os.path.join(next(iter(self.settings.models.values())).model_dir, "retrain_state.json")
@@ -117,6 +121,10 @@ class MONAILabelDRApp(MONAILabelApp):
         from monailabel_dr.lib.upload_limit import install_in_server
 
         install_in_server(self.settings.max_upload_bytes)
+        # requests in worker threads, off uvicorn's event loop; --conf offload false: the stock path (lib/offload.py)
+        from monailabel_dr.lib import offload
+
+        offload.install_in_server(self.settings.offload)
         fix_token_check()  # MONAI_LABEL_AUTH_ENABLE: accept valid tokens (lib/auth.py)
         for model in self.settings.train_on_start:
             logger.info(f"train_on_start: starting background training of '{model}'")
@@ -150,6 +158,7 @@ class MONAILabelDRApp(MONAILabelApp):
         meta["retrain"] = self.retrain.info()
         meta["model_state"] = {name: task.state() for name, task in self._infers.items() if hasattr(task, "state")}
         meta["profiles"] = {name: m.profile_name for name, m in self.settings.models.items()}
+        meta["inference_slots"] = self.infer_slots.info()
         # the segments 3D Slicer creates for an image, in label-value order (lib/slicer.py)
         meta["labels"] = segment_labels(meta["models"])
         return meta
@@ -184,7 +193,8 @@ class MONAILabelDRApp(MONAILabelApp):
                 if not is_valid_id(image):
                     raise InvalidId(f"invalid image id {image!r} (no paths; ids are file names without extension)")
                 raise NotFound(f"image '{image}' is not in the datastore")
-        return super().infer(request, datastore)
+        with self.infer_slots.slot(request.get("device") or self.settings.device):
+            return super().infer(request, datastore)
 
     def train(self, request):
         self._check_model(request.get("model"), self._trainers, "trainer")

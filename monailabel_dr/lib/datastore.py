@@ -20,10 +20,12 @@ import os
 import shutil
 import tempfile
 import threading
+import time
 from typing import Any
 
 import numpy as np
-from monailabel.datastore.local import LocalDatastore
+from filelock import FileLock
+from monailabel.datastore.local import DataModel, LocalDatastore
 from monailabel.interfaces.datastore import DefaultLabelTag
 
 from monailabel_dr.fundus import geometry, io
@@ -48,6 +50,11 @@ class FundusDatastore(LocalDatastore):
         self.min_side = int(min_side)
         self._saved: dict[str, tuple[str, str]] = {}   # image id -> (tag, kind) of its last saved label
         self._saved_lock = threading.Lock()
+        # Requests run in worker threads (lib/offload.py): every read and write of the in-memory index and of
+        # datastore_v2.json holds this lock (MONAI Label's FileLock serialises processes, but its readers take
+        # no lock and its JSON is rewritten in place, so a listing or a training subprocess could see a dict
+        # changing size or a half-written file).
+        self._mutex = getattr(self, "_mutex", None) or threading.RLock()
         super().__init__(path, extensions=DATASTORE_PATTERNS, auto_reload=auto_reload, read_only=read_only)
 
     # ----------------------------------------------------------------- images
@@ -151,7 +158,7 @@ class FundusDatastore(LocalDatastore):
                 info = dict(label_info or {})
                 info["kind"] = "grade"
                 info["grade"] = label.grade
-                return self._saved_as(super().save_label(image_id, clean, label_tag, info), image_id, label_tag, "grade")
+                return self._saved_as(self._store_label(image_id, clean, label_tag, info, "grade"), image_id, label_tag, "grade")
             if ext not in LABEL_MAP_EXTENSIONS:
                 raise UnsupportedType(
                     f"unsupported label type '{ext}'; accepted: a grade label (.json) or a label map "
@@ -179,9 +186,53 @@ class FundusDatastore(LocalDatastore):
             clean = io.write_label(os.path.join(tmpdir, image_id + ext), lab.astype(np.uint8))
             info = dict(label_info or {})
             info["kind"] = "lesion_map"
-            return self._saved_as(super().save_label(image_id, clean, label_tag, info), image_id, label_tag, "lesion_map")
+            return self._saved_as(self._store_label(image_id, clean, label_tag, info, "lesion_map"), image_id, label_tag, "lesion_map")
         finally:
             shutil.rmtree(tmpdir, ignore_errors=True)
+
+    def _store_label(self, image_id: str, clean: str, tag: str, info: dict[str, Any], kind: str) -> str:
+        """Put a validated label file in place and index it (what LocalDatastore.save_label does, but the file
+        is replaced atomically, and a lesion map saved with another extension than the image's previous one
+        removes the previous one, so the last write wins whatever the client's format)."""
+        with self._mutex, FileLock(self._lock_file):
+            obj = self._datastore.objects.get(image_id)
+            if obj is None:   # removed by another request meanwhile
+                raise NotFound(f"image '{image_id}' is not in the datastore")
+            folder = self._datastore.label_path(tag)
+            os.makedirs(folder, exist_ok=True)
+            _, ext = self._to_id(os.path.basename(clean))
+            name = self._filename(image_id, ext)
+            tmp = os.path.join(folder, f".{name}.tmp{os.getpid()}.{threading.get_ident()}")
+            shutil.copyfile(clean, tmp)
+            os.replace(tmp, os.path.join(folder, name))
+            if kind == "lesion_map":
+                for other in LABEL_MAP_EXTENSIONS:
+                    if other != ext and os.path.isfile(os.path.join(folder, image_id + other)):
+                        os.remove(os.path.join(folder, image_id + other))
+            info = dict(info)
+            info.update({"ts": int(time.time()), "name": name})
+            obj.labels[tag] = DataModel(info=info, ext=ext)
+            self._update_datastore_file(lock=False)
+        logger.info(f"label saved: {image_id} ({tag}, {kind}) -> {name}")
+        return image_id
+
+    def _update_datastore_file(self, lock=True):
+        """datastore_v2.json written to a temporary file and renamed over the old one: never half-written."""
+        def write():
+            self._ignore_event_config = True
+            text = json.dumps(self._datastore.model_dump(exclude={"base_path"}), indent=2, default=str)
+            tmp = f"{self._datastore_config_path}.tmp{os.getpid()}.{threading.get_ident()}"
+            with open(tmp, "w") as f:
+                f.write(text)
+            os.replace(tmp, self._datastore_config_path)
+            self._config_ts = os.stat(self._datastore_config_path).st_mtime
+
+        with self._mutex:
+            if lock:
+                with FileLock(self._lock_file):
+                    write()
+            else:
+                write()
 
     def _saved_as(self, label_id: str, image_id: str, tag: str, kind: str) -> str:
         with self._saved_lock:
@@ -207,3 +258,22 @@ class FundusDatastore(LocalDatastore):
                 found["lesion_map"] = os.path.realpath(p)
                 break
         return found
+
+
+def _serialised(method):
+    import functools
+
+    @functools.wraps(method)
+    def locked(self, *args, **kwargs):
+        with self._mutex:
+            return method(self, *args, **kwargs)
+
+    return locked
+
+
+# Every method that reads or changes the in-memory index runs under the datastore's lock (see __init__).
+for _name in ("add_image", "remove_image", "remove_label", "update_image_info", "update_label_info", "refresh",
+              "datalist", "json", "status", "get_labeled_images", "get_unlabeled_images", "list_images",
+              "get_image_info", "get_label_info", "get_labels_by_image_id", "get_label_by_image_id",
+              "_init_from_datastore_file", "_reconcile_datastore"):
+    setattr(FundusDatastore, _name, _serialised(getattr(FundusDatastore, _name)))

@@ -77,7 +77,9 @@ class FundusDICOMWebDatastore(FundusDatastore):
         self._state_path = os.path.join(self._cache, STATE_FILE)
         for d in (self._cache, self._dicom_dir, self._outbox_dir):
             os.makedirs(d, exist_ok=True)
-        self._sync_lock = threading.RLock()
+        # one lock for the remote sync and the local index (lib/datastore.py): a listing that refreshes from the
+        # server inside an index read, and a sync that adds images, can never wait for each other
+        self._sync_lock = self._mutex = threading.RLock()
         self._file_lock = FileLock(os.path.join(self._cache, ".dicomweb.lock"))
         self._last_refresh = 0.0
         self._reachable: bool | None = None

@@ -14,6 +14,7 @@ import datetime as _dt
 import logging
 import os
 import tempfile
+import threading
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -24,6 +25,7 @@ from monailabel.tasks.infer.basic_infer import BasicInferTask
 from monailabel_dr.config import AppSettings, ModelSettings
 from monailabel_dr.fundus import geometry, io
 from monailabel_dr.lib.errors import BadInput, ClientError, ModelNotTrained, find_cause
+from monailabel_dr.lib.params import Param, check_device, check_request, describe
 from monailabel_dr.transforms import LoadFundusd, lesion_map_transforms, preprocessing_transforms
 
 logger = logging.getLogger(__name__)
@@ -56,6 +58,8 @@ class FundusInferTask(BasicInferTask):
     require_colour = True
     result_extensions: tuple[str, ...] = io.LABEL_EXTENSIONS
     detect_landmarks = False  # optic disc / fovea on the input photograph (lesion quadrants)
+    # the task's own request parameters (lib/params.py); MONAI Label's common ones are always accepted
+    params: dict[str, Param] = {}
 
     def __init__(
         self,
@@ -83,6 +87,8 @@ class FundusInferTask(BasicInferTask):
         self.name = name
         self.model = model
         self.app_settings = app
+        self._load_lock = threading.RLock()   # one load of the served checkpoint at a time (_get_network)
+        self.loads = 0                        # how many times a checkpoint was loaded (tests: concurrent first requests)
 
     # ------------------------------------------------------------------ state
     def is_valid(self) -> bool:
@@ -100,6 +106,8 @@ class FundusInferTask(BasicInferTask):
     def info(self) -> dict[str, Any]:
         i = super().info()
         i["state"] = self.state()
+        if self.params:
+            i["parameters"] = describe(self.params)   # what each request parameter accepts
         colors = self.label_colors()
         if colors:
             i["label_colors"] = colors  # {name: [r, g, b]} (lib/slicer.py)
@@ -154,6 +162,10 @@ class FundusInferTask(BasicInferTask):
 
     # ---------------------------------------------------------------- running
     def __call__(self, request, callbacks=None):
+        # every declared request parameter checked before anything runs (lib/params.py): 422 naming it
+        request = check_request(request, self.params, self.name)
+        if request.get("device") is not None:
+            request["device"] = check_device(request["device"]) or self.app_settings.device
         if not os.path.isfile(self.model.serve_path):
             raise ModelNotTrained(self._untrained_message())
         ext = str(request.get("result_extension") or self._config.get("result_extension") or ".png").lower()
@@ -173,17 +185,34 @@ class FundusInferTask(BasicInferTask):
             raise
 
     def _get_network(self, device, data):
-        """The served checkpoint's network on ``device``, reloaded when the file changes (a retrain)."""
+        """The served checkpoint's network on ``device``: one copy per device, loaded once, reloaded once when
+        the file changes (a retrain published it).
+
+        Thread-safe (requests run in worker threads, lib/offload.py): the cache is read without a lock when the
+        file is unchanged; otherwise one thread loads while concurrent first requests wait for it, and the new
+        network is put in the cache only once its weights are fully loaded, so no request sees half-loaded
+        weights. A request already running keeps the network it started with."""
         path = self.model.serve_path
-        if not os.path.isfile(path):
-            raise ModelNotTrained(self._untrained_message())
-        mtime = os.stat(path).st_mtime
+        key = self._file_key(path)
         cached = self._networks.get(device)
-        if cached and cached[1] == mtime:
+        if cached and cached[1] == key:
             return cached[0]
-        network = self.load_network(path, device).to(torch.device(device)).eval()
-        self._networks[device] = (network, mtime)
-        return network
+        with self._load_lock:
+            key = self._file_key(path)
+            cached = self._networks.get(device)
+            if cached and cached[1] == key:
+                return cached[0]
+            network = self.load_network(path, device).to(torch.device(device)).eval()
+            self._networks[device] = (network, key)
+            self.loads += 1
+            return network
+
+    def _file_key(self, path: str):
+        try:
+            st = os.stat(path)
+        except OSError:
+            raise ModelNotTrained(self._untrained_message()) from None
+        return (st.st_mtime_ns, st.st_size)
 
     def load_network(self, path: str, device: str) -> torch.nn.Module:
         """A copy of the task's network with the checkpoint's weights (strict); 409 when they do not fit."""

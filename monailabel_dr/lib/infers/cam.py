@@ -32,6 +32,7 @@ from monailabel_dr.fundus import geometry, io
 from monailabel_dr.fundus.lesions import GRADES, LESIONS
 from monailabel_dr.lib.errors import BadInput
 from monailabel_dr.lib.infers.base import FundusInferTask
+from monailabel_dr.lib.params import Param
 from monailabel_dr.networks.attention_grader import build_grader
 from monailabel_dr.metrics.lesions import CAM_THRESHOLD, proposals_from_map
 from monailabel_dr.networks.cam_grader import LESION_SLICE, N_GRADES, REFERABLE_INDEX, split_outputs
@@ -94,6 +95,8 @@ def resolve_target(target, logits: torch.Tensor) -> tuple[int, str]:
 
 
 class CAMInfer(FundusInferTask):
+    params = {"threshold": Param.number(0, 1), "method": Param.choice("cam", "gradcam"),
+              "target": Param.choice("referable", "predicted", *[str(g) for g in range(5)], *[x.lower() for x in LESIONS])}
     def __init__(self, name: str, model: ModelSettings, app: AppSettings):
         edges = DEFAULT_LEVELS
         super().__init__(

@@ -12,11 +12,13 @@ from monailabel_dr.config import AppSettings, ModelSettings
 from monailabel_dr.fundus.lesions import GRADES, LESIONS, REFERABLE_MIN_GRADE
 from monailabel_dr.lib.errors import BadInput, ModelNotTrained
 from monailabel_dr.lib.infers.base import FundusInferTask
+from monailabel_dr.lib.params import Param
 from monailabel_dr.networks.attention_grader import build_grader
 from monailabel_dr.networks.cam_grader import split_outputs
 
 
 class GradingInfer(FundusInferTask):
+    params = {"rationale": Param.boolean()}
     """Classification result (JSON only):
 
     ``grade``, ``grade_name``, ``grade_probabilities`` (5), ``referable_probability``

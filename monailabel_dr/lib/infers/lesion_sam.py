@@ -44,6 +44,7 @@ from monailabel_dr.fundus import geometry, io
 from monailabel_dr.fundus.lesions import LESION_VALUES, LESIONS
 from monailabel_dr.lib.errors import BadInput, ModelNotTrained
 from monailabel_dr.lib.infers.base import FundusInferTask, probabilities_at_input
+from monailabel_dr.lib.params import Param
 from monailabel_dr.lib.infers.lesion_seg import label_map_from_probs
 from monailabel_dr.networks.tp_drseg import WeightsUnavailable, build_tp_drseg
 from monailabel_dr.transforms import LoadFundusd
@@ -123,6 +124,10 @@ def parse_roi(value, geom: geometry.FundusGeometry) -> np.ndarray | None:
 
 
 class LesionSamInfer(FundusInferTask):
+    # lesion / text / points / roi are parsed against the image by the functions above (422 on bad ones)
+    params = {"threshold": Param.number(0, 1), "output": Param.choice(*OUTPUTS), "mode": Param.choice(*MODES),
+              "lesion": Param.any(), "text": Param.any(), "foreground": Param.any(), "background": Param.any(),
+              "roi": Param.any()}
     def __init__(self, name: str, model: ModelSettings, app: AppSettings):
         super().__init__(
             name=name,

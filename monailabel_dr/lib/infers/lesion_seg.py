@@ -31,6 +31,7 @@ from monailabel_dr.fundus.landmarks import QuadrantFrame, quadrant_frame
 from monailabel_dr.fundus.lesions import LESION_VALUES, LESIONS
 from monailabel_dr.lib.errors import BadInput
 from monailabel_dr.lib.infers.base import FundusInferTask, probabilities_at_input
+from monailabel_dr.lib.params import Param
 from monailabel_dr.networks.lesion_net import build_lesion_net
 from monailabel_dr.transforms import LANDMARKS_KEY
 
@@ -83,6 +84,7 @@ def fov_radius(geom) -> float:
 
 class LesionSegInfer(FundusInferTask):
     detect_landmarks = True
+    params = {"threshold": Param.number(0, 1), "output": Param.choice("label", "probabilities")}
 
     def __init__(self, name: str, model: ModelSettings, app: AppSettings):
         super().__init__(

@@ -40,14 +40,22 @@ from monailabel_dr.fundus.lesions import GRADES, LESION_VALUES, LESIONS
 from monailabel_dr.lib.errors import BadInput, ModelNotTrained
 from monailabel_dr.lib.infers.base import load_weights
 from monailabel_dr.lib.infers.twlr_vlm import TWLRGraderTask
+from monailabel_dr.lib.params import Param
 from monailabel_dr.networks.inpainter import build_inpainter
-from monailabel_dr.networks.twlr import Regression, RegressionSettings, severity_regression
+from monailabel_dr.networks.twlr import SALIENCY_METHODS, Regression, RegressionSettings, severity_regression
 
 OUTPUTS = ("label", "image", "sequence", "sequence_masks")
 _LOOP_KEYS = tuple(f.name for f in dataclasses.fields(RegressionSettings))
 
 
 class TWLRInpaintInfer(TWLRGraderTask):
+    # the loop's settings (RegressionSettings checks them again, with the profile's defaults filled in)
+    params = {"tau": Param.number(0, 1, low_open=True, high_open=True),
+              "threshold": Param.number(0, 1, low_open=True, high_open=True),
+              "dilation": Param.integer(0, 64), "t_max": Param.integer(1, 50),
+              "min_new_fraction": Param.number(0, 1), "patience": Param.integer(1, 50),
+              "saliency": Param.choice(*SALIENCY_METHODS), "backend": Param.choice(*BACKENDS),
+              "radius": Param.integer(1, 50), "output": Param.choice(*OUTPUTS)}
     result_extensions = (*io.LABEL_EXTENSIONS, ".tif", ".tiff")
 
     def __init__(self, name: str, model: ModelSettings, app: AppSettings):

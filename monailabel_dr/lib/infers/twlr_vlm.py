@@ -21,6 +21,7 @@ from monailabel_dr.fundus import geometry, io
 from monailabel_dr.fundus.lesions import GRADES, LESIONS
 from monailabel_dr.lib.errors import BadInput, ModelNotTrained
 from monailabel_dr.lib.infers.base import FundusInferTask
+from monailabel_dr.lib.params import Param
 from monailabel_dr.lib.infers.grading import grading_result
 from monailabel_dr.networks.clip_towers import WeightsUnavailable
 from monailabel_dr.networks.twlr import SALIENCY_METHODS, build_twlr_grader
@@ -56,6 +57,7 @@ class TWLRGraderTask(FundusInferTask):
 
 
 class TWLRVLMInfer(TWLRGraderTask):
+    params = {"saliency": Param.choice("", *SALIENCY_METHODS)}
     result_extensions = (".png", *io.MULTICHANNEL_EXTENSIONS)
 
     def __init__(self, name: str, model: ModelSettings, app: AppSettings):

@@ -1,0 +1,198 @@
+"""Requests off the event loop (lib/offload.py): an inference in progress holds neither /info nor a label
+save; concurrent first requests load a network once; concurrent saves leave the datastore consistent;
+``--conf offload false`` is MONAI Label's stock path. No timing asserts: ordering is checked with events."""
+
+from __future__ import annotations
+
+import json
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from conftest import serve_in_process, tiny_conf
+
+
+def _app():
+    from monailabel.interfaces.utils.app import app_instance
+
+    return app_instance()
+
+
+def _train(client, model: str, epochs: int = 1):
+    r = client.post(f"/train/{model}?run_sync=true", json={"max_epochs": epochs})
+    assert r.status_code == 200, r.text
+
+
+def _hold_inference(task, entered: threading.Event, release: threading.Event):
+    """Make ``task``'s network pass wait for ``release`` (after setting ``entered``)."""
+    original = task.run_inferer
+
+    def held(data, *a, **k):
+        entered.set()
+        assert release.wait(60), "never released"
+        return original(data, *a, **k)
+
+    task.run_inferer = held
+    return original
+
+
+def _grade_file(tmp_path, grade: int):
+    p = tmp_path / f"g{grade}.json"
+    p.write_text(json.dumps({"grade": grade}))
+    return p
+
+
+def test_info_and_label_save_answer_while_an_inference_runs(phantom_store, tmp_path):
+    with serve_in_process(phantom_store, tiny_conf(tmp_path / "model", models="grading")) as client:
+        _train(client, "grading")
+        task = _app()._infers["grading"]
+        entered, release = threading.Event(), threading.Event()
+        _hold_inference(task, entered, release)
+        image = client.get("/datastore/?output=all").json()["objects"]
+        unlabelled = sorted(k for k, v in image.items() if "final" not in v.get("labels", {}))[0]
+        with ThreadPoolExecutor(1) as ex:
+            fut = ex.submit(client.post, "/infer/grading", params={"image": unlabelled})
+            assert entered.wait(60), "the inference did not start"
+            # the inference is now held inside the server: these answer only if it does not block them
+            info = client.get("/info/")
+            assert info.status_code == 200
+            assert info.json()["inference_slots"]["busy"].get("cpu") == 1
+            with open(_grade_file(tmp_path, 3), "rb") as f:
+                saved = client.put("/datastore/label", params={"image": unlabelled, "tag": "final"},
+                                   files={"label": ("x.json", f)})
+            assert saved.status_code == 200, saved.text
+            assert not fut.done(), "the inference finished before it was released"
+            release.set()
+            r = fut.result(timeout=120)
+        assert r.status_code == 200, r.text
+        assert r.json()["grade"] in range(5)
+
+
+def test_stock_mode_answers_one_request_at_a_time(phantom_store, tmp_path):
+    """--conf offload false: the handlers run on the event loop (what bench/load_test.py compares with)."""
+    with serve_in_process(phantom_store, tiny_conf(tmp_path / "model", models="grading", offload="false")) as client:
+        _train(client, "grading")
+        seen = {}
+        app = _app()
+        original_info = app.info
+
+        def info():
+            seen["thread"] = threading.current_thread().name
+            return original_info()
+
+        app.info = info
+        assert client.get("/info/").status_code == 200
+        assert not seen["thread"].startswith("mldr-"), seen
+    with serve_in_process(phantom_store, tiny_conf(tmp_path / "model2", models="grading")) as client:
+        app = _app()
+        original_info = app.info
+        app.info = lambda: (seen.__setitem__("thread", threading.current_thread().name), original_info())[1]
+        assert client.get("/info/").status_code == 200
+        assert seen["thread"].startswith("mldr-io"), seen
+
+
+def test_concurrent_first_requests_load_the_network_once(phantom_store, tmp_path):
+    with serve_in_process(phantom_store, tiny_conf(tmp_path / "model", models="grading", infer_concurrency=4)) as client:
+        _train(client, "grading")
+        task = _app()._infers["grading"]
+        task._networks.clear()
+        task.loads = 0
+        original = task.load_network
+        gate = threading.Barrier(4, timeout=60)
+
+        def slow_load(path, device):   # widen the window in which the other first requests arrive
+            import time
+
+            time.sleep(0.5)
+            return original(path, device)
+
+        task.load_network = slow_load
+        ids = sorted(client.get("/datastore/?output=all").json()["objects"])[:4]
+
+        def one(i):
+            gate.wait()
+            return client.post("/infer/grading", params={"image": ids[i]})
+
+        with ThreadPoolExecutor(4) as ex:
+            answers = list(ex.map(one, range(4)))
+        assert [a.status_code for a in answers] == [200] * 4, [a.text for a in answers]
+        assert task.loads == 1
+        # a new checkpoint (a retrain published it) is loaded once more, then cached again
+        import os
+
+        path = task.model.serve_path
+        st = os.stat(path)
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+        with ThreadPoolExecutor(4) as ex:
+            answers = list(ex.map(lambda i: client.post("/infer/grading", params={"image": ids[i]}), range(4)))
+        assert all(a.status_code == 200 for a in answers)
+        assert task.loads == 2
+
+
+def test_concurrent_saves_keep_the_datastore_consistent(phantom_store, tmp_path):
+    from monailabel_dr.fundus import io as fio
+    from monailabel_dr.fundus.lesions import label_map_from_masks
+    from monailabel_dr.fundus.phantoms import make_phantom
+
+    with serve_in_process(phantom_store, tiny_conf(tmp_path / "model", models="grading,lesion_seg")) as client:
+        objects = client.get("/datastore/?output=all").json()["objects"]
+        ids = sorted(objects)[:8]
+        h, w = fio.read_image(phantom_store / f"{ids[0]}.jpg").shape[:2]
+        maps = [label_map_from_masks(make_phantom(100 + i, size=(h, w)).masks) for i in range(6)]
+        files = []
+        for i, lab in enumerate(maps):
+            ext = ".nrrd" if i % 2 else ".png"
+            p = tmp_path / f"map{i}{ext}"
+            fio.write_label(p, lab)
+            files.append((p, ext))
+
+        same = ids[0]
+        jobs = [("same", same, i) for i in range(6)] + [("diff", ids[1 + i], i) for i in range(6)]
+
+        def one(job):
+            kind, image, i = job
+            p, ext = files[i]
+            with open(p, "rb") as f:
+                r = client.put("/datastore/label", params={"image": image, "tag": "final"},
+                               files={"label": (f"{image}{ext}", f.read())})
+            return r
+
+        with ThreadPoolExecutor(12) as ex:
+            answers = list(ex.map(one, jobs))
+        assert all(a.status_code == 200 for a in answers), [a.text for a in answers if a.status_code != 200]
+        index = json.loads((phantom_store / "datastore_v2.json").read_text())   # never half-written
+        final = phantom_store / "labels" / "final"
+        # different images: each holds exactly what was sent to it
+        for i in range(6):
+            image = ids[1 + i]
+            assert "final" in index["objects"][image]["labels"]
+            assert np.array_equal(fio.read_label(final / f"{image}{files[i][1]}"), maps[i])
+        # the same image: one lesion map remains, from one of the writes, and the index names that file
+        kept = [p for p in final.iterdir() if p.name.startswith(same + ".") and not p.name.endswith(".grade.json")]
+        assert len(kept) == 1, kept
+        name = index["objects"][same]["labels"]["final"]["info"]["name"]
+        assert kept[0].name == name
+        got = fio.read_label(kept[0])
+        # whole, and one of the maps written in that format (never a mix of two writes)
+        assert any(np.array_equal(got, maps[i]) for i in range(6) if kept[0].name.endswith(files[i][1]))
+        # a later save wins over all of them, whatever its format
+        with open(files[0][0], "rb") as f:
+            assert client.put("/datastore/label", params={"image": same, "tag": "final"},
+                              files={"label": (f"{same}.png", f.read())}).status_code == 200
+        kept = [p for p in final.iterdir() if p.name.startswith(same + ".") and not p.name.endswith(".grade.json")]
+        assert [p.name for p in kept] == [f"{same}.png"] and np.array_equal(fio.read_label(kept[0]), maps[0])
+        assert not [p for p in final.iterdir() if ".tmp" in p.name]
+
+
+@pytest.mark.parametrize("value,ok", [("auto", True), ("2", True), ("0", False), ("x", False)])
+def test_infer_concurrency_conf(tmp_path, value, ok):
+    from monailabel_dr.config import ConfError, parse_conf
+
+    if ok:
+        s = parse_conf({"infer_concurrency": value, "models": "grading"}, str(tmp_path))
+        assert s.infer_concurrency == (None if value == "auto" else int(value))
+    else:
+        with pytest.raises(ConfError, match="infer_concurrency"):
+            parse_conf({"infer_concurrency": value, "models": "grading"}, str(tmp_path))
