@@ -26,6 +26,22 @@ FOV_KEY = "fov"
 SOURCE_INFO_KEY = "fundus_source"
 SOURCE_FOV_KEY = "fundus_source_fov"
 LANDMARKS_KEY = "fundus_landmarks"
+_LANDMARK_POOL = None
+
+
+def _landmark_pool():
+    global _LANDMARK_POOL
+    if _LANDMARK_POOL is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _LANDMARK_POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="mldr-landmarks")
+    return _LANDMARK_POOL
+
+
+def landmarks_of(data: Mapping) -> object | None:
+    """The optic disc / fovea LoadFundusd(landmarks=True) detected for ``data`` (waits for the detection)."""
+    value = data.get(LANDMARKS_KEY)
+    return value.result() if hasattr(value, "result") else value
 
 
 class LoadFundusd(MapTransform):
@@ -75,11 +91,13 @@ class LoadFundusd(MapTransform):
                 )
             rgb = io.to_rgb_float(raw)
             source_fov = geometry.detect_fov(rgb)
+            if self.landmarks:  # on the full-resolution photograph, before it is resized
+                # in a worker thread (OpenCV releases the GIL), while the image is resized and the network runs;
+                # read it with landmarks_of(data)
+                d[LANDMARKS_KEY] = _landmark_pool().submit(detect_landmarks, rgb, source_fov)
             work, geom, fov = geometry.prepare(rgb, self.size, fov=source_fov)
             if self.keep_source_fov:  # inference: outputs are masked with the exact input-resolution FOV
                 d[SOURCE_FOV_KEY] = source_fov
-            if self.landmarks:  # on the full-resolution photograph, before it is resized
-                d[LANDMARKS_KEY] = detect_landmarks(rgb, source_fov)
             d[key] = torch.from_numpy(np.ascontiguousarray(work.transpose(2, 0, 1), dtype=np.float32))
             d[GEOMETRY_KEY] = geom.to_dict()
             d[FOV_KEY] = torch.from_numpy(fov[None].astype(np.float32))

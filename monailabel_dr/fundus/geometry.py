@@ -284,8 +284,11 @@ def to_working(img: np.ndarray, geom: FundusGeometry, interpolation: str = "line
     )
 
 
-def to_original(arr: np.ndarray, geom: FundusGeometry, interpolation: str = "linear") -> np.ndarray:
-    """(S, S[, C]) working -> (H, W[, C]) original via the exact inverse affine; zeros outside the bbox."""
+def to_original(arr: np.ndarray, geom: FundusGeometry, interpolation: str = "linear",
+                out: np.ndarray | None = None) -> np.ndarray:
+    """(S, S[, C]) working -> (H, W[, C]) original via the exact inverse affine; zeros outside the bbox.
+
+    ``out``: a zero-filled (H, W[, C]) array of the result's dtype to write into (returned)."""
     _check_interpolation(interpolation)
     work = np.asarray(arr)
     size = geom.out_size
@@ -319,7 +322,10 @@ def to_original(arr: np.ndarray, geom: FundusGeometry, interpolation: str = "lin
                 borderValue=(0, 0, 0, 0),
             ),
         )
-    out = np.zeros((geom.height, geom.width) + work.shape[2:], dtype=crop.dtype)
+    if out is None:
+        out = np.zeros((geom.height, geom.width) + work.shape[2:], dtype=crop.dtype)
+    elif out.shape != (geom.height, geom.width) + work.shape[2:]:
+        raise ValueError(f"out is {out.shape}, expected {(geom.height, geom.width) + work.shape[2:]}")
     out[y0:y1, x0:x1] = crop
     return out
 

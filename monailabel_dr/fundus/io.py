@@ -539,6 +539,11 @@ def to_rgb_float(img: np.ndarray) -> np.ndarray:
         out = arr.astype(np.float32) / 65535.0
     elif arr.dtype == bool:
         out = arr.astype(np.float32)
+    elif arr.dtype.kind == "f" and arr.size and np.isfinite(lo := arr.min()) and np.isfinite(hi := arr.max()) \
+            and lo >= 0.0 and hi <= 1.0:
+        # already float in [0, 1] (min and max are finite only without NaN / inf): as it is, no copy; the
+        # pipeline passes its float image through here several times per 12 MP request
+        out = arr.astype(np.float32, copy=False)
     else:
         out = np.nan_to_num(arr.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
         lo, hi = (float(out.min()), float(out.max())) if out.size else (0.0, 1.0)

@@ -120,11 +120,14 @@ def detect_landmarks(
     green = small[..., 1]
     m = mask.astype(np.float32)
 
+    dens: dict[float, np.ndarray] = {}   # the mask's blur per sigma, computed once (kernels ~1.5 disc diameters)
+
     def masked_blur(x: np.ndarray, sigma: float) -> np.ndarray:
         # Normalised convolution: the average of FOV pixels only, so the border does not leak in.
         num = cv2.GaussianBlur(x * m, (0, 0), sigma)
-        den = cv2.GaussianBlur(m, (0, 0), sigma)
-        return num / np.maximum(den, 1e-3)
+        if sigma not in dens:
+            dens[sigma] = np.maximum(cv2.GaussianBlur(m, (0, 0), sigma), 1e-3)
+        return num / dens[sigma]
 
     background = masked_blur(grey, 1.5 * dd)
     bright = masked_blur(grey / np.maximum(background, 1e-3), dd / 4.0)

@@ -251,9 +251,43 @@ def probabilities_at_input(data: dict) -> tuple[np.ndarray, np.ndarray, geometry
     work = torch.sigmoid(logits.float()).cpu().numpy()
     fov_w = (data["fov"][0].numpy() if torch.is_tensor(data["fov"]) else np.asarray(data["fov"])[0]) > 0.5
     work = work * fov_w[None]
-    probs = np.stack([geometry.to_original(c, geom, interpolation="linear") for c in work]).astype(np.float32)
     fov = data.get("fundus_source_fov")
     if fov is None:
         fov = geometry.to_original(fov_w.astype(np.uint8), geom, interpolation="nearest") > 0
-    probs[:, ~fov] = 0.0
-    return probs, fov, geom
+    fov = np.asarray(fov, bool)
+    return restore_channels(work, geom, fov, "linear"), fov, geom
+
+
+def restore_channels(work: np.ndarray, geom: geometry.FundusGeometry, fov: np.ndarray,
+                     interpolation: str = "linear") -> np.ndarray:
+    """(m, S, S) non-negative working-resolution maps -> (m, H, W) float32 on the input grid, 0 outside the
+    field of view ``fov`` (H, W) bool.
+
+    What every infer task that answers full-size maps runs: each channel is restored straight into one
+    array (no per-channel full-size copy, no stack), the channels in parallel threads (OpenCV and numpy
+    release the GIL), and the field of view applied by a multiplication inside its bounding box, which for
+    values >= 0 is the same as setting them to 0 outside it (nothing outside the box is non-zero)."""
+    out = np.zeros((work.shape[0], geom.height, geom.width), np.float32)
+    y0, y1, x0, x1 = geom.bbox
+
+    def restore(c: int) -> None:
+        geometry.to_original(np.asarray(work[c]).astype(np.float32, copy=False), geom, interpolation=interpolation,
+                             out=out[c])
+        out[c, y0:y1, x0:x1] *= fov[y0:y1, x0:x1]
+
+    list(channel_pool().map(restore, range(work.shape[0])))
+    return out
+
+
+_CHANNEL_POOL = None
+
+
+def channel_pool():
+    """Threads for per-channel work on full-size arrays within one request (as many as CPU cores, at most 4)."""
+    global _CHANNEL_POOL
+    if _CHANNEL_POOL is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _CHANNEL_POOL = ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1)),
+                                           thread_name_prefix="mldr-channels")
+    return _CHANNEL_POOL

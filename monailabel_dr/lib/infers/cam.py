@@ -154,7 +154,7 @@ class CAMInfer(FundusInferTask):
         norm = np.zeros_like(cam) if hi - lo < 1e-12 else np.clip((cam - lo) / (hi - lo), 0.0, 1.0)
         norm[~fov] = 0.0
         full = geometry.to_original(norm, geom, interpolation="linear").astype(np.float32)
-        full[~data["fundus_source_fov"]] = 0.0  # nothing outside the field of view
+        full *= np.asarray(data["fundus_source_fov"], bool)  # nothing outside the field of view (values are >= 0)
         return full
 
     def predict(self, image_path: str, **params) -> tuple[np.ndarray, dict, np.ndarray]:

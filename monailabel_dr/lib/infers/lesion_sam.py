@@ -242,7 +242,7 @@ class LesionSamInfer(FundusInferTask):
             maps = probs if kind == "probabilities" else self.prior_full_resolution(data, geom)
             io.write_multichannel(path, maps, names)
         else:
-            best = label_map_from_probs(probs, threshold)            # 1..K (prompt order), 0 = none
+            best = label_map_from_probs(probs, threshold, geom.bbox)   # 1..K (prompt order), 0 = none
             lut = np.array([0] + values, dtype=np.uint8)
             io.write_label(path, lut[best])
         prompts = []

@@ -38,7 +38,7 @@ from monailabel_dr.fundus import geometry, io
 from monailabel_dr.fundus.inpainting import BACKENDS, make_inpainter
 from monailabel_dr.fundus.lesions import GRADES, LESION_VALUES, LESIONS
 from monailabel_dr.lib.errors import BadInput, ModelNotTrained
-from monailabel_dr.lib.infers.base import load_weights
+from monailabel_dr.lib.infers.base import load_weights, restore_channels
 from monailabel_dr.lib.infers.twlr_vlm import TWLRGraderTask
 from monailabel_dr.lib.params import Param
 from monailabel_dr.networks.inpainter import build_inpainter
@@ -153,8 +153,7 @@ class TWLRInpaintInfer(TWLRGraderTask):
             fov = geometry.to_original(fov_w.astype(np.uint8), geom, interpolation="nearest") > 0
         weak_full[~fov] = 0
         # nearest, like the label map, so that score > 0.5 is exactly the weak mask at input resolution too
-        score = np.stack([geometry.to_original(c, geom, interpolation="nearest") for c in reg.score]).astype(np.float32)
-        score[:, ~fov] = 0.0
+        score = restore_channels(np.asarray(reg.score, np.float32), geom, np.asarray(fov, bool), "nearest")
         out = {"weak_label": weak_full, "score": score, "fov": fov, "geometry": geom}
         if final_image:
             original = io.read_image(data["image_path"], max_pixels=self.app_settings.max_image_pixels,

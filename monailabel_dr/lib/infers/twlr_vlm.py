@@ -20,7 +20,7 @@ from monailabel_dr.config import AppSettings, ModelSettings
 from monailabel_dr.fundus import geometry, io
 from monailabel_dr.fundus.lesions import GRADES, LESIONS
 from monailabel_dr.lib.errors import BadInput, ModelNotTrained
-from monailabel_dr.lib.infers.base import FundusInferTask
+from monailabel_dr.lib.infers.base import FundusInferTask, restore_channels
 from monailabel_dr.lib.params import Param
 from monailabel_dr.lib.infers.grading import grading_result
 from monailabel_dr.networks.clip_towers import WeightsUnavailable
@@ -95,10 +95,11 @@ class TWLRVLMInfer(TWLRGraderTask):
         geom = geometry.FundusGeometry.from_dict(data["fundus_geometry"])
         s = self.model.image_size
         work = F.interpolate(sal[None], size=(s, s), mode="bilinear", align_corners=False)[0].numpy()
-        maps = np.stack([geometry.to_original(m, geom, interpolation="linear") for m in work]).astype(np.float32)
         fov = data.get("fundus_source_fov")
         if fov is not None:
-            maps[:, ~fov] = 0.0
+            maps = restore_channels(work, geom, np.asarray(fov, bool))   # saliency is in [0, 1]
+        else:
+            maps = np.stack([geometry.to_original(m, geom, interpolation="linear") for m in work]).astype(np.float32)
         io.write_multichannel(path, maps, list(LESIONS))
         result["saliency"] = {"method": str(data["saliency"]).lower(), "channels": list(LESIONS)}
         return path, result
