@@ -183,6 +183,13 @@ class MONAILabelDRApp(MONAILabelApp):
 
     def infer(self, request, datastore=None):
         self._check_model(request.get("model"), self._infers, "model")
+        # the client's parameters as sent (MONAI Label overwrites some, e.g. save_label, before the task runs)
+        from monailabel_dr.lib.params import check_device, check_request
+
+        task = self._infers[request["model"]]
+        request = check_request(request, getattr(task, "params", {}), f"model '{request['model']}'")
+        if request.get("device") not in (None, ""):
+            request["device"] = check_device(request["device"])
         image = request.get("image")
         if isinstance(image, str):
             ds = datastore or self.datastore()
@@ -195,6 +202,14 @@ class MONAILabelDRApp(MONAILabelApp):
                 raise NotFound(f"image '{image}' is not in the datastore")
         with self.infer_slots.slot(request.get("device") or self.settings.device):
             return super().infer(request, datastore)
+
+    def check_request(self, module: str, kwargs: dict) -> None:
+        """Called by lib/offload.py before a MONAI Label handler runs: checks MONAI Label would only make in
+        a training subprocess (where a bad setting fails after the client was answered 200)."""
+        if module == "monailabel.endpoints.train" and kwargs.get("model"):
+            trainer = self._trainers.get(kwargs["model"])
+            if trainer is not None and hasattr(trainer, "check_request"):
+                trainer.check_request({**(kwargs.get("params") or {}), "model": kwargs["model"]})
 
     def train(self, request):
         self._check_model(request.get("model"), self._trainers, "trainer")

@@ -462,11 +462,51 @@ def test_segment_list_and_name_translation_units():
     # label_info: Slicer numbers the k-th exported segment k; "idx" counts skipped segments (background)
     from monailabel_dr.lib.slicer import _names_from_label_info
 
-    assert _names_from_label_info([{"name": "EX", "idx": 2}, {"name": "MA", "idx": 3}]) == {1: "EX", 2: "MA"}
-    assert _names_from_label_info([{"name": "EX", "idx": 1}, {"name": "MA", "idx": 2}]) == {1: "EX", 2: "MA"}
-    assert _names_from_label_info([{"name": "HE", "idx": 2}, {"name": "MA", "idx": 1}]) == {2: "HE", 1: "MA"}  # idx = value
-    assert _names_from_label_info(json.dumps([{"name": "SE"}])) == {1: "SE"}
-    assert _names_from_label_info([{"idx": 1}]) is None and _names_from_label_info({"MA": 1}) is None
+    def names(info, present):
+        return _names_from_label_info(info, present)[0]
+
+    # idx is the segment's value in the map, whenever the map's values are among the idx
+    assert names([{"name": "EX", "idx": 3}], {3}) == {3: "EX"}
+    assert names([{"name": "EX", "idx": 2}, {"name": "MA", "idx": 3}], {2, 3}) == {2: "EX", 3: "MA"}
+    assert names([{"name": "EX", "idx": 1}, {"name": "MA", "idx": 2}], {1, 2}) == {1: "EX", 2: "MA"}
+    assert names([{"name": "HE", "idx": 2}, {"name": "MA", "idx": 1}], {1, 2}) == {2: "HE", 1: "MA"}
+    # Slicer after a skipped (background) segment: idx 2, 3 but the exported values are 1, 2: by position
+    assert names([{"name": "EX", "idx": 2}, {"name": "MA", "idx": 3}], {1, 2}) == {1: "EX", 2: "MA"}
+    assert "position" in _names_from_label_info([{"name": "EX", "idx": 2}, {"name": "MA", "idx": 3}], {1})[1]
+    assert names(json.dumps([{"name": "SE"}]), {1}) == {1: "SE"}
+    assert _names_from_label_info([{"idx": 1}], {1}) is None and _names_from_label_info({"MA": 1}, {1}) is None
     with pytest.raises(ClientError) as e:
         to_lesion_values(lab, {1: "MA", 2: "Drusen"}, "test")
     assert e.value.status_code == 422 and "Drusen" in e.value.detail and "3 (no segment)" in e.value.detail
+
+
+def test_label_info_idx_is_the_segment_value(phantom_store, tmp_path):
+    """A client that says {"name": "EX", "idx": 3} for a map whose EX pixels are 3 is taken at its word."""
+    from conftest import serve_in_process, tiny_conf
+    from monailabel_dr.fundus import io as fio
+
+    with serve_in_process(phantom_store, tiny_conf(tmp_path / "model", models="lesion_seg")) as client:
+        image = sorted(client.get("/datastore/?output=all").json()["objects"])[0]
+        h, w = fio.read_image(phantom_store / f"{image}.jpg").shape[:2]
+        lab = np.zeros((h, w), np.uint8)
+        lab[40:60, 50:90] = 3
+        path = fio.write_label(tmp_path / "ex.png", lab)
+        with open(path, "rb") as f:
+            r = client.put("/datastore/label", params={"image": image, "tag": "final"},
+                           data={"params": json.dumps({"label_info": [{"name": "EX", "idx": 3}]})},
+                           files={"label": (f"{image}.png", f)})
+        assert r.status_code == 200, r.text
+        saved = fio.read_label(phantom_store / "labels" / "final" / f"{image}.png")
+        assert set(np.unique(saved).tolist()) == {0, LESION_VALUES["EX"]}
+        assert (saved == LESION_VALUES["EX"]).sum() == 20 * 40
+        # a value that is not the lesion's own: SE named as value 2 is stored as SE (4)
+        lab2 = np.zeros((h, w), np.uint8)
+        lab2[10:20, 10:30] = 2
+        path = fio.write_label(tmp_path / "se.png", lab2)
+        with open(path, "rb") as f:
+            r = client.put("/datastore/label", params={"image": image, "tag": "final"},
+                           data={"params": json.dumps({"label_info": [{"name": "SE", "idx": 2}]})},
+                           files={"label": (f"{image}.png", f)})
+        assert r.status_code == 200, r.text
+        saved = fio.read_label(phantom_store / "labels" / "final" / f"{image}.png")
+        assert set(np.unique(saved).tolist()) == {0, LESION_VALUES["SE"]} and (saved == 4).sum() == 200

@@ -173,7 +173,8 @@ class FundusDatastore(LocalDatastore):
             if lab.shape != (h, w):
                 raise BadInput(f"label map is {lab.shape[1]}x{lab.shape[0]} but image '{image_id}' is {w}x{h} (width x height)")
             # 3D Slicer numbers exported segments by position: translate by segment name (lib/slicer.py)
-            named = slicer.lesion_value_map(label_filename, ext, label_info)
+            named = slicer.lesion_value_map(label_filename, ext, label_info,
+                                            present={int(v) for v in np.unique(lab) if v != 0})
             if named is not None:
                 lab = slicer.to_lesion_values(lab, *named)
             values = np.unique(lab)

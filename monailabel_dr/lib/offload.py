@@ -138,6 +138,16 @@ def check_form(module: str, kwargs: dict) -> None:
                 raise BadInput(f"form field {name!r} is not JSON ({e}); send a JSON object, e.g. {name}={{}}") from None
             if not isinstance(parsed, dict):
                 raise BadInput(f"form field {name!r} must be a JSON object ({{...}}), got {type(parsed).__name__}")
+    if module == "monailabel.endpoints.train" and kwargs.get("params") is not None and not isinstance(kwargs["params"], dict):
+        raise BadInput("the train request body must be a JSON object of settings, e.g. {\"max_epochs\": 10}")
+    from monailabel.interfaces.utils.app import app_instance
+
+    try:
+        app = app_instance()
+    except Exception:   # no app yet (start-up): MONAI Label answers as it does
+        app = None
+    if app is not None and hasattr(app, "check_request"):
+        app.check_request(module, kwargs)
     if module == "monailabel.endpoints.infer" and "image" in kwargs:
         if not kwargs.get("file") and not kwargs.get("image") and not kwargs.get("session_id"):
             raise BadInput("no image: give ?image=<id in the datastore>, or upload the photograph as the form field 'file'")

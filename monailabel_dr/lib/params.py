@@ -142,19 +142,21 @@ _INTERNAL = ("model", "image", "session", "label", "device", "result_extension",
              "pipeline", "logging")
 
 
-def check_request(request: dict, params: Mapping[str, Param], model: str) -> dict:
-    """``request`` with the declared parameters checked and normalised (a new dict); 422 on the first bad one."""
+def check_request(request: dict, params: Mapping[str, Param], model: str, common: Mapping[str, Param] | None = None,
+                  internal: tuple[str, ...] = _INTERNAL) -> dict:
+    """``request`` with the declared parameters checked and normalised (a new dict); 422 on the first bad one.
+    ``common``: parameters accepted besides the task's own (default: MONAI Label's infer request keys)."""
     out = dict(request)
-    known = {**COMMON, **params}
+    known = {**(COMMON if common is None else common), **params}
     for key, value in request.items():
         if key in known:
             if value is None and key not in params:
                 continue
             out[key] = known[key].check(key, value)
-        elif key not in _INTERNAL and isinstance(key, str):
+        elif key not in internal and isinstance(key, str):
             close = difflib.get_close_matches(key.lower(), list(params), n=1, cutoff=0.75)
             if close:
-                raise BadInput(f"unknown parameter {key!r} for model '{model}' (did you mean {close[0]!r}?); "
+                raise BadInput(f"unknown parameter {key!r} for {model} (did you mean {close[0]!r}?); "
                                f"its parameters: {', '.join(sorted(params)) or 'none'}")
     return out
 
@@ -176,3 +178,44 @@ def check_device(value: Any) -> str | None:
     if v not in ok:
         raise BadInput(f"parameter 'device': {_show(value)} is not a device of this server; accepted: {', '.join(ok)}")
     return v
+
+
+# What a train request may set (MONAI Label's BasicTrainTask config and this app's trainers).
+TRAIN_PARAMS: dict[str, Param] = {
+    "max_epochs": Param.integer(1, 10_000),
+    "learning_rate": Param.number(0, 10, low_open=True),
+    "train_batch_size": Param.integer(1, 4096),
+    "val_batch_size": Param.integer(1, 4096),
+    "val_split": Param.number(0, 1, high_open=True),
+    "early_stop_patience": Param.integer(-1, 10_000),
+    "seed": Param.integer(-1, 2**31 - 1),
+    "pretrained": Param.boolean(),
+    "multi_gpu": Param.boolean(),
+    "name": Param.text(200),
+    "dataset": Param.choice("cachedataset", "dataset", "persistentdataset", "smartcachedataset"),
+    "dataloader": Param.choice("dataloader", "threaddataloader"),
+    "gpus": Param.any(), "tracking": Param.any(), "tracking_uri": Param.any(), "tracking_experiment_name": Param.any(),
+    "device": Param.any(),
+    # this app's trainers (each reads those it uses)
+    "dataset_source": Param.text(4096), "label_tag": Param.text(64),
+    "samples_per_image": Param.integer(1, 256), "val_samples_per_image": Param.integer(1, 256),
+    "val_seed": Param.integer(0, 2**31 - 1), "val_variants": Param.integer(1, 64),
+    "patch_size": Param.integer(16, 4096), "crop_size": Param.integer(16, 4096),
+    "ssim_weight": Param.number(0, 100), "negative_prob": Param.number(0, 1),
+}
+TRAIN_INTERNAL = ("model", "run_sync", "enqueue", "force_sync", "client_id", "user", "local_rank", "world_size",
+                  "train_ds", "val_ds")
+
+
+def check_train_request(request: dict, what: str, extra: Mapping[str, Param] | None = None) -> dict:
+    """A train request's settings checked (422 naming the setting); MONAI Label's dataset / dataloader names
+    keep their spelling."""
+    params = {**TRAIN_PARAMS, **(extra or {})}
+    out = check_request(request, params, what, common={}, internal=TRAIN_INTERNAL)
+    for key, proper in (("dataset", ("CacheDataset", "Dataset", "PersistentDataset", "SmartCacheDataset")),
+                        ("dataloader", ("DataLoader", "ThreadDataLoader"))):
+        if isinstance(out.get(key), str):
+            out[key] = {p.lower(): p for p in proper}[out[key]]
+    if out.get("device") is not None:
+        out["device"] = check_device(out["device"]) or out["device"]
+    return out

@@ -76,14 +76,16 @@ def segment_labels(models: Mapping[str, Mapping[str, Any]]) -> list[str]:
     return merged
 
 
-def _names_from_label_info(label_info: Any) -> dict[int, str] | None:
-    """``label_info`` -> {label value: segment name}.
+def _names_from_label_info(label_info: Any, present: set[int] | None = None) -> tuple[dict[int, str], str] | None:
+    """``label_info`` -> ({label value: segment name}, the rule used).
 
-    3D Slicer exports the k-th listed segment as value k; its ``idx`` is the segment's place in
-    the whole segment list (1-based, counting the skipped background / scribble segments), so
-    it equals k unless some were skipped. Clients whose ``idx`` is the label value (any order)
-    send a permutation of 1..N. Values follow ``idx`` when the ``idx`` are a permutation of
-    1..N (the same as by position for Slicer without skipped segments), else the position.
+    An entry's ``idx`` is the value of that segment in the label map (what a client says it means is
+    taken): ``[{"name": "EX", "idx": 3}]`` names value 3. 3D Slicer sends ``idx`` = the segment's place
+    in its whole segment list, 1-based, and exports the k-th *exported* segment as value k, so the two
+    agree unless Slicer skipped segments (background or scribbles) before a lesion. Values follow
+    ``idx`` when the ``idx`` are distinct positive integers and every value in the map is one of them;
+    otherwise, when every value is at most the number of entries, they follow the position (Slicer
+    after skipped segments); else None (the values are refused by name later).
     """
     if isinstance(label_info, str):
         try:
@@ -94,10 +96,15 @@ def _names_from_label_info(label_info: Any) -> dict[int, str] | None:
         return None
     if not all(isinstance(e, Mapping) and isinstance(e.get("name"), str) for e in label_info):
         return None
+    present = set(present or ())
     idx = [e.get("idx") for e in label_info]
-    if all(isinstance(i, int) and not isinstance(i, bool) for i in idx) and sorted(idx) == list(range(1, len(idx) + 1)):
-        return {int(i): str(e["name"]) for i, e in zip(idx, label_info)}
-    return {k: str(e["name"]) for k, e in enumerate(label_info, start=1)}
+    ints = all(isinstance(i, int) and not isinstance(i, bool) and i >= 1 for i in idx) and len(set(idx)) == len(idx)
+    if ints and present <= set(idx):
+        return {int(i): str(e["name"]) for i, e in zip(idx, label_info)}, "label_info: idx is the segment's value"
+    by_position = {k: str(e["name"]) for k, e in enumerate(label_info, start=1)}
+    if not present or max(present) <= len(label_info):
+        return by_position, "label_info by position (3D Slicer exports the k-th segment as value k)"
+    return by_position, "label_info by position"
 
 
 def _names_from_nrrd(path: str) -> dict[int, str] | None:
@@ -120,16 +127,15 @@ def _names_from_nrrd(path: str) -> dict[int, str] | None:
     return names or None
 
 
-def lesion_value_map(label_path: str, ext: str, label_info: Mapping[str, Any] | None) -> tuple[dict[int, str], str] | None:
-    """{value in the file: segment name} and where it came from, or None (values are lesion values already)."""
+def lesion_value_map(label_path: str, ext: str, label_info: Mapping[str, Any] | None,
+                     present: set[int] | None = None) -> tuple[dict[int, str], str] | None:
+    """{value in the file: segment name} and where it came from, or None (values are lesion values already).
+    ``present``: the non-zero values in the map (they choose the ``label_info`` rule)."""
     if ext == ".nrrd":
         names = _names_from_nrrd(label_path)
         if names:
             return names, "segment fields of the file"
-    names = _names_from_label_info((label_info or {}).get("label_info"))
-    if names:
-        return names, "label_info (Slicer exports the k-th segment as value k)"
-    return None
+    return _names_from_label_info((label_info or {}).get("label_info"), present)
 
 
 def to_lesion_values(label: np.ndarray, names: Mapping[int, str], source: str) -> np.ndarray:

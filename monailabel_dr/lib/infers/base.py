@@ -163,7 +163,7 @@ class FundusInferTask(BasicInferTask):
     # ---------------------------------------------------------------- running
     def __call__(self, request, callbacks=None):
         # every declared request parameter checked before anything runs (lib/params.py): 422 naming it
-        request = check_request(request, self.params, self.name)
+        request = check_request(request, self.params, f"model '{self.name}'")
         if request.get("device") is not None:
             request["device"] = check_device(request["device"]) or self.app_settings.device
         if not os.path.isfile(self.model.serve_path):

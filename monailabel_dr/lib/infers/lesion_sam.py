@@ -55,18 +55,18 @@ MAX_TEXT_PROMPTS = 8
 MAX_TEXT_CHARS = 300
 
 
-def _as_list(v) -> list:
+def _as_list(v, name: str) -> list:
     if v is None or v == "":
         return []
     if isinstance(v, str):
         return [s.strip() for s in v.split(",") if s.strip()]
     if isinstance(v, (list, tuple)):
         return list(v)
-    raise BadInput(f"expected a string or a list, got {type(v).__name__}")
+    raise BadInput(f"parameter {name!r}: expected a string or a list, got {type(v).__name__}")
 
 
 def parse_lesions(value, has_text: bool) -> list[int]:
-    items = [str(x).strip().upper() for x in _as_list(value)]
+    items = [str(x).strip().upper() for x in _as_list(value, "lesion")]
     if not items:
         return [] if has_text else list(range(len(LESIONS)))
     if "ALL" in items:

@@ -170,13 +170,22 @@ class FundusTrainTask(BasicTrainTask):
     def load_path(self, output_dir, pretrained=True):
         return resume_path(self, output_dir, pretrained)
 
-    def __call__(self, request, datastore):
-        # the run name becomes <model_dir>/<name>: no paths (e.g. "../../x") out of the model dir
-        from monailabel_dr.lib.errors import check_id
+    # settings a trainer accepts besides MONAI Label's (lib/params.py TRAIN_PARAMS)
+    train_params: dict = {}
 
-        if request.get("name") is not None:
-            check_id(str(request["name"]), "train run name")
-        return super().__call__(request, datastore)
+    def check_request(self, request: dict) -> dict:
+        """The train request checked: every setting typed and in range, a near-miss key refused (422)."""
+        from monailabel_dr.lib.errors import check_id
+        from monailabel_dr.lib.params import check_train_request
+
+        out = check_train_request(dict(request or {}), f"trainer '{self.model.name}'", self.train_params)
+        # the run name becomes <model_dir>/<name>: no paths (e.g. "../../x") out of the model dir
+        if out.get("name") is not None:
+            check_id(str(out["name"]), "train run name")
+        return out
+
+    def __call__(self, request, datastore):
+        return super().__call__(self.check_request(request), datastore)
 
     # ---- MONAI Label's multi-GPU (DDP) path, also on CPU processes with the gloo backend
     def _device(self, context):
