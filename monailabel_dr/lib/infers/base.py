@@ -24,6 +24,8 @@ from monailabel.tasks.infer.basic_infer import BasicInferTask
 
 from monailabel_dr.config import AppSettings, ModelSettings
 from monailabel_dr.fundus import geometry, io
+from monailabel_dr.lib.checkpoints import describe as describe_record
+from monailabel_dr.lib.checkpoints import read_record
 from monailabel_dr.lib.errors import BadInput, ClientError, ModelNotTrained, find_cause
 from monailabel_dr.lib.params import Param, check_device, check_request, describe
 from monailabel_dr.transforms import LoadFundusd, lesion_map_transforms, preprocessing_transforms
@@ -101,7 +103,14 @@ class FundusInferTask(BasicInferTask):
                   "weights_model": self.model.name})
         if not s["trained"]:
             s["how_to_train"] = self._untrained_message()
+        else:
+            s.update(self.quality())
         return s
+
+    def quality(self) -> dict[str, Any]:
+        """How good the served checkpoint is: its validation record (lib/checkpoints.py) and a sentence."""
+        rec = read_record(self.model.serve_path)
+        return {"validation": rec, "quality": describe_record(rec), "early_checkpoint": bool(rec and not rec.get("complete"))}
 
     def info(self) -> dict[str, Any]:
         i = super().info()
@@ -237,9 +246,10 @@ class FundusInferTask(BasicInferTask):
         return tempfile.NamedTemporaryFile(suffix=ext, delete=False).name
 
     def model_json(self) -> dict[str, Any]:
+        """The ``model`` block of every answer: which checkpoint answered, and how good it is."""
         s = checkpoint_state(self.model.serve_path)
         return {"name": self.model.name, "profile": self.model.profile_name, "checkpoint": s.get("checkpoint"),
-                "modified": s.get("modified")}
+                "modified": s.get("modified"), **self.quality()}
 
 
 def probabilities_at_input(data: dict) -> tuple[np.ndarray, np.ndarray, geometry.FundusGeometry]:

@@ -63,9 +63,8 @@ class AtomicPublish(PublishStatsAndModel):
             return stats
         if self.evaluator is None and self.network is not None:
             net = self.network.module if hasattr(self.network, "module") else self.network
-            tmp = f"{publish_path}.tmp{os.getpid()}"
-            torch.save(self.export(net.state_dict()), tmp)
-            os.replace(tmp, publish_path)
+            self._record = self._make_record(complete=False)
+            self._write(publish_path, self.export(net.state_dict()))
             logger.info(f"Latest model published (no validation set): {publish_path}")
             return stats
         best = os.path.join(self.output_dir, self._key_metric_filename)
@@ -74,12 +73,38 @@ class AtomicPublish(PublishStatsAndModel):
         st = os.stat(best)
         if self._exported_from != (st.st_mtime_ns, st.st_size) or not os.path.exists(publish_path):
             state = torch.load(best, map_location="cpu", weights_only=True)
-            tmp = f"{publish_path}.tmp{os.getpid()}"
-            torch.save(self.export(state.get("model", state)), tmp)
-            os.replace(tmp, publish_path)
+            self._record = self._make_record(complete=False)   # the evaluator's metrics are the new best's
+            self._write(publish_path, self.export(state.get("model", state)))
             self._exported_from = (st.st_mtime_ns, st.st_size)
             logger.info(f"New model published: {best} => {publish_path}")
         return stats
+
+    # ------------------------------------------------------------ the validation record (lib/checkpoints.py)
+    def _make_record(self, complete: bool) -> dict:
+        from monailabel_dr.lib.checkpoints import make_record
+
+        return make_record(self.trainer, self.evaluator, self.run_id, self.resumed_from, self.split, complete)
+
+    def _write(self, publish_path: str, payload: dict) -> None:
+        from monailabel_dr.lib.checkpoints import RECORD_KEY
+
+        payload = dict(payload)
+        payload[RECORD_KEY] = self._record
+        tmp = f"{publish_path}.tmp{os.getpid()}"
+        torch.save(payload, tmp)
+        os.replace(tmp, publish_path)
+
+    def finished(self, engine=None) -> None:
+        """The run ended (all epochs, or early stopping): the published file's record says so."""
+        publish_path = self._publish_path
+        record = getattr(self, "_record", None)
+        if not publish_path or record is None or not os.path.exists(publish_path):
+            return
+        ckpt = torch.load(publish_path, map_location="cpu", weights_only=True)
+        record = dict(record, complete=True, epochs_run=int(self.trainer.state.epoch))
+        self._record = record
+        self._write(publish_path, {k: v for k, v in ckpt.items()} if isinstance(ckpt, dict) else {"model": ckpt})
+        logger.info(f"training finished: {publish_path} marked complete (epoch {record['epoch']} weights)")
 
 
 def attach_publisher(task, context) -> None:
@@ -95,6 +120,7 @@ def attach_publisher(task, context) -> None:
         split=getattr(context, "split_info", None),
     )
     (context.evaluator or context.trainer).add_event_handler(Events.EPOCH_COMPLETED, publisher)
+    context.trainer.add_event_handler(Events.COMPLETED, publisher.finished)
 
 
 def resume_path(task, output_dir: str, pretrained: bool = True) -> str | None:

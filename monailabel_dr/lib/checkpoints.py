@@ -1,0 +1,101 @@
+"""What a published checkpoint says about itself: its validation record.
+
+Trainers write the record into the checkpoint they publish (``payload["validation"]``,
+lib/trainers/common.py ``AtomicPublish``), so it travels with the file (``--conf <model>_checkpoint``
+on another server shows it too). Infer tasks read it back for ``/info`` and every answer, so an
+annotator can tell a first-epoch model from a finished one.
+
+Record fields: ``metric`` (the validation key metric's name, None without validation images),
+``value`` (its value for the served weights), ``metrics`` (every validation metric at that epoch),
+``epoch`` (the epoch of the served weights), ``epochs_run`` / ``max_epochs`` (how far the run was
+when the file was written), ``complete`` (the run had ended), ``n_train`` / ``n_val`` (images),
+``trained_at`` (ISO time the file was written), ``run``, ``resumed_from``, ``split``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import threading
+from typing import Any
+
+RECORD_KEY = "validation"
+_cache: dict[tuple, dict | None] = {}
+_lock = threading.Lock()
+
+
+def make_record(trainer, evaluator, run: str | None, resumed_from: str | None, split: dict | None,
+                complete: bool, metrics: dict | None = None, epoch: int | None = None) -> dict[str, Any]:
+    """The record of the weights being published by an ignite ``trainer`` (and its ``evaluator``)."""
+    def size(engine) -> int | None:
+        loader = getattr(engine, "data_loader", None) if engine is not None else None
+        try:
+            return len(loader.dataset)
+        except (AttributeError, TypeError):
+            return None
+
+    st = trainer.state
+    rec: dict[str, Any] = {
+        "metric": None, "value": None, "metrics": {},
+        "epoch": int(epoch if epoch is not None else st.epoch),
+        "epochs_run": int(st.epoch), "max_epochs": int(st.max_epochs or st.epoch), "complete": bool(complete),
+        "n_train": size(trainer), "n_val": size(evaluator) or 0,
+        "trained_at": _dt.datetime.now().isoformat(timespec="seconds"),
+        "run": run, "resumed_from": resumed_from,
+        "split": (split or {}).get("kind") if isinstance(split, dict) else split,
+    }
+    if evaluator is not None:
+        es = evaluator.state
+        rec["metric"] = getattr(es, "key_metric_name", None)
+        best = getattr(es, "best_metric", None)
+        rec["value"] = None if best is None or best == -1 else round(float(best), 4)
+        if epoch is None:
+            rec["epoch"] = int(getattr(es, "best_metric_epoch", st.epoch) or st.epoch)
+        rec["metrics"] = {k: round(float(v), 4) for k, v in (metrics if metrics is not None else es.metrics).items()
+                          if isinstance(v, (int, float))}
+    return rec
+
+
+def read_record(path: str) -> dict | None:
+    """The record stored in checkpoint ``path`` (None when it has none); read once per file version."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    key = (os.path.realpath(path), st.st_mtime_ns, st.st_size)
+    with _lock:
+        if key in _cache:
+            return _cache[key]
+    import torch
+
+    try:   # mmap: the record is read without reading the weights
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:
+            ckpt = None
+    rec = ckpt.get(RECORD_KEY) if isinstance(ckpt, dict) else None
+    rec = dict(rec) if isinstance(rec, dict) else None
+    with _lock:
+        if len(_cache) > 64:
+            _cache.clear()
+        _cache[key] = rec
+    return rec
+
+
+def describe(rec: dict | None) -> str:
+    """One sentence for an annotator: how good the served model is and whether it is still training."""
+    if rec is None:
+        return ("the served checkpoint carries no validation record (trained before the app stored one, or "
+                "brought from elsewhere): its quality is unknown here")
+    if rec.get("metric"):
+        quality = (f"validation {rec['metric']} {rec['value']} at epoch {rec['epoch']} "
+                   f"({rec.get('n_val')} validation / {rec.get('n_train')} training images)")
+    else:
+        quality = (f"not validated (no validation images; {rec.get('n_train')} training images), "
+                   f"weights of epoch {rec['epoch']}")
+    if not rec.get("complete"):
+        return (f"EARLY CHECKPOINT: {quality}, written while training was at epoch {rec.get('epochs_run')} of "
+                f"{rec.get('max_epochs')}; answers will change as training goes on")
+    return f"{quality}; training run finished ({rec.get('epochs_run')} of {rec.get('max_epochs')} epochs)"
