@@ -172,7 +172,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_infer(args) -> int:
-    app = make_app(args.studies, _conf(args))
+    app = make_app(read_only_view(args.studies), _conf(args))   # the folder is only read
     request = {"model": args.model}
     if args.params:
         request.update(json.loads(args.params))
@@ -239,7 +239,7 @@ def _model_task(args, infer: str):
     if args.checkpoint:  # an empty model dir, so nothing shadows the given checkpoint
         conf[f"{row}_checkpoint"] = os.path.realpath(args.checkpoint)
         conf["model_dir"] = _tmp_studies()
-    return make_app(args.studies or _tmp_studies(), conf)._infers[infer]
+    return make_app(read_only_view(args.studies) or _tmp_studies(), conf)._infers[infer]
 
 
 def cmd_evaluate(args) -> int:
@@ -273,7 +273,7 @@ def cmd_evaluate(args) -> int:
         raise SystemExit(f"evaluate: {args.model} is not evaluable yet (grading, {', '.join(LESION_MODELS)} are)")
     if args.dataset:
         return _evaluate_graded_folder(args)
-    app = make_app(args.studies or _tmp_studies(), _conf(args))
+    app = make_app(read_only_view(args.studies) or _tmp_studies(), _conf(args))
     report = evaluate_grading(app, studies=args.studies if args.phantoms is None else None,
                               phantoms=args.phantoms, seed=args.seed, size=args.size)
     if args.json:
@@ -300,7 +300,7 @@ def _grading_app(args):
             conf.update(conf_for_checkpoint("grading", record, load_model_table()["grading"].network_profiles()["profiles"]))
         conf["grading_checkpoint"] = os.path.realpath(args.checkpoint)
         conf["model_dir"] = _tmp_studies()   # an empty model dir, so nothing shadows the given checkpoint
-    return make_app(args.studies or _tmp_studies(), conf), record
+    return make_app(read_only_view(args.studies) or _tmp_studies(), conf), record
 
 
 def _evaluate_cam(args) -> int:
@@ -386,6 +386,40 @@ def cmd_rationale(args) -> int:
               + f"  acc {r['accuracy']:.3f}  referable AUC {r['referable_auc']:.3f}")
     print(f"model written to {out}")
     return 0
+
+
+def read_only_view(studies: str | None) -> str | None:
+    """A working copy of a studies folder for commands that only read it (infer, evaluate): the datastore
+    MONAI Label opens writes ``datastore_v2.json``, ``.lock`` and ``labels/`` into its folder (an infer on
+    an image id even saves its result there as an ``original`` label), so the folder the user gave is never
+    opened as a datastore. The view holds symbolic links to its images and labels and a copy of its
+    ``datastore_v2.json``, in a temporary folder removed when the command ends; a DICOMweb URL is returned
+    as it is (its cache is already outside any user folder)."""
+    import atexit
+    import tempfile
+
+    if not studies or studies.startswith(("http://", "https://")):
+        return studies
+    src = os.path.realpath(studies)
+    if not os.path.isdir(src):
+        raise SystemExit(f"--studies {studies}: no such folder")
+    view = tempfile.mkdtemp(prefix="mldr_readonly_")
+    atexit.register(shutil.rmtree, view, True)
+    for name in os.listdir(src):
+        path = os.path.join(src, name)
+        if name == "datastore_v2.json" and os.path.isfile(path):
+            shutil.copyfile(path, os.path.join(view, name))
+        elif os.path.isfile(path) and not name.startswith("."):
+            os.symlink(path, os.path.join(view, name))
+    labels = os.path.join(src, "labels")
+    if os.path.isdir(labels):
+        for tag in os.listdir(labels):
+            if not os.path.isdir(os.path.join(labels, tag)):
+                continue
+            os.makedirs(os.path.join(view, "labels", tag), exist_ok=True)
+            for name in os.listdir(os.path.join(labels, tag)):
+                os.symlink(os.path.join(labels, tag, name), os.path.join(view, "labels", tag, name))
+    return view
 
 
 def _tmp_studies() -> str:

@@ -94,3 +94,43 @@ def test_import_idrid_layout(tmp_path):
     assert np.all(lab[ma] == LESION_VALUES["MA"])  # MA painted last: never hidden
     ds = json.loads((store / "datastore_v2.json").read_text())
     assert ds["objects"]["IDRiD_01"]["labels"]["final"]["info"]["lesion_presence"]["EX"] is True
+
+
+def _listing(folder) -> dict:
+    """Every entry under ``folder`` (hidden ones too) with its size, mtime and content hash."""
+    import hashlib
+
+    out = {}
+    for p in sorted(folder.rglob("*")):
+        st = p.lstat()
+        out[str(p.relative_to(folder))] = (p.is_dir(), st.st_size, st.st_mtime_ns,
+                                           None if p.is_dir() else hashlib.sha1(p.read_bytes()).hexdigest())
+    return out
+
+
+def test_read_only_commands_leave_the_folder_as_it_was(tmp_path):
+    """infer (--all, --image) and evaluate only read --studies: no datastore_v2.json, .lock or labels/ appear
+    in a plain folder of photographs, and a datastore folder keeps every byte and timestamp."""
+    import shutil
+
+    store, model = tmp_path / "store", tmp_path / "model"
+    run_cli("demo", str(store), "--n", "8", "--labelled", "6", "--size", "200x260")
+    conf = ["--conf", "profile", "tiny", "--conf", "model_dir", str(model), "--conf", "models", "grading"]
+    run_cli("train", "grading", "--studies", str(store), *conf, "--epochs", "1")
+    plain = tmp_path / "photos"
+    plain.mkdir()
+    for p in sorted(store.glob("*.jpg"))[:3]:
+        shutil.copy(p, plain / p.name)
+    for folder in (plain, store):
+        before = _listing(folder)
+        proc = subprocess.run([sys.executable, "-m", "monailabel_dr.cli", "infer", "grading", "--studies", str(folder),
+                               *conf, "--all"], capture_output=True, text=True, cwd=str(ROOT), timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert len([line for line in proc.stdout.splitlines() if line.startswith('{"image"')]) == len(list(folder.glob("*.jpg")))
+        res = run_cli("infer", "cam", "--studies", str(folder), *conf, "--image", sorted(folder.glob("*.jpg"))[0].stem)
+        assert "regions" in res
+        assert _listing(folder) == before, folder
+    before = _listing(store)
+    report = run_cli("evaluate", "grading", "--studies", str(store), *conf)
+    assert report["n"] == 6 and report["data"]["studies"] == str(store.resolve())
+    assert _listing(store) == before
