@@ -37,6 +37,8 @@ CONF_OPTIONS: dict[str, tuple[str, str]] = {
                                   "for them). `auto`: one per two CPU cores on a CPU, 2 per GPU."),
     "offload": ("true", "`true`: requests run in worker threads, off the event loop (lib/offload.py); `false`: MONAI Label's stock "
                         "handling, one request at a time on the event loop (for bench/load_test.py's comparison)."),
+    "rescore_interval": ("10", "Seconds between checks for stale active-learning scores (after a retrain published a new model); "
+                               "they are recomputed in a background thread while no inference runs. 0 = off."),
     "train_on_start": ("", "Comma list of models to train in the background when the server starts (the demo uses `grading`)."),
     "retrain_after": ("0", "Retrain on correction: after this many new `final` labels of a kind a model learns from "
                            "(`learns_from` in configs/models.yaml), fine-tune it from the served model in the background; 0 = off."),
@@ -150,6 +152,7 @@ class AppSettings:
     max_upload_bytes: int = 100 * 2**20
     infer_concurrency: int | None = None   # None: lib/offload.default_infer_concurrency per device
     offload: bool = True
+    rescore_interval: float = 10.0
     extra: dict = field(default_factory=dict)
 
     def get(self, key: str, default: Any = None) -> Any:
@@ -263,8 +266,16 @@ def parse_conf(conf: dict[str, Any] | None, app_dir: str, table: dict[str, Model
     if offload not in ("true", "false", "1", "0", "yes", "no"):
         raise ConfError(f"--conf offload must be true or false, got {offload!r}")
 
+    try:
+        rescore_interval = float(conf.get("rescore_interval", 10))
+    except (TypeError, ValueError) as e:
+        raise ConfError(f"--conf rescore_interval must be a number of seconds, got {conf.get('rescore_interval')!r}") from e
+    if not 0 <= rescore_interval <= 86400:
+        raise ConfError(f"--conf rescore_interval must be in 0..86400 s (0 = off), got {rescore_interval}")
+
     return AppSettings(
         models=models,
+        rescore_interval=rescore_interval,
         infer_concurrency=infer_concurrency,
         offload=offload in ("true", "1", "yes"),
         max_upload_bytes=int(max_upload * 2**20),

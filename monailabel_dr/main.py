@@ -126,6 +126,11 @@ class MONAILabelDRApp(MONAILabelApp):
 
         offload.install_in_server(self.settings.offload)
         fix_token_check()  # MONAI_LABEL_AUTH_ENABLE: accept valid tokens (lib/auth.py)
+        # stale active-learning scores recomputed after every publish, while no inference runs (activelearning/common.py)
+        from monailabel_dr.lib.activelearning.common import start_rescoring
+
+        self.rescorer = start_rescoring(self.settings, self._scoring_methods, self.datastore(), self.infer_slots.idle,
+                                        self.settings.rescore_interval)
         for model in self.settings.train_on_start:
             logger.info(f"train_on_start: starting background training of '{model}'")
             self.async_training(model, enqueue=True)
@@ -159,6 +164,9 @@ class MONAILabelDRApp(MONAILabelApp):
         meta["model_state"] = {name: task.state() for name, task in self._infers.items() if hasattr(task, "state")}
         meta["profiles"] = {name: m.profile_name for name, m in self.settings.models.items()}
         meta["inference_slots"] = self.infer_slots.info()
+        rescorer = getattr(self, "rescorer", None)
+        if rescorer is not None:
+            meta["rescoring"] = rescorer.info()
         # the segments 3D Slicer creates for an image, in label-value order (lib/slicer.py)
         meta["labels"] = segment_labels(meta["models"])
         return meta

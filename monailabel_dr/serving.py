@@ -66,6 +66,12 @@ def serve_in_process(studies, conf: dict):
         with TestClient(app) as client:
             yield client
     finally:
+        from monailabel.interfaces.utils.app import apps
+
+        for instance in list(apps.values()):   # the app's background rescoring thread (lib/activelearning/common.py)
+            rescorer = getattr(instance, "rescorer", None)
+            if rescorer is not None:
+                rescorer.stop()
         clear_cache()
 
 

@@ -65,7 +65,9 @@ def phantom_store(phantom_template, tmp_path) -> Path:
 
 
 def tiny_conf(model_dir: Path, **extra) -> dict:
-    conf = {"models": "all", "profile": "tiny", "model_dir": str(model_dir), "device": "cpu", "server_mode": "true"}
+    # rescore_interval 0: no background rescoring unless a test asks for it (scores stay where a test put them)
+    conf = {"models": "all", "profile": "tiny", "model_dir": str(model_dir), "device": "cpu", "server_mode": "true",
+            "rescore_interval": "0"}
     conf.update({k: str(v) for k, v in extra.items()})
     return conf
 

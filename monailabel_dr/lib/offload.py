@@ -73,6 +73,7 @@ class InferSlots:
         self._sems: dict[str, threading.BoundedSemaphore] = {}
         self._lock = threading.Lock()
         self._busy: dict[str, int] = {}
+        self._pending = 0   # requests waiting for a slot or computing, all devices
 
     def _normal(self, device) -> str:
         d = str(device or self.default_device).lower()
@@ -89,19 +90,29 @@ class InferSlots:
             sem = self._sems.get(d)
             if sem is None:
                 sem = self._sems[d] = threading.BoundedSemaphore(self.size(d))
-        with sem:
-            with self._lock:
-                self._busy[d] = self._busy.get(d, 0) + 1
-            try:
-                yield
-            finally:
+            self._pending += 1
+        try:
+            with sem:
                 with self._lock:
-                    self._busy[d] -= 1
+                    self._busy[d] = self._busy.get(d, 0) + 1
+                try:
+                    yield
+                finally:
+                    with self._lock:
+                        self._busy[d] -= 1
+        finally:
+            with self._lock:
+                self._pending -= 1
+
+    def idle(self) -> bool:
+        """No inference computing or waiting (background work yields to inference)."""
+        with self._lock:
+            return self._pending == 0
 
     def info(self) -> dict:
         with self._lock:
             return {"per_device": {d: self.size(d) for d in (self._sems or {self._normal(None): None})},
-                    "busy": dict(self._busy)}
+                    "busy": dict(self._busy), "pending": self._pending}
 
 
 def _pool(name: str) -> ThreadPoolExecutor:

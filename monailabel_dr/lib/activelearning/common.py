@@ -20,8 +20,19 @@ whose score is current are skipped (``force: true`` recomputes everything). Chan
 
 **Strategies with missing or stale scores** compute them inline (the scoring method, only
 for the images that need it) when at most ``max_inline_scoring`` images (default 32) need
-it; with more they answer 409 naming the ``POST /scoring/<method>`` call to run first, so
-one ``/activelearning`` request never blocks the server for a whole datastore.
+it. With more, "next sample" never dead-ends: the strategy answers at once by a documented
+fallback and says which rule chose the image (``rule`` in the answer):
+
+- ``score``: every unlabelled image has a current score (the method's own ranking);
+- ``best_current_score``: the best among the images already scored for the current model;
+- ``best_previous_model_score``: none is, so the best by the scores of the model served before;
+- ``random_unlabelled``: no image has any score yet: one unlabelled image at random (seeded by the
+  model identity, so repeated requests agree until something changes).
+
+and the stale scores are recomputed in the background (:class:`BackgroundRescorer`: one
+thread, lowest CPU priority, one image at a time and only while no inference is running or
+waiting, after every publish, without being asked). Only a model that was never trained
+answers 409.
 
 Infer tasks: the methods use the app's own infer-task classes of each row
 (``models.yaml`` -> ``import_object``, as ``main.py`` builds them): the same checkpoint
@@ -383,15 +394,20 @@ class ScoreStrategy(Strategy):
         return shared_scorer(self.app, self.scoring_class, self.model)
 
     def current_scores(self, request: dict, datastore: Datastore, image_ids: list[str],
-                       scorer: FundusScoringMethod | None = None) -> dict[str, dict | None]:
-        """Stored scores of ``image_ids`` for the current model(s), computing the missing ones inline
-        (at most ``max_inline_scoring``, else 409)."""
+                       scorer: FundusScoringMethod | None = None, fallback: bool = False):
+        """Stored scores of ``image_ids``, computing the missing ones inline when at most
+        ``max_inline_scoring`` need it. With more: 409 naming the scoring call, or with ``fallback``
+        ``(stored, stale ids)`` and the background rescorer woken (the caller picks by a fallback rule).
+        Without ``fallback`` the stored scores are returned alone."""
         scorer = scorer or self.scorer()
         identity = scorer.identity()
         stale = scorer.stale_images(datastore, image_ids, identity)
         if stale:
             cap = int_param(request, "max_inline_scoring", DEFAULT_MAX_INLINE_SCORING, 0, 10**6)
             if len(stale) > cap:
+                if fallback:
+                    wake_rescoring(self.app)
+                    return {i: scorer.stored(datastore, i) for i in image_ids}, stale
                 raise Conflict(
                     f"{len(stale)} of {len(image_ids)} images have no '{scorer.name}' score for the current "
                     f"model ({', '.join(identity)}); run `POST /scoring/{scorer.name}?run_sync=true` first "
@@ -399,7 +415,38 @@ class ScoreStrategy(Strategy):
                 )
             params = {k: v for k, v in request.items() if k not in ("images", "image_ids", "force", "max_images")}
             scorer(dict(params, image_ids=stale), datastore)
-        return {i: scorer.stored(datastore, i) for i in image_ids}
+        stored = {i: scorer.stored(datastore, i) for i in image_ids}
+        return (stored, []) if fallback else stored
+
+    def fallback_pick(self, scorer: FundusScoringMethod, stored: dict, stale: list[str], unlabeled: list[str]) -> dict:
+        """The answer while scores are being recomputed (the rules of the module docstring)."""
+        import random
+
+        identity = scorer.identity()
+        stale_set = set(stale)
+        current = [(valid_score(stored[i]), i) for i in unlabeled if i not in stale_set and valid_score(stored[i]) is not None]
+        previous = [(valid_score(stored[i]), i) for i in unlabeled if i in stale_set and valid_score(stored[i]) is not None]
+        if current:
+            rule, pool = "best_current_score", current
+            why = (f"the best of the {len(current)} unlabelled images already scored for the current model "
+                   f"({len(stale)} are being rescored in the background)")
+        elif previous:
+            rule, pool = "best_previous_model_score", previous
+            why = (f"no image is scored for the current model yet ({len(stale)} are being rescored in the "
+                   f"background): the best by the scores of the model served before")
+        else:
+            rng = random.Random(f"{identity_key(identity)}|{len(unlabeled)}")
+            best = rng.choice(unlabeled)
+            return {"id": best, "score": None, "strategy": self.name, "rule": "random_unlabelled",
+                    "rule_description": f"no image has a score yet ({len(stale)} are being scored in the background): "
+                                        f"one of the {len(unlabeled)} unlabelled images at random",
+                    "models": identity, "unlabeled": len(unlabeled), "scored": 0, "rescoring": rescoring_info(self.app)}
+        best_score = max(v for v, _ in pool)
+        best = min(i for v, i in pool if v == best_score)
+        s = stored[best]
+        return {"id": best, "score": best_score, "strategy": self.name, "rule": rule, "rule_description": why,
+                "rank_key": s.get("rank_key"), "models": s.get("models"), "unlabeled": len(unlabeled),
+                "scored": len(current), "rescoring": rescoring_info(self.app)}
 
     def __call__(self, request, datastore: Datastore):
         request = dict(request or {})
@@ -408,7 +455,9 @@ class ScoreStrategy(Strategy):
         unlabeled = sorted(datastore.get_unlabeled_images())
         if not unlabeled:
             return None
-        stored = self.current_scores(request, datastore, unlabeled, scorer)
+        stored, stale = self.current_scores(request, datastore, unlabeled, scorer, fallback=True)
+        if stale:
+            return self.fallback_pick(scorer, stored, stale, unlabeled)
         scored = [(valid_score(s), i) for i, s in stored.items() if valid_score(s) is not None]
         if not scored:
             errors = {i: s.get("error") for i, s in stored.items() if s and "error" in s}
@@ -421,8 +470,127 @@ class ScoreStrategy(Strategy):
             "id": best,
             "score": best_score,
             "strategy": self.name,
+            "rule": "score",
+            "rule_description": f"the highest '{scorer.name}' score among the {len(unlabeled)} unlabelled images",
             "rank_key": s.get("rank_key"),
             "models": s.get("models"),
             "unlabeled": len(unlabeled),
             "scored": len(scored),
         }
+
+
+# ----------------------------------------------------------------------------- background rescoring
+class BackgroundRescorer:
+    """Recomputes stale scores of every scoring method after a publish, without being asked.
+
+    One daemon thread per app at the lowest CPU priority (``nice`` 19 for the thread), waking every
+    ``interval`` seconds (or when a strategy found stale scores). It scores one image at a time, the
+    unlabelled images first, and before each waits until no inference is running or waiting
+    (``is_idle``), so it never delays an annotator's request by more than one image's scoring. The
+    datastore keeps every score as it is stored (a stale score is replaced, never removed first)."""
+
+    def __init__(self, methods: dict, datastore: Datastore, is_idle: Callable[[], bool], interval: float = 10.0):
+        self.methods = {k: m for k, m in methods.items() if isinstance(m, FundusScoringMethod)}
+        self.datastore = datastore
+        self.is_idle = is_idle
+        self.interval = float(interval)
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._state_lock = threading.Lock()
+        self.state: dict[str, Any] = {"running": False, "method": None, "done": 0, "remaining": 0,
+                                      "passes": 0, "last_error": None}
+        self._thread = threading.Thread(target=self._loop, name="mldr-rescoring", daemon=True)
+
+    def start(self) -> "BackgroundRescorer":
+        if self.methods and self.interval > 0:
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def info(self) -> dict:
+        with self._state_lock:
+            return dict(self.state, enabled=bool(self.methods and self.interval > 0), interval_s=self.interval)
+
+    def _set(self, **kw) -> None:
+        with self._state_lock:
+            self.state.update(kw)
+
+    def _loop(self) -> None:
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)   # this thread only (Linux)
+        except (AttributeError, OSError, PermissionError):
+            pass
+        while not self._stop.is_set():
+            self._wake.wait(self.interval)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
+            try:
+                self.run_once()
+            except Exception as e:   # never let the thread die; the next pass tries again
+                logger.warning(f"background rescoring: {type(e).__name__}: {e}")
+                self._set(last_error=f"{type(e).__name__}: {e}")
+            finally:
+                self._set(running=False, method=None)
+
+    def run_once(self) -> int:
+        """One pass over every method: the stale images scored; returns how many."""
+        done = 0
+        for name, method in self.methods.items():
+            try:
+                identity = method.identity()
+                params = method.prepare({})
+            except ClientError:      # untrained (409) or unusable: nothing to rescore
+                continue
+            unlabeled = sorted(self.datastore.get_unlabeled_images())
+            labeled = sorted(set(self.datastore.list_images()) - set(unlabeled))
+            order = unlabeled + (labeled if method.default_images == "all" else [])
+            stale = method.stale_images(self.datastore, order, identity)
+            self._set(running=bool(stale), method=name if stale else None, remaining=len(stale))
+            for k, image_id in enumerate(stale):
+                while not self.is_idle():                      # inference first
+                    if self._stop.wait(0.2):
+                        return done
+                if self._stop.is_set():
+                    return done
+                with method._lock:
+                    if method.identity() != identity:          # a newer publish: start the pass again
+                        break
+                    if method.is_current(method.stored(self.datastore, image_id), identity):
+                        continue
+                    try:
+                        method._score_one(image_id, self.datastore, params)
+                    finally:
+                        method.finish()
+                done += 1
+                self._set(done=self.state["done"] + 1, remaining=len(stale) - k - 1)
+        with self._state_lock:
+            self.state["passes"] += 1
+        return done
+
+
+def start_rescoring(app: AppSettings, methods: dict, datastore: Datastore, is_idle: Callable[[], bool],
+                    interval: float) -> BackgroundRescorer:
+    reg = _registry(app)
+    old = reg.get("rescorer")
+    if old is not None:
+        old.stop()
+    reg["rescorer"] = BackgroundRescorer(methods, datastore, is_idle, interval).start()
+    return reg["rescorer"]
+
+
+def wake_rescoring(app: AppSettings) -> None:
+    r = _registry(app).get("rescorer")
+    if r is not None:
+        r.wake()
+
+
+def rescoring_info(app: AppSettings) -> dict | None:
+    r = _registry(app).get("rescorer")
+    return r.info() if r is not None else None

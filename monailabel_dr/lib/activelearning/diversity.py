@@ -86,7 +86,9 @@ class DiverseUncertaintyStrategy(ScoreStrategy):
             return None
         labeled = sorted(set(datastore.list_images()) - set(unlabeled))
         everyone = unlabeled + labeled
-        stored = self.current_scores(request, datastore, everyone, scorer)
+        stored, stale = self.current_scores(request, datastore, everyone, scorer, fallback=True)
+        if set(stale) & set(unlabeled):   # rescoring in the background: the fallback rules (no embeddings yet)
+            return self.fallback_pick(scorer, stored, [i for i in stale if i in set(unlabeled)], unlabeled)
         key = identity_key(identity)
         emb = scorer.embeddings.get(everyone, key)
         missing = [i for i in everyone if valid_score(stored[i]) is not None and i not in emb]
@@ -131,5 +133,7 @@ class DiverseUncertaintyStrategy(ScoreStrategy):
             "distance": round(gaps[0], 6) if np.isfinite(gaps[0]) else None,
             "pool": pool,
             "excluded_recent": [i for i in pool if i in recent],
+            "rule": "score",
+            "rule_description": "k-center greedy on grader embeddings among the most uncertain unlabelled images",
             "models": s.get("models"),
         }
