@@ -121,6 +121,27 @@ def wait_training(url: str, timeout: float) -> dict:
 MODELS = ("lesion_seg", "grading", "cam")
 
 
+def training_job_nice(marker: str) -> int | None:
+    """The CPU priority (nice) of the running background training job of the server on ``marker`` (its
+    studies folder, in the job's environment), read from /proc; None when not found (not Linux)."""
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmd = f.read().split(b"\0")
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                env = f.read()
+        except OSError:
+            continue
+        if b"monailabel.interfaces.utils.app" in cmd and b"train" in cmd and marker.encode() in env:
+            try:
+                return os.getpriority(os.PRIO_PROCESS, int(entry))
+            except OSError:
+                return None
+    return None
+
+
 def _single_latencies(url: str, ids: list[str], spare: list[str], size, seed: int, reps: int = 3) -> dict:
     """Median latency of each endpoint alone on an idle server (``spare``: images to save labels on)."""
     out: dict[str, float] = {}
@@ -215,6 +236,12 @@ def _load_phase(url: str, store: Path, ids: list[str], label_ids: list[str], n_i
     done.set()
     poller.join(timeout=600)
     result["training_status_at_load_end"] = requests.get(f"{url}/train/", timeout=60).json().get("status")
+    # the job renices itself once it has imported torch and built the app (~8 s here): look until then
+    deadline = time.time() + 60
+    result["training_nice"] = training_job_nice(str(store))
+    while result["training_nice"] == 0 and time.time() < deadline:
+        time.sleep(0.5)
+        result["training_nice"] = training_job_nice(str(store))
     log(f"load done in {result['load_wall_s']} s; training {result['training_status_at_load_end']}")
 
     def verify(listing_objects) -> list[str]:

@@ -39,6 +39,8 @@ CONF_OPTIONS: dict[str, tuple[str, str]] = {
                         "handling, one request at a time on the event loop (for bench/load_test.py's comparison)."),
     "rescore_interval": ("10", "Seconds between checks for stale active-learning scores (after a retrain published a new model); "
                                "they are recomputed in a background thread while no inference runs. 0 = off."),
+    "train_nice": ("10", "CPU priority (nice, 0-19) of background jobs (training), so annotators' requests come first on a busy "
+                         "machine; 0 = the server's own priority."),
     "train_on_start": ("", "Comma list of models to train in the background when the server starts (the demo uses `grading`)."),
     "retrain_after": ("0", "Retrain on correction: after this many new `final` labels of a kind a model learns from "
                            "(`learns_from` in configs/models.yaml), fine-tune it from the served model in the background; 0 = off."),
@@ -153,6 +155,7 @@ class AppSettings:
     infer_concurrency: int | None = None   # None: lib/offload.default_infer_concurrency per device
     offload: bool = True
     rescore_interval: float = 10.0
+    train_nice: int = 10
     extra: dict = field(default_factory=dict)
 
     def get(self, key: str, default: Any = None) -> Any:
@@ -273,8 +276,16 @@ def parse_conf(conf: dict[str, Any] | None, app_dir: str, table: dict[str, Model
     if not 0 <= rescore_interval <= 86400:
         raise ConfError(f"--conf rescore_interval must be in 0..86400 s (0 = off), got {rescore_interval}")
 
+    try:
+        train_nice = int(conf.get("train_nice", 10))
+    except (TypeError, ValueError) as e:
+        raise ConfError(f"--conf train_nice must be an integer 0..19, got {conf.get('train_nice')!r}") from e
+    if not 0 <= train_nice <= 19:
+        raise ConfError(f"--conf train_nice must be an integer 0..19, got {train_nice}")
+
     return AppSettings(
         models=models,
+        train_nice=train_nice,
         rescore_interval=rescore_interval,
         infer_concurrency=infer_concurrency,
         offload=offload in ("true", "1", "yes"),

@@ -29,6 +29,14 @@ from monailabel_dr.lib.slicer import segment_labels
 logger = logging.getLogger(__name__)
 
 
+def _in_background_job() -> bool:
+    """True in the subprocess MONAI Label starts for a background job (``python -m monailabel.interfaces.utils.app``)."""
+    import sys
+
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    return getattr(spec, "name", None) == "monailabel.interfaces.utils.app"
+
+
 class MONAILabelDRApp(MONAILabelApp):
     """Diabetic retinopathy app: grading + CAM (and the models later rows add)."""
 
@@ -36,6 +44,13 @@ class MONAILabelDRApp(MONAILabelApp):
         # Attributes used by the init_* hooks must exist before MONAILabelApp.__init__ runs them.
         self.table = load_model_table()
         self.settings = parse_conf(conf, app_dir, self.table)
+        if _in_background_job() and self.settings.train_nice > 0:
+            # a background job (MONAI Label's subprocess, e.g. training) yields the CPU to the server's requests;
+            # from the start: building the app is part of the job
+            try:
+                os.nice(self.settings.train_nice)
+            except OSError as e:
+                logger.warning(f"could not lower the background job's priority: {e}")
         for model in self.settings.models.values():
             os.makedirs(model.model_dir, exist_ok=True)
         super().__init__(

@@ -488,25 +488,16 @@ def test_label_info_idx_is_the_segment_value(phantom_store, tmp_path):
     with serve_in_process(phantom_store, tiny_conf(tmp_path / "model", models="lesion_seg")) as client:
         image = sorted(client.get("/datastore/?output=all").json()["objects"])[0]
         h, w = fio.read_image(phantom_store / f"{image}.jpg").shape[:2]
-        lab = np.zeros((h, w), np.uint8)
-        lab[40:60, 50:90] = 3
-        path = fio.write_label(tmp_path / "ex.png", lab)
-        with open(path, "rb") as f:
-            r = client.put("/datastore/label", params={"image": image, "tag": "final"},
-                           data={"params": json.dumps({"label_info": [{"name": "EX", "idx": 3}]})},
-                           files={"label": (f"{image}.png", f)})
-        assert r.status_code == 200, r.text
-        saved = fio.read_label(phantom_store / "labels" / "final" / f"{image}.png")
-        assert set(np.unique(saved).tolist()) == {0, LESION_VALUES["EX"]}
-        assert (saved == LESION_VALUES["EX"]).sum() == 20 * 40
-        # a value that is not the lesion's own: SE named as value 2 is stored as SE (4)
-        lab2 = np.zeros((h, w), np.uint8)
-        lab2[10:20, 10:30] = 2
-        path = fio.write_label(tmp_path / "se.png", lab2)
-        with open(path, "rb") as f:
-            r = client.put("/datastore/label", params={"image": image, "tag": "final"},
-                           data={"params": json.dumps({"label_info": [{"name": "SE", "idx": 2}]})},
-                           files={"label": (f"{image}.png", f)})
-        assert r.status_code == 200, r.text
-        saved = fio.read_label(phantom_store / "labels" / "final" / f"{image}.png")
-        assert set(np.unique(saved).tolist()) == {0, LESION_VALUES["SE"]} and (saved == 4).sum() == 200
+        # (segment named, its value in the map, the box drawn): EX as 3 (its own value), SE as 2 (HE's value)
+        for name, value, box in (("EX", 3, (40, 60, 50, 90)), ("SE", 2, (10, 20, 10, 30))):
+            lab = np.zeros((h, w), np.uint8)
+            lab[box[0]:box[1], box[2]:box[3]] = value
+            path = fio.write_label(tmp_path / f"{name}.png", lab)
+            with open(path, "rb") as f:
+                r = client.put("/datastore/label", params={"image": image, "tag": "final"},
+                               data={"params": json.dumps({"label_info": [{"name": name, "idx": value}]})},
+                               files={"label": (f"{image}.png", f)})
+            assert r.status_code == 200, r.text
+            saved = fio.read_label(phantom_store / "labels" / "final" / f"{image}.png")
+            assert set(np.unique(saved).tolist()) == {0, LESION_VALUES[name]}, name
+            assert (saved == LESION_VALUES[name]).sum() == (box[1] - box[0]) * (box[3] - box[2])
