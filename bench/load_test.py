@@ -175,6 +175,11 @@ def _load_phase(url: str, store: Path, ids: list[str], label_ids: list[str], n_i
     t0 = time.time()
     while requests.get(f"{url}/train/", timeout=60).json().get("status") != "RUNNING" and time.time() - t0 < 120:
         time.sleep(0.5)
+    # released once the job trains: it has imported torch and built the app, and reniced itself (--conf train_nice)
+    deadline = time.time() + 120
+    while time.time() < deadline and not training_job_nice(str(store)) and \
+            requests.get(f"{url}/train/", timeout=60).json().get("status") == "RUNNING":
+        time.sleep(0.25)
     result["training_status_at_load_start"] = requests.get(f"{url}/train/", timeout=60).json().get("status")
     log(f"background training: {result['training_status_at_load_start']}")
 
