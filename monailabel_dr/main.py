@@ -101,6 +101,9 @@ class MONAILabelDRApp(MONAILabelApp):
                 infers[infer_name] = import_object(ref)(infer_name, model, self.settings)
         if "grading" in infers and "lesion_seg" in infers:   # the grade rationale reads lesion_seg's answer
             infers["grading"].lesion_answer = infers["lesion_seg"].answer
+        from monailabel_dr.lib.activelearning.common import register_serving_tasks
+
+        register_serving_tasks(self.settings, infers)   # scoring shares their network copies
         return infers
 
     def init_trainers(self) -> dict[str, TrainTask]:

@@ -196,3 +196,19 @@ def test_infer_concurrency_conf(tmp_path, value, ok):
     else:
         with pytest.raises(ConfError, match="infer_concurrency"):
             parse_conf({"infer_concurrency": value, "models": "grading"}, str(tmp_path))
+
+
+def test_scoring_shares_the_served_network(phantom_store, tmp_path):
+    """One network copy per model and device: the scoring methods' tasks use the serving task's cache."""
+    from monailabel_dr.lib.activelearning.common import shared_infer_task
+
+    with serve_in_process(phantom_store, tiny_conf(tmp_path / "model", models="grading")) as client:
+        _train(client, "grading")
+        app = _app()
+        image = sorted(client.get("/datastore/?output=all").json()["objects"])[0]
+        assert client.post("/infer/grading", params={"image": image}).status_code == 200
+        assert client.post("/scoring/grade_uncertainty?run_sync=true", json={"max_images": 2}).status_code == 200
+        serving = app._infers["grading"]
+        scoring = shared_infer_task(app.settings, "grading", "grading")
+        assert scoring is not serving and scoring._networks is serving._networks
+        assert len(serving._networks) == 1 and serving.loads + scoring.loads == 1

@@ -93,8 +93,19 @@ def shared_infer_task(app: AppSettings, model_name: str, infer_name: str,
             task = import_object(model.spec.infers[infer_name])(infer_name, model, app)
             if configure:
                 configure(task)
+            serving = reg.get("serving", {}).get(key)
+            if serving is not None and hasattr(serving, "_load_lock"):
+                # one network copy per model and device: the serving task's cache (and its load lock)
+                task._networks, task._load_lock = serving._networks, serving._load_lock
             reg["tasks"][key] = task
         return task
+
+
+def register_serving_tasks(app: AppSettings, infers: dict[str, InferTask]) -> None:
+    """The app's own infer tasks (main.py): scoring copies of them share their network cache."""
+    reg = _registry(app)
+    with _REGISTRY_LOCK:
+        reg["serving"] = {(t.model.name, name): t for name, t in infers.items() if hasattr(t, "model")}
 
 
 def find_infer(app: AppSettings, cls: type) -> tuple[str, str] | None:
