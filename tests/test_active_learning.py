@@ -296,9 +296,11 @@ def test_scores_are_recomputed_when_a_new_model_is_published(al_server):
     _republish(path)
     new = _identity(path)
     assert new != old
-    # stale scores: a strategy refuses to rank by them when it may not compute them inline ...
+    # stale scores, not computed inline: the strategy still answers, by the previous model's scores, and says so ...
     r = c.post("/activelearning/lesion_uncertainty", json={"max_inline_scoring": 0})
-    assert r.status_code == 409 and "/scoring/lesion_uncertainty" in r.json()["detail"]
+    assert r.status_code == 200, r.text
+    assert r.json()["rule"] == "best_previous_model_score" and r.json()["id"] in unl
+    assert r.json()["score"] == max(before[i]["score"] for i in unl)
     # ... and the scoring method recomputes exactly the stale ones
     summary = c.post("/scoring/lesion_uncertainty?run_sync=true").json()
     assert summary["executed"] == len(unl) and summary["skipped"] == 0
