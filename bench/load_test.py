@@ -313,7 +313,8 @@ def run_mode(offload: bool = True, loads=(20,), n_labels: int | None = None, wor
     spare = ids[8:14]                             # single-request label saves
     c = {"models": "grading,lesion_seg", "offload": "true" if offload else "false"}
     c.update(conf or {})
-    result: dict = {"mode": "offload" if offload else "stock", "images": n_images, "image_size": list(size), "phases": []}
+    mode = "stock" if not offload else ("workers" if int(c.get("infer_workers", 0) or 0) > 0 else "offload")
+    result: dict = {"mode": mode, "conf": c, "images": n_images, "image_size": list(size), "phases": []}
     with running_server(store, base / "model", conf=c, log_path=base / "server.log") as url:
         log(f"[{result['mode']}] server up at {url} ({time.time() - t_start:.1f} s)")
         for image_id in seg_train_ids:
@@ -375,9 +376,11 @@ def table(modes: list[dict]) -> str:
                          f"| {ph['label']['p50_s']} / {ph['label']['p95_s']} | {ph['info']['p50_s']} / {ph['info']['p95_s']} "
                          f"| {ph['errors']} | {ph['lost_labels']} | {ph['load_wall_s']} |")
     by = {m["mode"]: m for m in modes}
-    if "stock" in by and "offload" in by:
-        lines += ["", "| N | stock / offload p95: /infer | /datastore/label | /info |", "|---|---|---|---|"]
-        for a, b in zip(by["stock"]["phases"], by["offload"]["phases"]):
+    for other in ("offload", "workers"):
+        if "stock" not in by or other not in by:
+            continue
+        lines += ["", f"| N | stock / {other} p95: /infer | /datastore/label | /info |", "|---|---|---|---|"]
+        for a, b in zip(by["stock"]["phases"], by[other]["phases"]):
             r = [round(a[k]["p95_s"] / b[k]["p95_s"], 1) if b[k]["p95_s"] else None for k in ("infer", "label", "info")]
             lines.append(f"| {a['n_infer']} | {r[0]}x | {r[1]}x | {r[2]}x |")
     singles = [m for m in modes if m.get("single_s")]
@@ -392,7 +395,9 @@ def table(modes: list[dict]) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--modes", default="stock,offload", help="comma list of serving modes: stock, offload")
+    p.add_argument("--modes", default="stock,offload,workers",
+                   help="comma list of serving modes: stock (--conf offload false), offload (worker threads), "
+                        "workers (worker threads and --conf infer_workers 1: inference in a worker process)")
     p.add_argument("--loads", default="20,40", help="comma list of N: N parallel /infer + N parallel label saves")
     p.add_argument("--workers", type=int, default=None, help="client threads (default: all requests at once)")
     p.add_argument("--train-epochs", type=int, default=40, help="epochs of each background grading job")
@@ -404,12 +409,16 @@ def main(argv=None) -> int:
     loads = [int(x) for x in a.loads.split(",") if x.strip()]
     modes = []
     for mode in [m.strip() for m in a.modes.split(",") if m.strip()]:
-        if mode not in ("stock", "offload"):
-            p.error(f"unknown mode {mode!r}; use stock, offload")
+        if mode not in ("stock", "offload", "workers"):
+            p.error(f"unknown mode {mode!r}; use stock, offload, workers")
         wd = str(Path(a.workdir) / mode) if a.workdir else None
-        modes.append(run_mode(offload=mode == "offload", loads=loads, workers=a.workers, train_epochs=a.train_epochs,
-                              seed=a.seed, workdir=wd, conf={"infer_concurrency": a.infer_concurrency} if mode == "offload" else None,
-                              log=lambda m: print(m, file=sys.stderr, flush=True)))
+        conf = None
+        if mode == "offload":
+            conf = {"infer_concurrency": a.infer_concurrency}
+        elif mode == "workers":
+            conf = {"infer_workers": "1"}
+        modes.append(run_mode(offload=mode != "stock", loads=loads, workers=a.workers, train_epochs=a.train_epochs,
+                              seed=a.seed, workdir=wd, conf=conf, log=lambda m: print(m, file=sys.stderr, flush=True)))
     for m in modes:
         slots = 1
         if m["phases"] and m["phases"][0].get("inference_slots"):

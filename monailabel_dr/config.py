@@ -39,6 +39,9 @@ CONF_OPTIONS: dict[str, tuple[str, str]] = {
                         "handling, one request at a time on the event loop (for bench/load_test.py's comparison)."),
     "rescore_interval": ("10", "Seconds between checks for stale active-learning scores (after a retrain published a new model); "
                                "they are recomputed in a background thread while no inference runs. 0 = off."),
+    "infer_workers": ("1", "Worker processes that run the server's inferences (each builds the served models once at start, "
+                           "and runs one inference at a time); 0 = in the server process, in threads. A process has its own "
+                           "Python interpreter, so label saves and /info never share one with the inferences."),
     "train_nice": ("10", "CPU priority (nice, 0-19) of background jobs (training), so annotators' requests come first on a busy "
                          "machine; 0 = the server's own priority."),
     "train_on_start": ("", "Comma list of models to train in the background when the server starts (the demo uses `grading`)."),
@@ -156,6 +159,7 @@ class AppSettings:
     offload: bool = True
     rescore_interval: float = 10.0
     train_nice: int = 10
+    infer_workers: int = 1
     extra: dict = field(default_factory=dict)
 
     def get(self, key: str, default: Any = None) -> Any:
@@ -283,8 +287,16 @@ def parse_conf(conf: dict[str, Any] | None, app_dir: str, table: dict[str, Model
     if not 0 <= train_nice <= 19:
         raise ConfError(f"--conf train_nice must be an integer 0..19, got {train_nice}")
 
+    try:
+        infer_workers = int(conf.get("infer_workers", 1))
+    except (TypeError, ValueError) as e:
+        raise ConfError(f"--conf infer_workers must be an integer 0..16, got {conf.get('infer_workers')!r}") from e
+    if not 0 <= infer_workers <= 16:
+        raise ConfError(f"--conf infer_workers must be an integer 0..16, got {infer_workers}")
+
     return AppSettings(
         models=models,
+        infer_workers=infer_workers,
         train_nice=train_nice,
         rescore_interval=rescore_interval,
         infer_concurrency=infer_concurrency,

@@ -143,6 +143,13 @@ class MONAILabelDRApp(MONAILabelApp):
         from monailabel_dr.lib import offload
 
         offload.install_in_server(self.settings.offload)
+        if self.settings.infer_workers > 0:
+            # the server's inferences in worker processes (lib/infer_workers.py); one at a time in each
+            from monailabel_dr.lib.infer_workers import InferWorkers, WorkerTask
+
+            self.infer_workers = InferWorkers(self.settings.infer_workers, self.app_dir, self.conf)
+            self._infers = {name: WorkerTask(task, self.infer_workers) for name, task in self._infers.items()}
+            self.infer_slots.per_device = self.settings.infer_workers
         fix_token_check()  # MONAI_LABEL_AUTH_ENABLE: accept valid tokens (lib/auth.py)
         # stale active-learning scores recomputed after every publish, while no inference runs (activelearning/common.py)
         from monailabel_dr.lib.activelearning.common import start_rescoring
@@ -182,6 +189,7 @@ class MONAILabelDRApp(MONAILabelApp):
         meta["model_state"] = {name: task.state() for name, task in self._infers.items() if hasattr(task, "state")}
         meta["profiles"] = {name: m.profile_name for name, m in self.settings.models.items()}
         meta["inference_slots"] = self.infer_slots.info()
+        meta["inference_slots"]["worker_processes"] = self.infer_workers.n if getattr(self, "infer_workers", None) else 0
         rescorer = getattr(self, "rescorer", None)
         if rescorer is not None:
             meta["rescoring"] = rescorer.info()

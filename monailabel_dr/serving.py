@@ -48,6 +48,7 @@ def serve_in_process(studies, conf: dict):
     from monailabel.interfaces.utils.app import clear_cache
 
     conf = {k: str(v) for k, v in conf.items()}
+    conf.setdefault("infer_workers", "0")   # in-process: the served tasks are this process's (tests reach into them)
     settings.MONAI_LABEL_APP_DIR = str(APP_DIR)
     settings.MONAI_LABEL_STUDIES = str(studies)
     settings.MONAI_LABEL_APP_CONF = conf
@@ -72,6 +73,9 @@ def serve_in_process(studies, conf: dict):
             rescorer = getattr(instance, "rescorer", None)
             if rescorer is not None:
                 rescorer.stop()
+            workers = getattr(instance, "infer_workers", None)
+            if workers is not None:
+                workers.shutdown()
         clear_cache()
 
 

@@ -65,9 +65,10 @@ def phantom_store(phantom_template, tmp_path) -> Path:
 
 
 def tiny_conf(model_dir: Path, **extra) -> dict:
-    # rescore_interval 0: no background rescoring unless a test asks for it (scores stay where a test put them)
+    # rescore_interval 0: no background rescoring unless a test asks for it (scores stay where a test put them);
+    # infer_workers 0: in-process tests reach into the served tasks (the HTTP server tests use the default, 1)
     conf = {"models": "all", "profile": "tiny", "model_dir": str(model_dir), "device": "cpu", "server_mode": "true",
-            "rescore_interval": "0"}
+            "rescore_interval": "0", "infer_workers": "0"}
     conf.update({k: str(v) for k, v in extra.items()})
     return conf
 

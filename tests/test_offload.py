@@ -212,3 +212,24 @@ def test_scoring_shares_the_served_network(phantom_store, tmp_path):
         scoring = shared_infer_task(app.settings, "grading", "grading")
         assert scoring is not serving and scoring._networks is serving._networks
         assert len(serving._networks) == 1 and serving.loads + scoring.loads == 1
+
+
+def test_inference_in_a_worker_process_over_http(phantom_store, tmp_path):
+    """The default real server (--conf infer_workers 1): answers, client errors and a reload after training
+    come from the worker process as they would from the server's own tasks."""
+    import requests
+
+    from monailabel_dr.serving import running_server
+
+    with running_server(phantom_store, tmp_path / "model", conf={"models": "grading", "rescore_interval": "0"},
+                        log_path=tmp_path / "server.log") as url:
+        info = requests.get(f"{url}/info/", timeout=60).json()
+        assert info["inference_slots"]["worker_processes"] == 1
+        image = sorted(requests.get(f"{url}/datastore/?output=all", timeout=60).json()["objects"])[0]
+        r = requests.post(f"{url}/infer/grading", params={"image": image}, timeout=300)
+        assert r.status_code == 409 and "no trained weights" in r.json()["detail"]          # raised in the worker
+        r = requests.post(f"{url}/infer/grading", params={"image": image}, data={"params": '{"rationale": "x"}'}, timeout=60)
+        assert r.status_code == 422 and "rationale" in r.json()["detail"]
+        assert requests.post(f"{url}/train/grading?run_sync=true", json={"max_epochs": 1}, timeout=600).status_code == 200
+        r = requests.post(f"{url}/infer/grading", params={"image": image}, timeout=300)
+        assert r.status_code == 200 and r.json()["model"]["validation"]["complete"] is True   # the new checkpoint

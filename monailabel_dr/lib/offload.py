@@ -58,7 +58,8 @@ def default_infer_concurrency(device: str) -> int:
 
     CPU: one per two cores (each inference runs torch on every core; more at once only
     competes for them and multiplies the memory of 12 MP images). CUDA: 2, so one
-    request's CPU pre/post-processing overlaps another's GPU pass."""
+    request's CPU pre/post-processing overlaps another's GPU pass. With worker processes
+    (``--conf infer_workers N``, lib/infer_workers.py) the slots are the N workers."""
     if str(device).startswith("cuda"):
         return 2
     return max(1, (os.cpu_count() or 2) // 2)
