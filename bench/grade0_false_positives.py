@@ -1,0 +1,91 @@
+"""False lesions on healthy eyes: the served `lesion_seg` on the grade-0 photographs of the graded_dr
+validation patients (the grading trainer's patient split). Prints numbers; asserts nothing.
+
+    .venv/bin/python bench/grade0_false_positives.py --checkpoint runs/lesion_cpu/lesion_seg.pt [--json out.json]
+
+For each grade-0 validation photograph the `/infer/lesion_seg` answer (same task, same threshold as
+served): whether any lesion component is reported, per lesion and in all, and the predicted lesion
+area as a fraction of the field of view. Reports the fraction of photographs with any component, the
+mean and median number of components, and the mean predicted area, per lesion and in all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+sys.path.insert(0, ROOT)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--folder", default=os.path.join(ROOT, "..", "shared", "data", "graded_dr"))
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--profile", default="cpu")
+    p.add_argument("--split", default="val", choices=["val", "train", "all"])
+    p.add_argument("--max-images", type=int, default=0)
+    p.add_argument("--json")
+    a = p.parse_args()
+
+    from monailabel_dr.cli import make_app
+    from monailabel_dr.fundus.lesions import LESIONS
+    from monailabel_dr.fundus.patients import patient_split
+
+    with open(os.path.join(a.folder, "grades.csv")) as f:
+        rows = {r["image"]: int(r["grade"]) for r in csv.DictReader(f)}
+    ids = sorted(rows)
+    train, val = patient_split(ids, [rows[i] for i in ids], val_fraction=0.2)
+    chosen = {"val": val, "train": train, "all": ids}[a.split]
+    healthy = [i for i in sorted(chosen) if rows[i] == 0]
+    if a.max_images:
+        healthy = healthy[:a.max_images]
+    images = {os.path.splitext(n)[0]: os.path.join(a.folder, "images", n) for n in os.listdir(os.path.join(a.folder, "images"))}
+
+    conf = {"models": "lesion_seg", "lesion_seg_profile": a.profile, "model_dir": tempfile.mkdtemp(prefix="mldr_g0_"),
+            "device": "cpu", "lesion_seg_checkpoint": os.path.realpath(a.checkpoint)}
+    task = make_app(tempfile.mkdtemp(prefix="mldr_g0_store_"), conf)._infers["lesion_seg"]
+    per_image = []
+    t0 = time.time()
+    for image_id in healthy:
+        ans = task.answer(images[image_id])
+        fov = float(ans["fov_area_px"])
+        les = ans["lesions"]
+        per_image.append({"image": image_id,
+                          "components": {k: les[k]["components"] for k in LESIONS},
+                          "area_fraction": {k: les[k]["area_px"] / fov for k in LESIONS}})
+    any_comp = [sum(r["components"].values()) > 0 for r in per_image]
+    report = {
+        "data": {"folder": os.path.realpath(a.folder), "split": a.split, "grade0_images": len(per_image),
+                 "patients": len({i.rsplit("_", 1)[0] for i in healthy})},
+        "checkpoint": os.path.realpath(a.checkpoint), "threshold": ans.get("threshold") if per_image else None,
+        "model": task.model_json(),
+        "any_lesion_fraction_of_images": round(float(np.mean(any_comp)), 4) if per_image else None,
+        "mean_area_fraction_of_fov_all_lesions": round(float(np.mean([sum(r["area_fraction"].values()) for r in per_image])), 6)
+        if per_image else None,
+        "per_lesion": {k: {
+            "images_with_components": round(float(np.mean([r["components"][k] > 0 for r in per_image])), 4),
+            "components_mean": round(float(np.mean([r["components"][k] for r in per_image])), 2),
+            "components_median": float(np.median([r["components"][k] for r in per_image])),
+            "mean_area_fraction_of_fov": round(float(np.mean([r["area_fraction"][k] for r in per_image])), 6),
+        } for k in LESIONS} if per_image else {},
+        "seconds": round(time.time() - t0, 1),
+        "per_image": per_image,
+    }
+    text = json.dumps({k: v for k, v in report.items() if k != "per_image"}, indent=2, default=str)
+    print(text)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(report, f, indent=1, default=str)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
