@@ -150,3 +150,36 @@ def test_lesion_sam_ablations_train_and_evaluate(idrid_folder, tmp_path):
                           "tiny", "--n-boot", "5"], capture_output=True, text=True, cwd=str(ROOT), timeout=600)
     assert bad.returncode != 0
     assert "trained tensors missing" in bad.stdout + bad.stderr
+
+
+def test_negatives_from_healthy_training_patients(idrid_folder, tmp_path):
+    """negatives_source grades:<folder>: the grade-0 eyes of the training patients only, as empty masks,
+    and a lesion_seg run trains with them."""
+    from test_real_grading import _graded_folder
+
+    from monailabel_dr.fundus.patients import patient_split
+    from monailabel_dr.lib.importers import read_grades_csv
+    from monailabel_dr.lib.trainers.lesion_data import negative_items
+
+    graded = _graded_folder(tmp_path / "graded", n_patients=12, size=(240, 320))
+    grades = read_grades_csv(str(graded / "grades.csv"))
+    ids = sorted(grades)
+    train, val = patient_split(ids, [grades[i] for i in ids], val_fraction=0.2)
+    items = negative_items(f"grades:{graded}")
+    got = {it["id"].split(":", 1)[1] for it in items}
+    assert got and got == {i for i in train if grades[i] == 0}
+    assert not got & set(val) and all(it["masks"] == {} and it["split"] == "train" for it in items)
+    assert len(negative_items(f"grades:{graded}", max_n=2)) == 2
+    with pytest.raises(Exception, match="grades:<folder>"):
+        negative_items(f"idrid:{graded}")
+    model = tmp_path / "model"
+    conf = ["--conf", "models", "lesion_seg", "--conf", "profile", "tiny", "--conf", "model_dir", str(model)]
+    out = cli("train", "lesion_seg", "--dataset", f"idrid:{idrid_folder}", *conf, "--epochs", "1",
+              "--params", json.dumps({"negatives_source": f"grades:{graded}", "negatives_max": 3}))
+    assert json.loads(out.stdout[out.stdout.index("{"):])["epoch"] == 1
+    from monailabel_dr.fundus.idrid import idrid_split, list_idrid
+    from monailabel_dr.lib.checkpoints import read_record
+
+    idrid_train, idrid_val = idrid_split(list_idrid(str(idrid_folder)))
+    record = read_record(str(model / "lesion_seg.pt"))
+    assert record["n_train"] == len(idrid_train) + 3 and record["n_val"] == len(idrid_val)   # the 3 healthy eyes trained

@@ -202,6 +202,7 @@ TRAIN_PARAMS: dict[str, Param] = {
     "val_seed": Param.integer(0, 2**31 - 1), "val_variants": Param.integer(1, 64),
     "patch_size": Param.integer(16, 4096), "crop_size": Param.integer(16, 4096),
     "ssim_weight": Param.number(0, 100), "negative_prob": Param.number(0, 1),
+    "negatives_source": Param.text(4096), "negatives_max": Param.integer(0, 100_000),
 }
 TRAIN_INTERNAL = ("model", "run_sync", "enqueue", "force_sync", "client_id", "user", "local_rank", "world_size",
                   "train_ds", "val_ds")

@@ -7,7 +7,12 @@
 - ``dataset: "idrid:<folder>"`` in the request (``monailabel-dr train <model> --dataset
   idrid:<folder>``): the per-lesion masks of that folder, exact multi-label, split into
   train/validation by :func:`monailabel_dr.fundus.idrid.idrid_split` (ids ending in a multiple
-  of 5 validate).
+  of 5 validate);
+- and, with either, ``negatives_source: "grades:<folder>"`` (images/ and grades.csv, e.g. graded_dr):
+  its grade-0 photographs (eyes without DR) as training images with empty lesion masks, from the
+  training patients of the grading trainer's patient split only (its validation patients, on which
+  the grade-0 false-positive figure is measured, are never seen); ``negatives_max`` caps how many
+  (evenly spaced in id order). An option of the recipe, not yet measured (issue 18).
 """
 
 from __future__ import annotations
@@ -48,6 +53,31 @@ def idrid_items(folder: str) -> list[dict]:
     return items
 
 
+def negative_items(source: str, max_n: int = 0) -> list[dict]:
+    """Training items of the grade-0 photographs of ``grades:<folder>`` (see the module docstring)."""
+    import math
+
+    from monailabel_dr.fundus.patients import patient_split
+    from monailabel_dr.lib.importers import _find_image, read_grades_csv
+
+    kind, _, folder = str(source).partition(":")
+    if kind != "grades" or not folder:
+        raise BadInput(f"negatives_source {source!r}: use grades:<folder> (images/ and grades.csv)")
+    folder = os.path.realpath(os.path.expanduser(folder))
+    try:
+        grades = read_grades_csv(os.path.join(folder, "grades.csv"))
+    except (OSError, ValueError) as e:
+        raise BadInput(f"negatives_source {source!r}: {e}") from e
+    ids = sorted(grades)
+    train, _ = patient_split(ids, [grades[i] for i in ids], val_fraction=0.2)
+    healthy = [i for i in sorted(train) if grades[i] == 0 and _find_image(os.path.join(folder, "images"), i)]
+    if max_n and len(healthy) > max_n:
+        step = math.ceil(len(healthy) / max_n)
+        healthy = healthy[::step][:max_n]
+    return [{"image": _find_image(os.path.join(folder, "images"), i), "masks": {}, "id": f"negative:{i}",
+             "split": "train"} for i in healthy]
+
+
 CROP_INDICES_KEY = "label_cls_indices"
 
 
@@ -81,7 +111,7 @@ class LesionLabelSource:
             kind, _, folder = str(dataset).partition(":")
             if kind != "idrid" or not folder:
                 raise BadInput(f"dataset {dataset!r}: use idrid:<folder>")
-            return idrid_items(os.path.realpath(os.path.expanduser(folder)))
+            return idrid_items(os.path.realpath(os.path.expanduser(folder))) + self._negatives(request)
         tag = check_tag(str(request.get("label_tag") or "final"))  # "original": e.g. TWLR pseudo-labels
         items = []
         finder = getattr(datastore, "final_label_files", None)
@@ -92,7 +122,15 @@ class LesionLabelSource:
         if not items:
             raise Conflict(f"no {tag} lesion label maps to train {self.model_title} on: save label maps (values 1-4) "
                            "from 3D Slicer / PUT /datastore/label, or `monailabel-dr import --idrid FOLDER`")
-        return items
+        return items + self._negatives(request)
+
+    def _negatives(self, request) -> list[dict]:
+        t = getattr(self, "model", None)
+        t = t.train if t is not None else {}
+        source = request.get("negatives_source") or t.get("negatives_source")
+        if not source:
+            return []
+        return negative_items(str(source), int(request.get("negatives_max", t.get("negatives_max", 0)) or 0))
 
     def partition_datalist(self, context: Context, shuffle=False):
         if any("split" in d for d in context.datalist):
