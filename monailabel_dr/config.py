@@ -38,7 +38,7 @@ CONF_OPTIONS: dict[str, tuple[str, str]] = {
     "offload": ("true", "`true`: requests run in worker threads, off the event loop (lib/offload.py); `false`: MONAI Label's stock "
                         "handling, one request at a time on the event loop (for bench/load_test.py's comparison)."),
     "rescore_interval": ("10", "Seconds between checks for stale active-learning scores (after a retrain published a new model); "
-                               "they are recomputed in a background thread while no inference runs. 0 = off."),
+                               "they are recomputed in a background thread while no inference runs, once the model has not changed for twice this long (a strategy that finds stale scores starts it at once). 0 = off."),
     "infer_workers": ("1", "Worker processes that run the server's inferences (each builds the served models once at start, "
                            "and runs one inference at a time); 0 = in the server process, in threads. A process has its own "
                            "Python interpreter, so label saves and /info never share one with the inferences."),

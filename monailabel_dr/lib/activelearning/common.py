@@ -498,13 +498,21 @@ class BackgroundRescorer:
     ``interval`` seconds (or when a strategy found stale scores). It scores one image at a time, the
     unlabelled images first, and before each waits until no inference is running or waiting
     (``is_idle``), so it never delays an annotator's request by more than one image's scoring. The
-    datastore keeps every score as it is stored (a stale score is replaced, never removed first)."""
+    datastore keeps every score as it is stored (a stale score is replaced, never removed first).
+
+    A periodic pass leaves a model alone until its checkpoint has not changed for ``settle`` seconds
+    (default twice the interval): while a training run publishes a new best every few epochs, rescoring
+    the whole datastore after each would only be thrown away. A strategy that found stale scores wakes
+    it with no such wait (someone is asking for the next image now)."""
 
     def __init__(self, methods: dict, datastore: Datastore, is_idle: Callable[[], bool], interval: float = 10.0):
         self.methods = {k: m for k, m in methods.items() if isinstance(m, FundusScoringMethod)}
         self.datastore = datastore
         self.is_idle = is_idle
         self.interval = float(interval)
+        self.settle = 2.0 * self.interval
+        self._seen: dict[str, tuple[str, float]] = {}   # method -> (identity key, when it was first seen)
+        self._urgent = False
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._state_lock = threading.Lock()
@@ -522,6 +530,7 @@ class BackgroundRescorer:
         self._wake.set()
 
     def wake(self) -> None:
+        self._urgent = True
         self._wake.set()
 
     def info(self) -> dict:
@@ -540,24 +549,31 @@ class BackgroundRescorer:
         while not self._stop.is_set():
             self._wake.wait(self.interval)
             self._wake.clear()
+            urgent, self._urgent = self._urgent, False
             if self._stop.is_set():
                 return
             try:
-                self.run_once()
+                self.run_once(urgent=urgent)
             except Exception as e:   # never let the thread die; the next pass tries again
                 logger.warning(f"background rescoring: {type(e).__name__}: {e}")
                 self._set(last_error=f"{type(e).__name__}: {e}")
             finally:
                 self._set(running=False, method=None)
 
-    def run_once(self) -> int:
-        """One pass over every method: the stale images scored; returns how many."""
+    def run_once(self, urgent: bool = True) -> int:
+        """One pass over every method: the stale images scored; returns how many. Without ``urgent``, a
+        model whose checkpoint changed less than ``settle`` seconds ago is left for a later pass."""
         done = 0
         for name, method in self.methods.items():
             try:
                 identity = method.identity()
                 params = method.prepare({})
             except ClientError:      # untrained (409) or unusable: nothing to rescore
+                continue
+            key = identity_key(identity)
+            if self._seen.get(name, ("", 0.0))[0] != key:
+                self._seen[name] = (key, time.time())
+            if not urgent and time.time() - self._seen[name][1] < self.settle:
                 continue
             unlabeled = sorted(self.datastore.get_unlabeled_images())
             labeled = sorted(set(self.datastore.list_images()) - set(unlabeled))
