@@ -273,26 +273,9 @@ def parse_conf(conf: dict[str, Any] | None, app_dir: str, table: dict[str, Model
     if offload not in ("true", "false", "1", "0", "yes", "no"):
         raise ConfError(f"--conf offload must be true or false, got {offload!r}")
 
-    try:
-        rescore_interval = float(conf.get("rescore_interval", 10))
-    except (TypeError, ValueError) as e:
-        raise ConfError(f"--conf rescore_interval must be a number of seconds, got {conf.get('rescore_interval')!r}") from e
-    if not 0 <= rescore_interval <= 86400:
-        raise ConfError(f"--conf rescore_interval must be in 0..86400 s (0 = off), got {rescore_interval}")
-
-    try:
-        train_nice = int(conf.get("train_nice", 10))
-    except (TypeError, ValueError) as e:
-        raise ConfError(f"--conf train_nice must be an integer 0..19, got {conf.get('train_nice')!r}") from e
-    if not 0 <= train_nice <= 19:
-        raise ConfError(f"--conf train_nice must be an integer 0..19, got {train_nice}")
-
-    try:
-        infer_workers = int(conf.get("infer_workers", 1))
-    except (TypeError, ValueError) as e:
-        raise ConfError(f"--conf infer_workers must be an integer 0..16, got {conf.get('infer_workers')!r}") from e
-    if not 0 <= infer_workers <= 16:
-        raise ConfError(f"--conf infer_workers must be an integer 0..16, got {infer_workers}")
+    rescore_interval = _conf_number(conf, "rescore_interval", float, 0, 86400, "(seconds; 0 = off)")
+    train_nice = _conf_number(conf, "train_nice", int, 0, 19)
+    infer_workers = _conf_number(conf, "infer_workers", int, 0, 16)
 
     return AppSettings(
         models=models,
@@ -309,6 +292,19 @@ def parse_conf(conf: dict[str, Any] | None, app_dir: str, table: dict[str, Model
         **retrain,
         extra={k: v for k, v in conf.items()},
     )
+
+
+def _conf_number(conf: dict, key: str, kind: type, low: float, high: float, unit: str = ""):
+    """``--conf key`` as ``kind`` (int or float) in ``low..high``; its default is the one in CONF_OPTIONS."""
+    raw = conf.get(key, CONF_OPTIONS[key][0])
+    what = ("an integer" if kind is int else "a number") + f" in {low:g}..{high:g}" + (f" {unit}" if unit else "")
+    try:
+        value = kind(raw)
+    except (TypeError, ValueError) as e:
+        raise ConfError(f"--conf {key} must be {what}, got {raw!r}") from e
+    if not low <= value <= high:
+        raise ConfError(f"--conf {key} must be {what}, got {value}")
+    return value
 
 
 def _split_items(spec: str, what: str) -> list[str]:

@@ -233,10 +233,9 @@ def install(fastapi_app, enabled: bool = True) -> int:
 
 def install_in_server(enabled: bool) -> bool:
     """Install on MONAI Label's FastAPI app when this process is the server (``monailabel.app`` imported)."""
-    import sys
+    from monailabel_dr.lib.upload_limit import server_fastapi_app
 
-    module = sys.modules.get("monailabel.app")
-    fastapi_app = getattr(module, "app", None) if module is not None else None
+    fastapi_app = server_fastapi_app()
     if fastapi_app is None:
         return False
     install(fastapi_app, enabled)

@@ -150,12 +150,17 @@ def install(fastapi_app, max_bytes: int) -> None:
     logger.info(f"request bodies limited to {max_bytes} bytes (--conf max_upload_mb)")
 
 
-def install_in_server(max_bytes: int) -> bool:
-    """Install on MONAI Label's FastAPI app when this process is the server (``monailabel.app`` imported)."""
+def server_fastapi_app():
+    """MONAI Label's FastAPI application when this process is the server (``monailabel.app`` imported), else None."""
     import sys
 
     module = sys.modules.get("monailabel.app")
-    fastapi_app = getattr(module, "app", None) if module is not None else None
+    return getattr(module, "app", None) if module is not None else None
+
+
+def install_in_server(max_bytes: int) -> bool:
+    """Install on MONAI Label's FastAPI app when this process is the server (``monailabel.app`` imported)."""
+    fastapi_app = server_fastapi_app()
     if fastapi_app is None:
         return False
     install(fastapi_app, max_bytes)
