@@ -10,11 +10,12 @@ import time
 from conftest import serve_in_process, tiny_conf
 
 
-def _wait_rescored(client, timeout: float = 180.0) -> dict:
+def _wait_rescored(client, after_passes: int, timeout: float = 180.0) -> dict:
+    """Until a background pass that started after ``after_passes`` finished passes has finished."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         r = client.get("/info/").json()["rescoring"]
-        if r["passes"] >= 1 and not r["running"] and r["remaining"] == 0:
+        if r["passes"] > after_passes and not r["running"] and r["remaining"] == 0:
             return r
         time.sleep(0.5)
     raise AssertionError(f"background rescoring did not finish: {r}")
@@ -37,9 +38,10 @@ def test_strategy_answers_right_after_a_publish(phantom_store, tmp_path):
         unlabelled = {k for k, v in listing.items() if "final" not in v.get("labels", {})}
         assert len(unlabelled) == 8
 
+        passes = client.get("/info/").json()["rescoring"]["passes"]
         first = _next(client, "grade_uncertainty")            # no score at all yet
         assert first["rule"] == "random_unlabelled" and first["id"] in unlabelled and first["rule_description"]
-        _wait_rescored(client)                                 # the strategy woke the background rescoring
+        passes = _wait_rescored(client, passes)["passes"]     # the strategy woke the background rescoring
         scored = _next(client, "grade_uncertainty")
         assert scored["rule"] == "score" and scored["id"] in unlabelled and scored["score"] is not None
 
@@ -50,7 +52,7 @@ def test_strategy_answers_right_after_a_publish(phantom_store, tmp_path):
         assert "background" in after["rule_description"]
         diverse = _next(client, "diverse_uncertainty")
         assert diverse["rule"] in ("best_previous_model_score", "best_current_score") and diverse["id"] in unlabelled
-        _wait_rescored(client)
+        _wait_rescored(client, passes)
         again = _next(client, "grade_uncertainty")
         assert again["rule"] == "score"
         info = client.get("/info/").json()["rescoring"]
