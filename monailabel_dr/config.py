@@ -335,8 +335,9 @@ def apply_overrides(profile: dict, spec: str, what: str = "overrides") -> dict:
         if not sep or not key.strip():
             raise ConfError(f"{what}: {item!r} is not key=value")
         parts = key.strip().split(".")
-        if parts[0] not in ("image_size", "network", "train", "regression", "preprocess"):
-            raise ConfError(f"{what}: {key!r} must start with image_size, network., train., regression. or preprocess")
+        if parts[0] not in ("image_size", "network", "train", "regression", "preprocess", "inference"):
+            raise ConfError(f"{what}: {key!r} must start with image_size, network., train., regression., preprocess "
+                            "or inference.")
         try:
             value = yaml.safe_load(raw)
         except yaml.YAMLError as e:

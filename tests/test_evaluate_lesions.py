@@ -183,3 +183,18 @@ def test_negatives_from_healthy_training_patients(idrid_folder, tmp_path):
     idrid_train, idrid_val = idrid_split(list_idrid(str(idrid_folder)))
     record = read_record(str(model / "lesion_seg.pt"))
     assert record["n_train"] == len(idrid_train) + 3 and record["n_val"] == len(idrid_val)   # the 3 healthy eyes trained
+    # the per-lesion thresholds the trainer chose on its validation images are in the record, and evaluate
+    # reports Dice at the thresholds the task serves (profile thresholds: validation) beside Dice at 0.5
+    from monailabel_dr.lib.checkpoints import operating_thresholds
+
+    stored = operating_thresholds(record, LESIONS)
+    assert stored is not None
+    report = _evaluate(idrid_folder, tmp_path / "served.json", "--checkpoint", str(model / "lesion_seg.pt"), *conf,
+                       "--conf", "lesion_seg_set", "inference.thresholds=validation", "--split", "val")
+    assert report["served_thresholds"]["thresholds"] == stored
+    assert report["served_thresholds"]["source"].startswith("validation")
+    seg = report["segmentation"]
+    assert report["segmentation"]["threshold"] == 0.5
+    for les in LESIONS:
+        if "dice_pooled_operating" in seg[les]:
+            assert seg[les]["operating_threshold"] == stored[les]

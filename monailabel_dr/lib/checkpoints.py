@@ -99,3 +99,20 @@ def describe(rec: dict | None) -> str:
         return (f"EARLY CHECKPOINT: {quality}, written while training was at epoch {rec.get('epochs_run')} of "
                 f"{rec.get('max_epochs')}; answers will change as training goes on")
     return f"{quality}; training run finished ({rec.get('epochs_run')} of {rec.get('max_epochs')} epochs)"
+
+
+THRESHOLD_PREFIX = "val_threshold_"   # per-lesion operating thresholds (lib/trainers/lesion_data.py OperatingThresholds)
+
+
+def operating_thresholds(rec: dict | None, names) -> dict[str, float] | None:
+    """The per-lesion operating thresholds a lesion trainer chose on its validation images for the
+    weights of this record (``metrics["val_threshold_<name>"]``), or None when the record has none for
+    every name (trained without validation images, or before the trainer stored them)."""
+    metrics = (rec or {}).get("metrics") or {}
+    out = {}
+    for n in names:
+        v = metrics.get(f"{THRESHOLD_PREFIX}{n}")
+        if not isinstance(v, (int, float)) or not 0.0 < float(v) < 1.0:
+            return None
+        out[n] = float(v)
+    return out

@@ -318,11 +318,17 @@ def evaluate_lesions(dataset: str, task=None, predictions: str | None = None, sp
         chance.update({les: probs[les] >= threshold for les in LESIONS}, truth, fov)
         for les in LESIONS:
             froc[les].update_from_map(image_id, probs[les] * fov, truth[les] & fov, threshold=froc_threshold)
+    # the thresholds the task serves (a request's, the profile's or the checkpoint's per-lesion ones): Dice
+    # is reported at them beside the fixed `threshold` (0.5 by default)
+    served = None
+    if task is not None and hasattr(task, "thresholds"):
+        thr, served_source = task.thresholds((params or {}).get("threshold"))
+        served = dict(zip(LESIONS, thr))
     report = {
         "dataset": os.path.realpath(folder),
         "split": split,
         "images": ids,
-        "segmentation": seg.compute(n_boot=n_boot),
+        "segmentation": seg.compute(n_boot=n_boot, operating=served),
         "froc": {les: froc[les].compute() for les in LESIONS},
         "random_area_baseline": chance.compute(),
         "froc_variant": f"proposals: connected components of probability >= {froc_threshold}, scored by their max; "
@@ -336,6 +342,8 @@ def evaluate_lesions(dataset: str, task=None, predictions: str | None = None, sp
         report["working_size"] = task.model.image_size
         report["profile_network"] = task.model.network
         report["params"] = params or {}
+        if served is not None:
+            report["served_thresholds"] = {"thresholds": served, "source": served_source}
     else:
         report["predictions"] = os.path.realpath(predictions)
     return report
@@ -347,7 +355,10 @@ def lesion_summary(report: dict) -> str:
     seg = report["segmentation"]
     src = report.get("predictions") or (report.get("model") or {}).get("checkpoint", "")
     rows = [f"{len(report['images'])} images (split {report['split']}) of {report['dataset']}; predictions: {src}",
-            "lesion  dice_pooled [95% CI]      auc_pr [95% CI]          auc_roc  image_auc  froc   dice_random_area"]
+            "lesion  dice_pooled [95% CI]      auc_pr [95% CI]          auc_roc  image_auc  froc   dice_random_area"
+            + ("  dice_served_thresholds" if "served_thresholds" in report else "")]
+    if "served_thresholds" in report:
+        rows.insert(1, f"served thresholds: {report['served_thresholds']['source']}; dice_pooled is at {seg.get('threshold')}")
     chance = report.get("random_area_baseline", {})
     for les in (*LESIONS, "mean"):
         m = seg.get(les, {})
@@ -361,8 +372,13 @@ def lesion_summary(report: dict) -> str:
             return f"[{f(lo)}, {f(hi)}]"
 
         fr = report["froc"].get(les, {}).get("froc_score") if les != "mean" else None
+        served = ""
+        if "dice_pooled_operating" in m:
+            t = m.get("operating_threshold")
+            served = f"  {f(m['dice_pooled_operating'])}" + (f" (t={t:.3f})" if t is not None else "")
         rows.append(f"{les:6s}  {f(m.get('dice_pooled'))} {c('dice_pooled'):16s}  {f(m.get('auc_pr'))} {c('auc_pr'):16s}"
-                    f"  {f(m.get('auc_roc'))}    {f(m.get('image_auc'))}      {f(fr)}  {f(chance.get(les, {}).get('random_dice'))}")
+                    f"  {f(m.get('auc_roc'))}    {f(m.get('image_auc'))}      {f(fr)}  {f(chance.get(les, {}).get('random_dice'))}"
+                    f"{served}")
     if "any" in chance:
         rows.append(f"any     {f(chance['any']['dice'])}  (random mask of the same area: {f(chance['any']['random_dice'])})")
     return "\n".join(rows)

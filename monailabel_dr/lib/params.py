@@ -33,11 +33,12 @@ class Param:
     high_open: bool = False
     choices: tuple = field(default_factory=tuple)
     max_len: int = 10_000
+    words: tuple = field(default_factory=tuple)   # a number parameter's named values (lesion threshold "validation")
 
     # ---------------------------------------------------------------- constructors
     @classmethod
-    def number(cls, low=None, high=None, low_open=False, high_open=False) -> "Param":
-        return cls("number", low, high, low_open, high_open)
+    def number(cls, low=None, high=None, low_open=False, high_open=False, words: tuple = ()) -> "Param":
+        return cls("number", low, high, low_open, high_open, words=tuple(words))
 
     @classmethod
     def integer(cls, low=None, high=None) -> "Param":
@@ -65,7 +66,8 @@ class Param:
             lo = "" if self.low is None else f"{'(' if self.low_open else '['}{self.low:g}"
             hi = "" if self.high is None else f"{self.high:g}{')' if self.high_open else ']'}"
             what = "a finite number" if self.kind == "number" else "an integer"
-            return f"{what}" + (f" in {lo or '(-inf'}, {hi or 'inf)'}" if lo or hi else "")
+            words = "".join(f" or {w!r}" for w in self.words)
+            return f"{what}" + (f" in {lo or '(-inf'}, {hi or 'inf)'}" if lo or hi else "") + words
         if self.kind == "boolean":
             return "true or false"
         if self.kind == "choice":
@@ -103,6 +105,8 @@ class Param:
                 raise bad("too long")
             return value
         # numbers
+        if self.words and isinstance(value, str) and value.strip().lower() in self.words:
+            return value.strip().lower()
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
             raise bad("not a number")
         try:

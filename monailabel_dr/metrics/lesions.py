@@ -45,6 +45,8 @@ from monailabel_dr.fundus.lesions import LESIONS
 __all__ = [
     "FROCAccumulator",
     "LesionSegAccumulator",
+    "best_dice_threshold",
+    "dice_by_threshold",
     "pr_roc_from_histograms",
     "proposals_from_map",
     "CAM_THRESHOLD",
@@ -131,6 +133,35 @@ def pr_roc_from_histograms(pos_hist: Sequence[float], neg_hist: Sequence[float])
         "tpr": out["tpr"],
         "thresholds": np.arange(n_bins - 1, -1, -1, dtype=np.float64) / n_bins,
     }
+
+
+def dice_by_threshold(pos_hist: Sequence[float], neg_hist: Sequence[float]) -> np.ndarray:
+    """Pooled Dice at every bin threshold: element ``b`` predicts positive the pixels of bins ``>= b``
+    (threshold ``b / n_bins``, the bin's lower edge), from the same histograms as
+    :func:`pr_roc_from_histograms`. nan where truth and prediction are both empty."""
+    pos = np.asarray(pos_hist, dtype=np.float64)
+    neg = np.asarray(neg_hist, dtype=np.float64)
+    if pos.ndim != 1 or pos.shape != neg.shape or pos.size == 0:
+        raise ValueError(f"pos_hist and neg_hist must be 1-D of equal length, got {pos.shape} and {neg.shape}")
+    tp = np.cumsum(pos[::-1])[::-1]          # positives at or above each bin
+    fp = np.cumsum(neg[::-1])[::-1]
+    return _dice(tp, fp, pos.sum() - tp)
+
+
+def best_dice_threshold(pos_hist: Sequence[float], neg_hist: Sequence[float],
+                        bounds: tuple[float, float] = (0.05, 0.95)) -> tuple[float, float]:
+    """The operating threshold of one lesion: the bin lower edge within ``bounds`` whose pooled Dice
+    (:func:`dice_by_threshold`) is highest, and that Dice; the lowest such threshold on ties.
+    (0.5, nan) without any positive pixel. ``bounds`` keeps a threshold chosen on a few images away
+    from the extremes, where one image's pixels decide it."""
+    dice = dice_by_threshold(pos_hist, neg_hist)
+    n = dice.size
+    if not np.any(np.asarray(pos_hist) > 0) or not np.any(np.isfinite(dice)):
+        return 0.5, float("nan")
+    lo, hi = int(np.ceil(bounds[0] * n)), int(np.floor(bounds[1] * n))
+    window = np.where(np.isfinite(dice[lo:hi + 1]), dice[lo:hi + 1], -1.0)
+    b = lo + int(np.argmax(window))
+    return b / n, float(dice[b])
 
 
 # --------------------------------------------------------------------------- bootstrap helpers
@@ -348,8 +379,15 @@ class LesionSegAccumulator:
             ),
         }
 
-    def compute(self, n_boot: int = 1000, seed: int = 0, ci: float = 0.95) -> dict[str, Any]:
+    def compute(self, n_boot: int = 1000, seed: int = 0, ci: float = 0.95,
+                operating: Mapping[str, float] | None = None) -> dict[str, Any]:
         """All metrics per lesion, their mean, and bootstrap CIs (``n_boot=0``: no CIs).
+
+        ``operating``: per-lesion operating thresholds (e.g. a checkpoint's, served by its infer task):
+        each lesion also gets ``dice_pooled_operating`` at its threshold and ``dice_pooled_best`` at the
+        threshold that maximises it on these images (an oracle, for reference), both from the pooled
+        histograms (:func:`dice_by_threshold`; exact for thresholds on the bin grid, else at the bin
+        edge below).
 
         Returns ``{"n_images", "threshold", "n_bins", "n_boot", "seed", "ci_level",
         "variant": {...}, "<LES>": {...} for each lesion, "mean": {...}}``. Each lesion's
@@ -414,6 +452,12 @@ class LesionSegAccumulator:
                 "n_pos_images": n_pos_img,
                 "n_neg_images": n_neg_img,
             }
+            if operating is not None and les in operating:
+                by_thr = dice_by_threshold(pooled_pos, pooled_neg)
+                b = min(self.n_bins - 1, max(0, int(np.floor(float(operating[les]) * self.n_bins + 1e-9))))
+                best_t, best_d = best_dice_threshold(pooled_pos, pooled_neg, bounds=(0.0, 1.0))
+                res.update({"operating_threshold": float(operating[les]), "dice_pooled_operating": float(by_thr[b]),
+                            "best_threshold": best_t, "dice_pooled_best": best_d})
             if pooled_pos.sum() > 0:
                 included.append(les)
             if weights is not None:
@@ -444,8 +488,10 @@ class LesionSegAccumulator:
         # mean over the included lesions where the metric is defined (image_auc is nan for a
         # lesion present in every image or in none); "n_lesions" says how many entered each mean
         mean: dict[str, Any] = {"lesions": included, "n_lesions": {}}
+        if operating is not None:
+            mean_keys = (*mean_keys, "dice_pooled_operating", "dice_pooled_best")
         for k in mean_keys:
-            vals = [out[les][k] for les in included if np.isfinite(out[les][k])]
+            vals = [out[les][k] for les in included if k in out[les] and np.isfinite(out[les][k])]
             mean[k] = float(np.mean(vals)) if vals else nan
             mean["n_lesions"][k] = len(vals)
         if weights is not None:

@@ -226,3 +226,37 @@ class LesionLoss(nn.Module):
 
 def build_lesion_net(network_config: dict) -> LesionNet:
     return LesionNet(LesionNetConfig.from_dict(network_config))
+
+
+# --------------------------------------------------------------------------- test-time flips
+
+TTA_MODES = {"none": ((),), "hflip": ((), (-1,)), "flips": ((), (-1,), (-2,), (-2, -1))}
+
+
+class FlipTTAInferer:
+    """Test-time flips for a network giving per-pixel logits: the sigmoid probabilities of the image and
+    of its flipped copies (``TTA_MODES[mode]``, flipped back) are averaged, and their logit returned, so
+    callers keep treating the output as logits.
+
+    Hand-written rather than MONAI's ``TestTimeAugmentation``, which draws random invertible transforms
+    per call to estimate uncertainty (a different purpose: results would vary between two identical
+    requests); this is the deterministic flip average of segmentation ensembles. The flipped copies go
+    through the network in one batch. A ``monai.inferers.Inferer``-style callable: ``(inputs, network)``.
+    """
+
+    def __init__(self, mode: str = "none"):
+        if mode not in TTA_MODES:
+            raise ValueError(f"test-time augmentation {mode!r}: use one of {sorted(TTA_MODES)}")
+        self.mode = mode
+
+    def __call__(self, inputs: torch.Tensor, network, *args, **kwargs) -> torch.Tensor:
+        flips = TTA_MODES[self.mode]
+        if len(flips) == 1:
+            return network(inputs, *args, **kwargs)
+        batch = torch.cat([torch.flip(inputs, d) if d else inputs for d in flips])
+        logits = network(batch, *args, **kwargs)
+        n = inputs.shape[0]
+        probs = sum(torch.sigmoid(torch.flip(logits[k * n:(k + 1) * n], d) if d else logits[k * n:(k + 1) * n])
+                    for k, d in enumerate(flips)) / len(flips)
+        eps = torch.finfo(probs.dtype).eps
+        return torch.logit(probs.clamp(eps, 1 - eps))

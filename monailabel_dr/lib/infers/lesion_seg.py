@@ -21,49 +21,65 @@ pixel grid.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import cv2
 import numpy as np
 from monailabel.interfaces.tasks.infer_v2 import InferType
 
-from monailabel_dr.config import AppSettings, ModelSettings
+from monailabel_dr.config import AppSettings, ConfError, ModelSettings
 from monailabel_dr.fundus import io
 from monailabel_dr.fundus.landmarks import QuadrantFrame, quadrant_frame
 from monailabel_dr.fundus.lesions import LESION_VALUES, LESIONS
+from monailabel_dr.lib.checkpoints import operating_thresholds, read_record
 from monailabel_dr.lib.errors import BadInput
 from monailabel_dr.lib.infers.base import FundusInferTask, channel_pool, probabilities_at_input
 from monailabel_dr.lib.params import Param
-from monailabel_dr.networks.lesion_net import build_lesion_net
+from monailabel_dr.networks.lesion_net import TTA_MODES, FlipTTAInferer, build_lesion_net
 from monailabel_dr.transforms import landmarks_of
 
 
-def label_map_from_probs(probs: np.ndarray, threshold: float, bbox: tuple[int, int, int, int] | None = None) -> np.ndarray:
-    """(m, H, W) probabilities -> label map: the most probable lesion among those >= threshold (ties: the
-    first lesion), 0 where none is. ``bbox`` (y0, y1, x0, x1): the probabilities are 0 outside it (the field
-    of view's box), so with a threshold > 0 only the box is computed.
+def per_lesion(threshold, m: int) -> list[float]:
+    """One threshold per lesion channel: a number for all, or a sequence of ``m``."""
+    if isinstance(threshold, (int, float)):
+        return [float(threshold)] * m
+    t = [float(v) for v in threshold]
+    if len(t) != m:
+        raise ValueError(f"{len(t)} thresholds for {m} lesion maps")
+    return t
+
+
+def label_map_from_probs(probs: np.ndarray, threshold, bbox: tuple[int, int, int, int] | None = None) -> np.ndarray:
+    """(m, H, W) probabilities -> label map: the most probable lesion among those >= their threshold (ties:
+    the first lesion), 0 where none is. ``threshold``: one number, or one per lesion (``per_lesion``).
+    ``bbox`` (y0, y1, x0, x1): the probabilities are 0 outside it (the field of view's box), so with
+    thresholds > 0 only the box is computed.
 
     One pass per lesion with a running maximum: the same map as ``argmax(where(p >= t, p, -1), axis=0)``
     (first index on ties), but ``np.argmax`` over the first axis of a 4 x 12 MP array is a strided scan
     that took about 1 s of a full-size request."""
     probs = np.asarray(probs)
-    if bbox is not None and threshold > 0:
+    thr = per_lesion(threshold, probs.shape[0])
+    if bbox is not None and min(thr) > 0:
         y0, y1, x0, x1 = bbox
         lab = np.zeros(probs.shape[1:], np.uint8)
-        lab[y0:y1, x0:x1] = label_map_from_probs(probs[:, y0:y1, x0:x1], threshold)
+        lab[y0:y1, x0:x1] = label_map_from_probs(probs[:, y0:y1, x0:x1], thr)
         return lab
     lab = np.zeros(probs.shape[1:], np.uint8)
     best = np.full(probs.shape[1:], -1.0, np.float32 if probs.dtype == np.float32 else np.float64)
     for i in range(probs.shape[0]):
         p = probs[i]
-        take = p >= threshold
+        take = p >= thr[i]
         np.logical_and(take, p > best, out=take)   # strictly greater: an earlier lesion keeps a tie
         lab[take] = i + 1
         np.copyto(best, p, where=take)
     return lab
 
 
-def lesion_stats(probs: np.ndarray, fov: np.ndarray, threshold: float, frame: QuadrantFrame,
+def lesion_stats(probs: np.ndarray, fov: np.ndarray, threshold, frame: QuadrantFrame,
                  fov_radius: float | None = None) -> dict:
-    """Presence, area, component count and per-quadrant counts per lesion (input pixels).
+    """Presence, area, component count and per-quadrant counts per lesion (input pixels), at ``threshold``
+    (one number, or one per lesion).
 
     ``probs`` must already be zero outside the field of view. Components are 8-connected
     (OpenCV's labelling, which also gives the centroids, ~3x faster than scipy on 12 MP).
@@ -71,11 +87,14 @@ def lesion_stats(probs: np.ndarray, fov: np.ndarray, threshold: float, frame: Qu
     centroid to the quadrants' centre (the fovea when it was found), in field-of-view radii (None
     without components).
     """
+    thr = per_lesion(threshold, len(LESIONS))
+
     def one(i: int) -> tuple[str, dict]:
         les = LESIONS[i]
         p = probs[i]
+        t = thr[i]
         # p is 0 outside the field of view, so for a threshold > 0 the FOV test is implied (one pass, no copy)
-        mask = (p >= threshold).view(np.uint8) if threshold > 0 else ((p >= threshold) & fov).view(np.uint8)
+        mask = (p >= t).view(np.uint8) if t > 0 else ((p >= t) & fov).view(np.uint8)
         n, _, stats, cents = cv2.connectedComponentsWithStats(mask, connectivity=8)
         quads = dict.fromkeys(frame.names, 0)
         for q in frame.classify(cents[1:, 0], cents[1:, 1]) if n > 1 else []:
@@ -102,11 +121,46 @@ def fov_radius(geom) -> float:
     return 0.5 * max(y1 - y0, x1 - x0)
 
 
+@dataclass(frozen=True)
+class InferenceSettings:
+    """The profile's ``inference`` block (typed on load, unknown keys refused).
+
+    - ``tta``: test-time flips (``none``, ``hflip``: 2 network passes, ``flips``: h, v and both, 4 passes;
+      :class:`monailabel_dr.networks.lesion_net.FlipTTAInferer`); a request's ``tta`` overrides it.
+    - ``thresholds``: the label map's and statistics' operating points when a request gives no
+      ``threshold``: ``validation`` = the per-lesion thresholds the trainer chose on its validation
+      images for the served weights (stored in the checkpoint's record; 0.5 where the checkpoint has
+      none), or one number for every lesion.
+    """
+
+    tta: str = "none"
+    thresholds: str | float = 0.5
+
+    @classmethod
+    def parse(cls, block: dict | None, where: str) -> "InferenceSettings":
+        from monailabel_dr.networks.lesion_net import TTA_MODES
+
+        block = dict(block or {})
+        unknown = sorted(set(block) - {"tta", "thresholds"})
+        if unknown:
+            raise ConfError(f"{where}: unknown inference key(s) {unknown}; accepted: ['thresholds', 'tta']")
+        tta = str(block.get("tta", cls.tta)).lower()
+        if tta not in TTA_MODES:
+            raise ConfError(f"{where}: inference.tta {tta!r}: use one of {sorted(TTA_MODES)}")
+        thr = block.get("thresholds", cls.thresholds)
+        if not (thr == "validation" or (isinstance(thr, (int, float)) and not isinstance(thr, bool) and 0 < thr < 1)):
+            raise ConfError(f"{where}: inference.thresholds {thr!r}: use 'validation' or a number in (0, 1)")
+        return cls(tta=tta, thresholds=thr if thr == "validation" else float(thr))
+
+
 class LesionSegInfer(FundusInferTask):
     detect_landmarks = True
-    params = {"threshold": Param.number(0, 1), "output": Param.choice("label", "probabilities")}
+    params = {"threshold": Param.number(0, 1, words=("validation",)),
+              "output": Param.choice("label", "probabilities"), "tta": Param.choice(*sorted(TTA_MODES))}
 
     def __init__(self, name: str, model: ModelSettings, app: AppSettings):
+        self.inference = InferenceSettings.parse(model.options.get("inference"),
+                                                 f"{model.name} profile '{model.profile_name}'")
         super().__init__(
             name=name,
             model=model,
@@ -115,8 +169,24 @@ class LesionSegInfer(FundusInferTask):
             type=InferType.SEGMENTATION,
             labels={les: LESION_VALUES[les] for les in LESIONS},
             description="Lesion-Net segmentation of MA, HE, EX, SE (label map 1-4; probability maps on request)",
-            config={"threshold": 0.5, "output": "label", "result_extension": ".png"},
+            # threshold "validation": the checkpoint's per-lesion operating thresholds (InferenceSettings)
+            config={"threshold": self.inference.thresholds, "tta": self.inference.tta, "output": "label",
+                    "result_extension": ".png"},
         )
+
+    def inferer(self, data=None):
+        return FlipTTAInferer(str((data or {}).get("tta") or self.inference.tta))
+
+    def thresholds(self, requested=None) -> tuple[list[float], str]:
+        """The per-lesion thresholds of a request and where they come from: the request's number, the
+        profile's number, or ``validation`` (the served checkpoint's record, 0.5 where it has none)."""
+        want = self.inference.thresholds if requested is None or requested == "" else requested
+        if want != "validation":
+            return per_lesion(float(want), len(LESIONS)), "request" if requested not in (None, "") else "profile"
+        stored = operating_thresholds(read_record(self.model.serve_path), LESIONS)
+        if stored is None:
+            return per_lesion(0.5, len(LESIONS)), "0.5 (the served checkpoint stores no validation thresholds)"
+        return [stored[les] for les in LESIONS], "validation (per-lesion, chosen by the trainer on its validation images)"
 
     full_resolution = staticmethod(probabilities_at_input)
 
@@ -137,7 +207,7 @@ class LesionSegInfer(FundusInferTask):
 
     def writer(self, data, extension=None, dtype=None):
         probs, fov, geom = self.full_resolution(data)
-        threshold = float(data.get("threshold", 0.5))
+        thr, source = self.thresholds(data.get("threshold"))
         kind = str(data.get("output", "label")).lower()
         path = self.result_path(data)
         if kind == "probabilities":
@@ -145,16 +215,19 @@ class LesionSegInfer(FundusInferTask):
                 raise BadInput("probability maps are written as .nrrd or .nii.gz: set result_extension")
             io.write_multichannel(path, probs, list(LESIONS))
         elif kind == "label":
-            io.write_label(path, label_map_from_probs(probs, threshold, geom.bbox))
+            io.write_label(path, label_map_from_probs(probs, thr, geom.bbox))
         else:
             raise BadInput(f"output must be 'label' or 'probabilities', got {kind!r}")
         fov_centre = ((geom.bbox[2] + geom.bbox[3] - 1) / 2.0, (geom.bbox[0] + geom.bbox[1] - 1) / 2.0)
         landmarks = landmarks_of(data)
         frame = quadrant_frame(landmarks, fov_centre)
         result = {
-            "lesions": lesion_stats(probs, fov, threshold, frame, fov_radius=fov_radius(geom)),
+            "lesions": lesion_stats(probs, fov, thr, frame, fov_radius=fov_radius(geom)),
             "fov_area_px": int(fov.sum()),
-            "threshold": threshold,
+            # one number when every lesion has the same, else per lesion
+            "threshold": thr[0] if len(set(thr)) == 1 else dict(zip(LESIONS, thr)),
+            "threshold_source": source,
+            "tta": str(data.get("tta") or self.inference.tta),
             "output": kind,
             "overlap_rule": "highest probability among lesions >= threshold",
             "quadrants": frame.to_dict(),

@@ -27,6 +27,7 @@ from monailabel.interfaces.datastore import Datastore
 from monailabel.tasks.train.basic_train import Context
 
 from monailabel_dr.fundus.lesions import LESIONS
+from monailabel_dr.lib.checkpoints import THRESHOLD_PREFIX
 from monailabel_dr.lib.errors import BadInput, Conflict, check_tag
 from monailabel_dr.lib.trainers.common import stack_pred_label
 
@@ -145,7 +146,10 @@ class LesionLabelSource:
         return {"val_mean_dice": PooledLesionDice()}
 
     def val_additional_metrics(self, context: Context):
-        return {f"val_dice_{les}": PooledLesionDice(i) for i, les in enumerate(LESIONS)}
+        metrics = {f"val_dice_{les}": PooledLesionDice(i) for i, les in enumerate(LESIONS)}
+        # per-lesion operating thresholds of these weights, stored with them in the published record
+        metrics["val_operating"] = OperatingThresholds()
+        return metrics
 
 
 class PooledLesionDice(Metric):
@@ -186,3 +190,47 @@ class PooledLesionDice(Metric):
             v = dice[self.lesion]
             return 0.0 if np.isnan(v) else float(v)
         return float(np.nanmean(dice)) if np.any(~np.isnan(dice)) else 0.0
+
+
+THRESHOLD_BINS = 1000
+
+
+class OperatingThresholds(Metric):
+    """Per-lesion operating thresholds on the validation images: for each lesion, the threshold whose
+    pooled Dice over the epoch is highest (:func:`monailabel_dr.metrics.lesions.best_dice_threshold`
+    on 1000-bin probability histograms inside the field of view, the evaluation's histograms).
+
+    ``compute`` returns ``{"val_threshold_<LES>": t, "val_dice_at_threshold_<LES>": dice}``; ignite
+    puts each key into the evaluator's metrics, so the checkpoint record of the weights published
+    after this validation holds them (:func:`monailabel_dr.lib.checkpoints.operating_thresholds`
+    reads them back for serving and evaluation). Same input as :class:`PooledLesionDice`.
+    """
+
+    def __init__(self, output_transform=stack_pred_label):
+        super().__init__(output_transform=output_transform)
+
+    def reset(self):
+        self.hist = None   # (m, 2, bins): [negative, positive] pixel counts
+
+    def update(self, output):
+        logits, target = output
+        fov = target[:, -1] > 0.5
+        probs = torch.sigmoid(logits.float())
+        n = THRESHOLD_BINS
+        hist = np.zeros((probs.shape[1], 2, n), np.int64)
+        for i in range(probs.shape[1]):
+            p = probs[:, i][fov]
+            t = (target[:, i] >= 0.5)[fov]
+            bins = torch.clamp((p * n).long(), max=n - 1) + n * t.long()
+            hist[i] = torch.bincount(bins, minlength=2 * n).cpu().numpy().reshape(2, n)
+        self.hist = hist if self.hist is None else self.hist + hist
+
+    def compute(self):
+        from monailabel_dr.metrics.lesions import best_dice_threshold
+
+        out = {}
+        for i, les in enumerate(LESIONS):
+            t, d = (0.5, float("nan")) if self.hist is None else best_dice_threshold(self.hist[i, 1], self.hist[i, 0])
+            out[f"{THRESHOLD_PREFIX}{les}"] = t
+            out[f"val_dice_at_threshold_{les}"] = 0.0 if np.isnan(d) else d
+        return out

@@ -1,0 +1,170 @@
+"""What `lesion_seg` adds at inference (issue 18): per-lesion operating thresholds chosen on validation and
+stored in the checkpoint, and test-time flips; one implementation used by the trainer, the server and
+`evaluate`."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import serve_in_process, tiny_conf
+from monailabel_dr.fundus.lesions import LESIONS
+
+
+# ---------------------------------------------------------------- thresholds from histograms (metrics)
+def _hists(p, t, n=1000):
+    bins = np.minimum((p * n).astype(int), n - 1)
+    return np.bincount(bins[t], minlength=n), np.bincount(bins[~t], minlength=n)
+
+
+def test_dice_by_threshold_matches_counting():
+    from monailabel_dr.metrics.lesions import dice_by_threshold
+
+    rng = np.random.default_rng(0)
+    t = rng.random(5000) < 0.1
+    p = np.clip(rng.normal(0.3 + 0.4 * t, 0.2), 0, 1)
+    pos, neg = _hists(p, t)
+    dice = dice_by_threshold(pos, neg)
+    for b in (0, 137, 500, 811, 999):
+        pred = np.minimum((p * 1000).astype(int), 999) >= b
+        tp = np.sum(pred & t)
+        assert dice[b] == pytest.approx(2 * tp / (2 * tp + np.sum(pred & ~t) + np.sum(~pred & t)))
+
+
+def test_best_threshold_is_the_argmax_within_bounds():
+    from monailabel_dr.metrics.lesions import best_dice_threshold, dice_by_threshold
+
+    rng = np.random.default_rng(1)
+    t = rng.random(20000) < 0.05
+    p = np.clip(rng.normal(0.15 + 0.3 * t, 0.08), 0, 1)   # best threshold well below 0.5
+    pos, neg = _hists(p, t)
+    thr, d = best_dice_threshold(pos, neg)
+    dice = dice_by_threshold(pos, neg)
+    assert 0.05 <= thr < 0.5 and d == pytest.approx(np.nanmax(dice[50:951]))
+    assert d > dice[500]                                   # better than 0.5 on these data
+    thr_b, _ = best_dice_threshold(pos, neg, bounds=(0.4, 0.6))
+    assert 0.4 <= thr_b <= 0.6
+    assert best_dice_threshold(np.zeros(1000), neg)[0] == 0.5   # no positive pixel: the default
+
+
+def test_accumulator_reports_dice_at_operating_thresholds():
+    """dice_pooled_operating at 0.5 equals the counted dice_pooled at 0.5; other thresholds as counted."""
+    from monailabel_dr.metrics.lesions import LesionSegAccumulator
+
+    rng = np.random.default_rng(2)
+    acc = LesionSegAccumulator(threshold=0.5)
+    truths, probs = [], []
+    for i in range(3):
+        truth = {les: rng.random((40, 50)) < 0.1 for les in LESIONS}
+        prob = {les: np.clip(rng.normal(0.3 + 0.4 * truth[les], 0.2), 0, 1) for les in LESIONS}
+        acc.update(f"im{i}", prob, truth)
+        truths.append(truth)
+        probs.append(prob)
+    out = acc.compute(n_boot=0, operating={"MA": 0.5, "HE": 0.25, "EX": 0.7, "SE": 0.5})
+    assert out["MA"]["dice_pooled_operating"] == pytest.approx(out["MA"]["dice_pooled"])
+    for les, t in (("HE", 0.25), ("EX", 0.7)):
+        tp = sum(np.sum((p[les] >= t) & m[les]) for p, m in zip(probs, truths))
+        pp = sum(np.sum(p[les] >= t) for p in probs)
+        pt = sum(np.sum(m[les]) for m in truths)
+        assert out[les]["dice_pooled_operating"] == pytest.approx(2 * tp / (pp + pt), abs=2e-3)
+        assert out[les]["dice_pooled_best"] >= out[les]["dice_pooled_operating"] - 1e-12
+    assert "dice_pooled_operating" in out["mean"]
+
+
+# ---------------------------------------------------------------- label map with per-lesion thresholds
+def test_label_map_with_per_lesion_thresholds():
+    from monailabel_dr.lib.infers.lesion_seg import label_map_from_probs, per_lesion
+
+    rng = np.random.default_rng(3)
+    probs = rng.random((4, 30, 40)).astype(np.float32)
+    thr = [0.2, 0.9, 0.5, 0.7]
+    above = probs >= np.asarray(thr)[:, None, None]
+    ref = np.argmax(np.where(above, probs, -1.0), axis=0).astype(np.uint8) + 1
+    ref[~above.any(axis=0)] = 0
+    assert np.array_equal(label_map_from_probs(probs, thr), ref)
+    assert np.array_equal(label_map_from_probs(probs, thr, bbox=(0, 30, 0, 40)), ref)
+    assert np.array_equal(label_map_from_probs(probs, 0.5), label_map_from_probs(probs, [0.5] * 4))
+    with pytest.raises(ValueError):
+        per_lesion([0.5, 0.5], 4)
+
+
+# ---------------------------------------------------------------- test-time flips
+class _Asymmetric(torch.nn.Module):
+    """A per-pixel logit that is not flip-equivariant (depends on the column and row)."""
+
+    def forward(self, x):
+        h, w = x.shape[-2:]
+        ramp = torch.linspace(-2, 2, w)[None, None, None, :] + torch.linspace(0, 1, h)[None, None, :, None]
+        return x[:, :1] + ramp
+
+
+def test_flip_tta_averages_probabilities_over_flips():
+    from monailabel_dr.networks.lesion_net import FlipTTAInferer
+
+    net = _Asymmetric()
+    x = torch.randn(2, 3, 6, 8)
+    assert torch.equal(FlipTTAInferer("none")(x, net), net(x))
+    for mode, flips in (("hflip", [(), (-1,)]), ("flips", [(), (-1,), (-2,), (-2, -1)])):
+        want = sum(torch.sigmoid(torch.flip(net(torch.flip(x, d)), d) if d else net(x)) for d in flips) / len(flips)
+        got = torch.sigmoid(FlipTTAInferer(mode)(x, net))
+        assert torch.allclose(got, want, atol=1e-6)
+    with pytest.raises(ValueError, match="rot90"):
+        FlipTTAInferer("rot90")
+
+
+def test_inference_block_is_checked():
+    from monailabel_dr.config import ConfError
+    from monailabel_dr.lib.infers.lesion_seg import InferenceSettings
+
+    assert InferenceSettings.parse({"tta": "hflip", "thresholds": "validation"}, "x") == \
+        InferenceSettings(tta="hflip", thresholds="validation")
+    assert InferenceSettings.parse(None, "x") == InferenceSettings()
+    for bad, word in (({"tta": "rot"}, "tta"), ({"thresholds": 1.5}, "thresholds"), ({"thresholds": "val"}, "thresholds"),
+                      ({"treshold": 0.5}, "unknown")):
+        with pytest.raises(ConfError, match=word):
+            InferenceSettings.parse(bad, "lesion_seg profile 'x'")
+
+
+# ---------------------------------------------------------------- stored by the trainer, served, evaluated
+def test_trained_checkpoint_stores_thresholds_and_the_server_uses_them(phantom_store, tmp_path):
+    """A tiny lesion_seg trained on Slicer-style label maps with validation images stores per-lesion
+    thresholds in its record; /infer/lesion_seg with thresholds 'validation' serves them (the label
+    map is the one those thresholds give), a request's number overrides them, and tta is accepted."""
+    from monailabel.interfaces.utils.app import app_instance
+
+    from monailabel_dr.lib.checkpoints import operating_thresholds, read_record
+    from test_lesion_seg_server import _save, phantom_label_map
+
+    conf = tiny_conf(tmp_path / "model", lesion_seg_set="inference.thresholds=validation")
+    with serve_in_process(phantom_store, conf) as client:
+        images = sorted(json.loads(client.get("/datastore/?output=all").content)["objects"])[:6]
+        for k, image_id in enumerate(images):
+            _save(client, image_id, phantom_label_map(k))
+        r = client.post("/train/lesion_seg?run_sync=true", json={"max_epochs": 2, "val_split": 0.34})
+        assert r.status_code == 200, r.text
+        ckpt = tmp_path / "model" / "lesion_seg.pt"
+        stored = operating_thresholds(read_record(str(ckpt)), LESIONS)
+        assert stored is not None and all(0.05 <= stored[les] <= 0.95 for les in LESIONS)
+
+        r = client.post(f"/infer/lesion_seg?image={images[0]}&output=json")
+        assert r.status_code == 200, r.text
+        ans = r.json()
+        assert ans["threshold_source"].startswith("validation")
+        served = [stored[les] for les in LESIONS]
+        assert (ans["threshold"] == dict(zip(LESIONS, served))) or (len(set(served)) == 1 and ans["threshold"] == served[0])
+
+        app = app_instance()
+        probs, fov = app._infers["lesion_seg"].predict(app.datastore().get_image_uri(images[0]))
+        for les, p in zip(LESIONS, probs):
+            want = int(np.count_nonzero((p >= stored[les]) & fov))
+            assert ans["lesions"][les]["area_px"] == want
+
+        r = client.post(f"/infer/lesion_seg?image={images[0]}&output=json", data={"params": json.dumps({"threshold": 0.5, "tta": "flips"})})
+        assert r.status_code == 200, r.text
+        assert r.json()["threshold"] == 0.5 and r.json()["threshold_source"] == "request" and r.json()["tta"] == "flips"
+        for bad in ({"threshold": "val"}, {"tta": "rot90"}):
+            r = client.post(f"/infer/lesion_seg?image={images[0]}&output=json", data={"params": json.dumps(bad)})
+            assert r.status_code == 422 and next(iter(bad)) in r.text
