@@ -121,9 +121,12 @@ def wait_training(url: str, timeout: float) -> dict:
 MODELS = ("lesion_seg", "grading", "cam")
 
 
-def training_job_nice(marker: str) -> int | None:
-    """The CPU priority (nice) of the running background training job of the server on ``marker`` (its
-    studies folder, in the job's environment), read from /proc; None when not found (not Linux)."""
+def training_job_nice(marker: str) -> str | None:
+    """The CPU priority of the running background training job of the server on ``marker`` (its studies
+    folder, in the job's environment), read from /proc: "idle", "nice N" or "normal"
+    (``monailabel_dr.lib.priority.task_priority``); None when not found (not Linux)."""
+    from monailabel_dr.lib.priority import task_priority
+
     for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
         if not entry.isdigit():
             continue
@@ -135,10 +138,7 @@ def training_job_nice(marker: str) -> int | None:
         except OSError:
             continue
         if b"monailabel.interfaces.utils.app" in cmd and b"train" in cmd and marker.encode() in env:
-            try:
-                return os.getpriority(os.PRIO_PROCESS, int(entry))
-            except OSError:
-                return None
+            return task_priority(int(entry))
     return None
 
 
@@ -155,8 +155,10 @@ def _single_latencies(url: str, ids: list[str], spare: list[str], size, seed: in
     for model in MODELS:
         infer(url, model, ids[0]).raise_for_status()    # warm: the network loaded once
         out[f"infer {model}"] = float(np.median([timed(lambda m=model, i=i: infer(url, m, ids[i])) for i in range(reps)]))
+    # the label file is made before the clock starts, as under load (the client's encoding is not the server's time)
+    payloads = [slicer_label_bytes(phantom_label_map(seed + 1000 + i, size), ".nrrd") for i in range(reps)]
     out["label map save"] = float(np.median([timed(lambda i=i: save_lesion_label(
-        url, spare[i], phantom_label_map(seed + 1000 + i, size), ".nrrd")) for i in range(reps)]))
+        url, spare[i], None, ".nrrd", payload=payloads[i])) for i in range(reps)]))
     out["grade save"] = float(np.median([timed(lambda i=i: save_grade_label(url, spare[reps + i], i % 5))
                                          for i in range(reps)]))
     out["info"] = float(np.median([timed(lambda: requests.get(f"{url}/info/", timeout=600)) for _ in range(reps)]))
@@ -177,7 +179,7 @@ def _load_phase(url: str, store: Path, ids: list[str], label_ids: list[str], n_i
         time.sleep(0.5)
     # released once the job trains: it has imported torch and built the app, and reniced itself (--conf train_nice)
     deadline = time.time() + 120
-    while time.time() < deadline and not training_job_nice(str(store)) and \
+    while time.time() < deadline and training_job_nice(str(store)) in (None, "normal") and \
             requests.get(f"{url}/train/", timeout=60).json().get("status") == "RUNNING":
         time.sleep(0.25)
     result["training_status_at_load_start"] = requests.get(f"{url}/train/", timeout=60).json().get("status")
@@ -244,7 +246,7 @@ def _load_phase(url: str, store: Path, ids: list[str], label_ids: list[str], n_i
     # the job renices itself once it has imported torch and built the app (~8 s here): look until then
     deadline = time.time() + 60
     result["training_nice"] = training_job_nice(str(store))
-    while result["training_nice"] == 0 and time.time() < deadline:
+    while result["training_nice"] == "normal" and time.time() < deadline:
         time.sleep(0.5)
         result["training_nice"] = training_job_nice(str(store))
     log(f"load done in {result['load_wall_s']} s; training {result['training_status_at_load_end']}")
@@ -405,7 +407,15 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", default=None, help="keep the datastores and server logs here")
     p.add_argument("--json", default=None, help="also write the result here")
+    p.add_argument("--conf", action="append", default=[], metavar="KEY=VALUE",
+                   help="an extra --conf of every server (repeatable), e.g. train_nice=idle")
     a = p.parse_args(argv)
+    extra = {}
+    for item in a.conf:
+        key, sep, value = item.partition("=")
+        if not sep:
+            p.error(f"--conf {item!r}: use KEY=VALUE")
+        extra[key.strip()] = value.strip()
     loads = [int(x) for x in a.loads.split(",") if x.strip()]
     modes = []
     for mode in [m.strip() for m in a.modes.split(",") if m.strip()]:
@@ -417,6 +427,7 @@ def main(argv=None) -> int:
             conf = {"infer_concurrency": a.infer_concurrency}
         elif mode == "workers":
             conf = {"infer_workers": "1"}
+        conf = {**(conf or {}), **extra}
         modes.append(run_mode(offload=mode != "stock", loads=loads, workers=a.workers, train_epochs=a.train_epochs,
                               seed=a.seed, workdir=wd, conf=conf, log=lambda m: print(m, file=sys.stderr, flush=True)))
     for m in modes:

@@ -42,8 +42,9 @@ CONF_OPTIONS: dict[str, tuple[str, str]] = {
     "infer_workers": ("1", "Worker processes that run the server's inferences (each builds the served models once at start, "
                            "and runs one inference at a time); 0 = in the server process, in threads. A process has its own "
                            "Python interpreter, so label saves and /info never share one with the inferences."),
-    "train_nice": ("10", "CPU priority (nice, 0-19) of background jobs (training), so annotators' requests come first on a busy "
-                         "machine; 0 = the server's own priority."),
+    "train_nice": ("10", "CPU priority of background jobs (training), so annotators' requests come first on a busy machine: "
+                         "a nice level 0-19 (0 = the server's own priority), or `idle`: Linux SCHED_IDLE, CPU time no "
+                         "request wants (lib/priority.py)."),
     "train_on_start": ("", "Comma list of models to train in the background when the server starts (the demo uses `grading`)."),
     "retrain_after": ("0", "Retrain on correction: after this many new `final` labels of a kind a model learns from "
                            "(`learns_from` in configs/models.yaml), fine-tune it from the served model in the background; 0 = off."),
@@ -158,7 +159,7 @@ class AppSettings:
     infer_concurrency: int | None = None   # None: lib/offload.default_infer_concurrency per device
     offload: bool = True
     rescore_interval: float = 10.0
-    train_nice: int = 10
+    train_nice: int | str = 10              # a nice level 0-19, or "idle" (lib/priority.py)
     infer_workers: int = 1
     extra: dict = field(default_factory=dict)
 
@@ -274,7 +275,8 @@ def parse_conf(conf: dict[str, Any] | None, app_dir: str, table: dict[str, Model
         raise ConfError(f"--conf offload must be true or false, got {offload!r}")
 
     rescore_interval = _conf_number(conf, "rescore_interval", float, 0, 86400, "(seconds; 0 = off)")
-    train_nice = _conf_number(conf, "train_nice", int, 0, 19)
+    raw_nice = str(conf.get("train_nice", CONF_OPTIONS["train_nice"][0])).strip().lower()
+    train_nice = "idle" if raw_nice == "idle" else _conf_number(conf, "train_nice", int, 0, 19, "or idle")
     infer_workers = _conf_number(conf, "infer_workers", int, 0, 16)
 
     return AppSettings(

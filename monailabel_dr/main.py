@@ -44,13 +44,12 @@ class MONAILabelDRApp(MONAILabelApp):
         # Attributes used by the init_* hooks must exist before MONAILabelApp.__init__ runs them.
         self.table = load_model_table()
         self.settings = parse_conf(conf, app_dir, self.table)
-        if _in_background_job() and self.settings.train_nice > 0:
+        if _in_background_job():
             # a background job (MONAI Label's subprocess, e.g. training) yields the CPU to the server's requests;
-            # from the start: building the app is part of the job
-            try:
-                os.nice(self.settings.train_nice)
-            except OSError as e:
-                logger.warning(f"could not lower the background job's priority: {e}")
+            # from the start: building the app is part of the job (lib/priority.py)
+            from monailabel_dr.lib.priority import lower_priority
+
+            logger.info(f"background job priority: {lower_priority(self.settings.train_nice)}")
         for model in self.settings.models.values():
             os.makedirs(model.model_dir, exist_ok=True)
         super().__init__(

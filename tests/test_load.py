@@ -24,4 +24,8 @@ def test_parallel_infer_and_label_saves_during_training(tmp_path):
     assert res["labels_accepted"] == 6 and res["lost_labels"] == 0, res["lost_label_ids"]
     assert res["server_alive"] is True
     assert res["training_final_status"] == "DONE", res
-    assert res["training_nice"] in (10, None), res   # the background job yields the CPU (None: no /proc here)
+    # the background job yields the CPU as --conf train_nice says (None: no /proc here)
+    from monailabel_dr.config import CONF_OPTIONS
+
+    default = CONF_OPTIONS["train_nice"][0]
+    assert res["training_nice"] in ("idle" if default == "idle" else f"nice {default}", None), res

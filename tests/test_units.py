@@ -381,3 +381,32 @@ def test_rand_lesion_prompt_picks_present_lesions_and_some_negatives():
     t = RandLesionPromptd(keys="label", negative_prob=1.0)
     t.set_random_state(0)
     assert len({int(t({"label": lab})["cls"]) for _ in range(40)}) == 4
+
+
+def test_lower_priority_idle_and_nice_on_a_thread():
+    """lib/priority.py: SCHED_IDLE / nice applied to one thread and read back from /proc (Linux)."""
+    import os
+    import threading
+
+    from monailabel_dr.config import ConfError, parse_conf
+    from monailabel_dr.lib.priority import lower_priority, task_priority
+
+    if not os.path.isdir("/proc") or not hasattr(os, "SCHED_IDLE"):
+        pytest.skip("needs Linux /proc and SCHED_IDLE")
+    seen = {}
+
+    def worker(setting, key):
+        seen[key] = (lower_priority(setting), task_priority_of_thread())
+
+    def task_priority_of_thread():
+        return task_priority(threading.get_native_id())   # /proc/<tid> exists for every thread
+
+    for setting, key in (("idle", "idle"), (5, "nice")):
+        t = threading.Thread(target=worker, args=(setting, key))
+        t.start()
+        t.join()
+    assert seen["idle"] == ("idle", "idle")
+    assert seen["nice"][0] == "nice 5" and seen["nice"][1].startswith("nice")
+    assert parse_conf({"models": "grading", "train_nice": "idle"}, "/tmp/x").train_nice == "idle"
+    with pytest.raises(ConfError, match="train_nice"):
+        parse_conf({"models": "grading", "train_nice": "lowest"}, "/tmp/x")

@@ -494,7 +494,7 @@ class ScoreStrategy(Strategy):
 class BackgroundRescorer:
     """Recomputes stale scores of every scoring method after a publish, without being asked.
 
-    One daemon thread per app at the lowest CPU priority (``nice`` 19 for the thread), waking every
+    One daemon thread per app at the lowest CPU priority (Linux ``SCHED_IDLE`` for the thread, lib/priority.py), waking every
     ``interval`` seconds (or when a strategy found stale scores). It scores one image at a time, the
     unlabelled images first, and before each waits until no inference is running or waiting
     (``is_idle``), so it never delays an annotator's request by more than one image's scoring. The
@@ -542,10 +542,9 @@ class BackgroundRescorer:
             self.state.update(kw)
 
     def _loop(self) -> None:
-        try:
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)   # this thread only (Linux)
-        except (AttributeError, OSError, PermissionError):
-            pass
+        from monailabel_dr.lib.priority import lower_priority
+
+        lower_priority("idle", threading.get_native_id())   # this thread only: CPU time nobody else wants
         while not self._stop.is_set():
             self._wake.wait(self.interval)
             self._wake.clear()
