@@ -479,7 +479,7 @@ def cmd_to_dicom(args) -> int:
         raise SystemExit("to-dicom: no photographs found")
     web = None
     if args.upload:
-        from monailabel_dr.dicom.web import DicomWeb
+        from monailabel_dr.lib.dicomweb import DicomWeb
 
         web = DicomWeb(args.upload)
     failed = 0
@@ -647,8 +647,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from monailabel_dr.lib.evaluation import EvaluationError
+
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except EvaluationError as e:   # lib/ raises, the CLI decides how a command ends
+        raise SystemExit(str(e)) from e
 
 
 if __name__ == "__main__":

@@ -15,7 +15,8 @@ import torch
 from monailabel_dr.fundus.patients import patient_id, patient_split, split_description
 from monailabel_dr.fundus.preprocess import local_contrast, parse_preprocess
 from monailabel_dr.metrics.grading import grading_report, selection_score, sensitivity_specificity
-from monailabel_dr.networks.cam_grader import GraderLoss, grade_class_weights, make_targets
+from monailabel_dr.fundus.labels import make_targets
+from monailabel_dr.networks.cam_grader import GraderLoss, grade_class_weights
 
 from conftest import ROOT
 

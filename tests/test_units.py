@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from monailabel_dr.config import ConfError, load_model_table, parse_conf
-from monailabel_dr.fundus.labels import LabelFormatError, parse_grade_label
+from monailabel_dr.fundus.labels import LabelFormatError, make_targets, parse_grade_label
 from monailabel_dr.lib.infers.cam import quantise, region_proposals
 from monailabel_dr.metrics.grading import accuracy, confusion_matrix, quadratic_weighted_kappa, referable_auc
 from monailabel_dr.networks.cam_grader import (
@@ -18,7 +18,6 @@ from monailabel_dr.networks.cam_grader import (
     CAMGrader,
     CAMGraderConfig,
     GraderLoss,
-    make_targets,
     split_outputs,
 )
 

@@ -1,9 +1,11 @@
-"""A DICOMweb client for the fundus datastore: MONAI Label's ``DICOMwebClientX`` (it copes with
-Orthanc's multipart content types) with time-outs and one retry policy for every call.
+"""A DICOMweb client for the fundus datastore: a ``dicomweb_client.DICOMwebClient`` (or the subclass
+the caller gives: the app passes MONAI Label's ``DICOMwebClientX``, which copes with Orthanc's multipart
+content types) with time-outs and one retry policy for every call.
 
 Connection failures, time-outs and HTTP 429/502/503/504 are retried with exponential back-off;
-when the server stays away, :class:`DicomWebUnavailable` (HTTP 503 with a message naming the
-server and what was being done) is raised instead of a stack trace.
+when the server stays away, :class:`DicomWebUnavailable` (``status_code`` 503, a message naming the
+server and what was being done) is raised instead of a stack trace; a refusal is :class:`DicomWebError`
+(502). This module knows nothing of the app's HTTP layer: ``lib/dicomweb.py`` turns both into HTTP errors.
 """
 
 from __future__ import annotations
@@ -18,26 +20,30 @@ import pydicom
 import requests
 from pydicom.dataset import Dataset
 
-from monailabel_dr.lib.errors import ClientError
-
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 RETRY_STATUS = (408, 429, 502, 503, 504)
 
 
-class DicomWebUnavailable(ClientError):
-    """503: the DICOMweb server cannot be reached (or keeps answering 5xx) after the retries."""
+class DicomWebUnavailable(Exception):
+    """The DICOMweb server cannot be reached (or keeps answering 5xx) after the retries (HTTP 503 to a client)."""
+
+    status_code = 503
 
     def __init__(self, detail: str):
-        super().__init__(503, detail)
+        super().__init__(detail)
+        self.detail = detail
 
 
-class DicomWebError(ClientError):
-    """502: the DICOMweb server answered, but refused or failed the request."""
+class DicomWebError(Exception):
+    """The DICOMweb server answered, but refused or failed the request (HTTP 502 to a client)."""
+
+    status_code = 502
 
     def __init__(self, detail: str):
-        super().__init__(502, detail)
+        super().__init__(detail)
+        self.detail = detail
 
 
 class _TimeoutSession(requests.Session):
@@ -53,8 +59,8 @@ class _TimeoutSession(requests.Session):
 class DicomWeb:
     def __init__(self, url: str, *, username: str = "", password: str = "", retries: int = 3, backoff_s: float = 0.5,
                  timeout_s: float = 30.0, qido_prefix: str | None = None, wado_prefix: str | None = None,
-                 stow_prefix: str | None = None):
-        from monailabel.datastore.dicom import DICOMwebClientX
+                 stow_prefix: str | None = None, client_class=None):
+        from dicomweb_client import DICOMwebClient
 
         self.url = url.rstrip("/")
         self.retries = max(1, int(retries))
@@ -62,8 +68,8 @@ class DicomWeb:
         session = _TimeoutSession(timeout_s)
         if username and password:
             session.auth = (username, password)
-        self.client = DICOMwebClientX(url=self.url, session=session, qido_url_prefix=qido_prefix,
-                                      wado_url_prefix=wado_prefix, stow_url_prefix=stow_prefix)
+        self.client = (client_class or DICOMwebClient)(url=self.url, session=session, qido_url_prefix=qido_prefix,
+                                                       wado_url_prefix=wado_prefix, stow_url_prefix=stow_prefix)
         self.client.set_http_retry_params(retry=False)   # one retry policy: ours
         # dicomweb-client's `retrying` decorator logs a traceback per refused connection even with retries off
         logging.getLogger("retrying").setLevel(logging.ERROR)
@@ -113,13 +119,6 @@ class DicomWeb:
             reasons = ", ".join(str(item.get("FailureReason", "?")) for item in failed)
             raise DicomWebError(f"DICOMweb server {self.url} did not store {len(failed)} instance(s) (failure reasons {reasons})")
         return res
-
-    def ping(self) -> bool:
-        try:
-            self.call("checking the server", self.client.search_for_studies, limit=1, retries=1)
-            return True
-        except ClientError:
-            return False
 
 
 def as_part10(ds: Dataset) -> Dataset:

@@ -139,7 +139,7 @@ class RandLesionRemovald(Randomizable, MapTransform):
         return drop
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict:
-        from monailabel_dr.networks.cam_grader import make_targets
+        from monailabel_dr.fundus.labels import make_targets
 
         d = dict(data)
         s = self.settings

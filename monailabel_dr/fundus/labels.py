@@ -22,6 +22,24 @@ from monailabel_dr.fundus.lesions import GRADES, LESIONS
 
 GRADE_LABEL_SUFFIX = ".grade.json"
 
+# the image-level target vector of the graders: [grade, referable, MA, HE, EX, SE]
+N_TARGETS = 2 + len(LESIONS)
+
+
+def make_targets(grade: int | None, lesions: dict[str, bool | int | None] | None) -> list[float]:
+    """Target vector [grade, referable, MA, HE, EX, SE]; -1 marks an unknown entry."""
+    from monailabel_dr.fundus.lesions import is_referable
+
+    t = [-1.0] * N_TARGETS
+    if grade is not None:
+        t[0] = float(int(grade))
+        t[1] = 1.0 if is_referable(int(grade)) else 0.0
+    for i, name in enumerate(LESIONS):
+        v = (lesions or {}).get(name)
+        if v is not None:
+            t[2 + i] = 1.0 if bool(v) else 0.0
+    return t
+
 
 class LabelFormatError(ValueError):
     """A label that cannot be used; the message is shown to users (HTTP 4xx)."""

@@ -24,6 +24,19 @@ _cache: dict[tuple, dict | None] = {}
 _lock = threading.Lock()
 
 
+def checkpoint_state(path: str) -> dict[str, Any]:
+    """Trained/untrained state of a checkpoint path, for /info and result JSON."""
+    if path and os.path.isfile(path):
+        st = os.stat(path)
+        return {
+            "trained": True,
+            "checkpoint": path,
+            "modified": _dt.datetime.fromtimestamp(st.st_mtime).isoformat(timespec="seconds"),
+            "size_bytes": st.st_size,
+        }
+    return {"trained": False, "checkpoint": path}
+
+
 def make_record(trainer, evaluator, run: str | None, resumed_from: str | None, split: dict | None,
                 complete: bool, metrics: dict | None = None, epoch: int | None = None) -> dict[str, Any]:
     """The record of the weights being published by an ignite ``trainer`` (and its ``evaluator``)."""

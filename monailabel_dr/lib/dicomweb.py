@@ -29,6 +29,7 @@ image needs the server: without it the request fails with HTTP 503 and changes n
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -47,12 +48,55 @@ from monailabel.interfaces.datastore import DefaultLabelTag
 
 from monailabel_dr.dicom import photo as dphoto
 from monailabel_dr.dicom import seg as dseg
-from monailabel_dr.dicom.web import DicomWeb, DicomWebError, DicomWebUnavailable
+from monailabel_dr.dicom import web as dweb
 from monailabel_dr.fundus import io
 from monailabel_dr.lib.datastore import LABEL_MAP_EXTENSIONS, FundusDatastore
 from monailabel_dr.lib.errors import BadInput, ClientError, Conflict, InvalidId, UnsupportedType, check_id
 
 logger = logging.getLogger(__name__)
+
+
+# The DICOMweb client's failures (monailabel_dr/dicom/web.py, which knows nothing of HTTP handlers) as the
+# app's HTTP errors: still the client's exception types, so `except DicomWebUnavailable` keeps working.
+class DicomWebUnavailable(ClientError, dweb.DicomWebUnavailable):
+    def __init__(self, detail: str):
+        ClientError.__init__(self, dweb.DicomWebUnavailable.status_code, detail)
+
+
+class DicomWebError(ClientError, dweb.DicomWebError):
+    def __init__(self, detail: str):
+        ClientError.__init__(self, dweb.DicomWebError.status_code, detail)
+
+
+class DicomWeb(dweb.DicomWeb):
+    """The datastore's DICOMweb client: MONAI Label's ``DICOMwebClientX`` underneath (Orthanc's multipart
+    content types), failures raised as :class:`DicomWebUnavailable` / :class:`DicomWebError` (503 / 502)."""
+
+    def __init__(self, url: str, **kwargs):
+        from monailabel.datastore.dicom import DICOMwebClientX
+
+        super().__init__(url, client_class=DICOMwebClientX, **kwargs)
+
+    def call(self, what, fn, *args, retries=None, **kwargs):
+        with _as_http():
+            return super().call(what, fn, *args, retries=retries, **kwargs)
+
+    def store(self, datasets, retries=None):
+        with _as_http():
+            return super().store(datasets, retries=retries)
+
+
+@contextlib.contextmanager
+def _as_http():
+    try:
+        yield
+    except ClientError:
+        raise
+    except dweb.DicomWebUnavailable as e:
+        raise DicomWebUnavailable(e.detail) from e
+    except dweb.DicomWebError as e:
+        raise DicomWebError(e.detail) from e
+
 
 DEFAULT_FILTER = {"Modality": "OP"}
 STATE_FILE = ".dicomweb_state.json"

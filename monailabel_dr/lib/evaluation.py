@@ -18,6 +18,11 @@ from monailabel_dr.fundus.labels import read_grade_label
 from monailabel_dr.metrics.grading import grading_report
 
 
+class EvaluationError(ValueError):
+    """An evaluation that cannot run on what it was given (no images, a bad split); the message is for the user
+    (the CLI prints it and exits non-zero)."""
+
+
 def _grade(task, path: str) -> dict:
     _, result = task({"image": path})
     return result
@@ -246,7 +251,7 @@ def evaluate_grading(app, studies: str | None = None, phantoms: int | None = Non
             refs.append(r["referable_probability"])
         data = {"kind": "datastore", "studies": os.path.realpath(studies or app.studies), "n": len(truths)}
     if not truths:
-        raise SystemExit("evaluate: no graded images found")
+        raise EvaluationError("evaluate: no graded images found")
     report = grading_report(np.asarray(truths), np.asarray(probs), np.asarray(refs))
     report["data"] = data
     report["model"] = task.model_json()
@@ -297,7 +302,7 @@ def evaluate_lesions(dataset: str, task=None, predictions: str | None = None, sp
     try:
         folder, ids = idrid_ids(dataset, split)
     except ValueError as e:
-        raise SystemExit(f"evaluate: {e}") from e
+        raise EvaluationError(f"evaluate: {e}") from e
     seg = LesionSegAccumulator(threshold=threshold)
     froc = {les: FROCAccumulator(overlap=froc_overlap, mode=froc_mode) for les in LESIONS}
     chance = WeakMaskAccumulator(LESIONS)
@@ -434,7 +439,7 @@ def evaluate_twlr_phantoms(task, phantoms: int, seed: int = 1_000_000, size: str
                 "any_lesion_random_dice": overlap["any"]["random_dice"],
             })
     if not rows:
-        raise SystemExit("evaluate: no phantom of the requested grades")
+        raise EvaluationError("evaluate: no phantom of the requested grades")
 
     def mean(key, sel=None):
         vals = [r[key] for r in rows if (sel is None or sel(r)) and r[key] is not None and np.isfinite(r[key])]

@@ -33,9 +33,6 @@ N_OUTPUTS = N_GRADES + 1 + N_LESIONS
 REFERABLE_INDEX = N_GRADES
 LESION_SLICE = slice(N_GRADES + 1, N_GRADES + 1 + N_LESIONS)
 
-# Target vector layout used by the trainer: grade, referable, 4 lesion flags; -1 = unknown.
-N_TARGETS = 2 + N_LESIONS
-
 
 @dataclass
 class CAMGraderConfig:
@@ -132,21 +129,6 @@ def split_outputs(logits: torch.Tensor) -> dict[str, torch.Tensor]:
         "referable": torch.sigmoid(logits[..., REFERABLE_INDEX]),
         "lesions": torch.sigmoid(logits[..., LESION_SLICE]),
     }
-
-
-def make_targets(grade: int | None, lesions: dict[str, bool | int | None] | None) -> list[float]:
-    """Target vector [grade, referable, MA, HE, EX, SE]; -1 marks an unknown entry."""
-    from monailabel_dr.fundus.lesions import is_referable
-
-    t = [-1.0] * N_TARGETS
-    if grade is not None:
-        t[0] = float(int(grade))
-        t[1] = 1.0 if is_referable(int(grade)) else 0.0
-    for i, name in enumerate(LESIONS):
-        v = (lesions or {}).get(name)
-        if v is not None:
-            t[2 + i] = 1.0 if bool(v) else 0.0
-    return t
 
 
 class GraderLoss(nn.Module):

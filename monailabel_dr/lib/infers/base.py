@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import datetime as _dt
 import logging
 import os
 import tempfile
@@ -24,26 +23,13 @@ from monailabel.tasks.infer.basic_infer import BasicInferTask
 
 from monailabel_dr.config import AppSettings, ModelSettings
 from monailabel_dr.fundus import geometry, io
+from monailabel_dr.lib.checkpoints import checkpoint_state, read_record
 from monailabel_dr.lib.checkpoints import describe as describe_record
-from monailabel_dr.lib.checkpoints import read_record
 from monailabel_dr.lib.errors import BadInput, ClientError, ModelNotTrained, find_cause
 from monailabel_dr.lib.params import Param, check_device, check_request, describe
 from monailabel_dr.transforms import LoadFundusd, lesion_map_transforms, preprocessing_transforms
 
 logger = logging.getLogger(__name__)
-
-
-def checkpoint_state(path: str) -> dict[str, Any]:
-    """Trained/untrained state of a checkpoint path, for /info and result JSON."""
-    if path and os.path.isfile(path):
-        st = os.stat(path)
-        return {
-            "trained": True,
-            "checkpoint": path,
-            "modified": _dt.datetime.fromtimestamp(st.st_mtime).isoformat(timespec="seconds"),
-            "size_bytes": st.st_size,
-        }
-    return {"trained": False, "checkpoint": path}
 
 
 def load_weights(network: torch.nn.Module, path: str, device: str, key: str = "model") -> torch.nn.Module:

@@ -48,7 +48,8 @@ from monailabel_dr.lib.trainers.common import (
 from monailabel_dr.fundus.patients import has_eye_suffix, patient_split, split_description
 from monailabel_dr.metrics.grading import accuracy, quadratic_weighted_kappa, selection_score
 from monailabel_dr.networks.attention_grader import build_grader
-from monailabel_dr.networks.cam_grader import N_GRADES, GraderLoss, grade_class_weights, make_targets, split_outputs
+from monailabel_dr.fundus.labels import make_targets
+from monailabel_dr.networks.cam_grader import N_GRADES, GraderLoss, grade_class_weights, split_outputs
 from monailabel_dr.transforms import LESION_MAPS_KEY, LoadFundusd, lesion_map_transforms, preprocessing_transforms
 
 logger = logging.getLogger(__name__)

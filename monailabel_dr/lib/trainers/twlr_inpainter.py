@@ -46,8 +46,8 @@ from monailabel.tasks.train.basic_train import Context
 from monailabel_dr.config import AppSettings, ConfError, ModelSettings
 from monailabel_dr.fundus.holes import HoleSettings, InpaintingPaird, RandHoleMaskd, SeededPerItemd, hole_psnr
 from monailabel_dr.fundus.inpainting import opencv_inpaint
+from monailabel_dr.lib.checkpoints import checkpoint_state
 from monailabel_dr.lib.errors import BadInput, Conflict
-from monailabel_dr.lib.infers.base import checkpoint_state
 from monailabel_dr.lib.trainers.common import FundusTrainTask, attach_publisher, stack_pred_label, trainer_config
 from monailabel_dr.lib.trainers.lesion_data import LesionLabelSource
 from monailabel_dr.networks.inpainter import HoleLoss, build_inpainter
