@@ -9,7 +9,8 @@ import torch
 from monailabel_dr.fundus.inpainting import make_inpainter
 from monailabel_dr.fundus.phantoms import make_phantom
 from monailabel_dr.networks.inpainter import HoleLoss, build_inpainter
-from monailabel_dr.networks.twlr import RegressionSettings, Step, severity_regression
+from monailabel_dr.fundus.severity_regression import RegressionSettings, Step, severity_regression
+from monailabel_dr.networks.twlr import grading_probe
 
 
 @pytest.mark.parametrize("backend", ["ns", "telea", "unet"])
@@ -57,7 +58,7 @@ def _run(grades, **kw):
     img = np.full((64, 64, 3), 120, np.uint8)
     fov = np.ones((64, 64), bool)
     fill = lambda im, m: np.where(m[..., None], 0, im).astype(np.uint8)   # noqa: E731
-    return severity_regression(_ScriptedGrader(grades), img, fov, fill, RegressionSettings.from_dict(kw))
+    return severity_regression(grading_probe(_ScriptedGrader(grades)), img, fov, fill, RegressionSettings.from_dict(kw))
 
 
 def test_regression_stopping_rules_and_weak_masks():
@@ -73,6 +74,10 @@ def test_regression_stopping_rules_and_weak_masks():
         RegressionSettings.from_dict({"tau": 1.5})
     with pytest.raises(ValueError):
         RegressionSettings.from_dict({"colour": "red"})
+    with pytest.raises(ValueError, match="saliency"):
+        RegressionSettings.from_dict({"saliency": "guess"}, ("patch_text", "gradcam"))
+    with pytest.raises(ValueError, match="saliency"):
+        grading_probe(_ScriptedGrader([1]), "guess")
     assert isinstance(_run([3, 1]).steps[0], Step)
 
 
@@ -92,7 +97,7 @@ class _MovingGrader(_ScriptedGrader):
 def test_regression_score_ranks_earlier_removal_higher_and_thresholds_to_the_weak_mask():
     img = np.full((64, 64, 3), 120, np.uint8)
     fill = lambda im, m: np.where(m[..., None], 0, im).astype(np.uint8)   # noqa: E731
-    r = severity_regression(_MovingGrader([4, 3, 2, 2, 2]), img, np.ones((64, 64), bool), fill,
+    r = severity_regression(grading_probe(_MovingGrader([4, 3, 2, 2, 2])), img, np.ones((64, 64), bool), fill,
                             RegressionSettings.from_dict({"dilation": 0, "t_max": 4}))
     assert r.score is not None and r.score.shape == r.weak.shape
     np.testing.assert_array_equal(r.score > 0.5, r.weak)

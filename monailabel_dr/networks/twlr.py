@@ -12,8 +12,9 @@ Lesion saliency (:meth:`TWLRGrader.saliency`): patch-text cosine similarity of t
 tokens with each lesion's embedding (``patch_text``), or Grad-CAM on the patch-token grid of the
 last block's input (``gradcam``, MONAI's ``GradCAM`` on :attr:`TWLRGrader.token_grid`).
 
-**Stage 2, :func:`severity_regression`**: METHODS.md §4's loop (see its docstring), with the
-inpainting backend passed in (:mod:`monailabel_dr.fundus.inpainting`).
+**Stage 2**: METHODS.md §4's loop, an image-processing loop beside the other fundus operations
+(:func:`monailabel_dr.fundus.severity_regression.severity_regression`); :func:`grading_probe` is the
+grader's side of it.
 
 Nothing here knows MONAI Label.
 """
@@ -23,16 +24,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
-import cv2
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import yaml
 
-from monailabel_dr.fundus.lesions import GRADES, LESIONS, REFERABLE_MIN_GRADE
+from monailabel_dr.fundus.lesions import LESIONS, REFERABLE_MIN_GRADE
 from monailabel_dr.networks.cam_grader import N_GRADES, CAMGrader, CAMGraderConfig, split_outputs
 from monailabel_dr.networks.clip_towers import (
     CachedClassTexts,
@@ -260,149 +259,22 @@ def build_twlr_grader(network_config: dict, load_weights: bool = True, image_siz
 
 
 # ------------------------------------------------------------------------------------------------
-# Stage 2: iterative severity regression
+# Stage 2's view of the grader (the loop itself is monailabel_dr.fundus.severity_regression)
 
 
-@dataclass
-class RegressionSettings:
-    """METHODS.md §4's defaults."""
-    tau: float = 0.5                 # a lesion is inpainted while its presence probability is above tau
-    threshold: float = 0.5           # on the min-max normalised saliency
-    dilation: int = 3                # px at the loop's working resolution
-    t_max: int = 8
-    min_new_fraction: float = 0.0005  # a new region under this fraction of the field of view is "tiny"
-    patience: int = 2                # stop when the grade has not dropped for this many steps
-    saliency: str = "patch_text"
+def grading_probe(grader, method: str = "patch_text", device: str = "cpu"):
+    """The ``grade_fn`` of :func:`monailabel_dr.fundus.severity_regression.severity_regression` for a
+    :class:`TWLRGrader` (or anything with its ``saliency(x, method) -> (saliency, logits)``): one working
+    image (S, S, 3) uint8 -> (grade probabilities, lesion probabilities, lesion saliency (m, S, S) at S)."""
+    if method not in SALIENCY_METHODS:
+        raise ValueError(f"saliency must be one of {SALIENCY_METHODS}, got {method!r}")
 
-    @classmethod
-    def from_dict(cls, d: dict | None) -> "RegressionSettings":
-        d = dict(d or {})
-        unknown = set(d) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown severity-regression settings {sorted(unknown)}")
-        s = cls(**d)
-        s.tau, s.threshold, s.min_new_fraction = float(s.tau), float(s.threshold), float(s.min_new_fraction)
-        s.dilation, s.t_max, s.patience = int(s.dilation), int(s.t_max), int(s.patience)
-        if not 0 < s.tau < 1 or not 0 < s.threshold < 1:
-            raise ValueError("tau and threshold must lie in (0, 1)")
-        if s.dilation < 0 or not 1 <= s.t_max <= 50 or s.patience < 1:
-            raise ValueError("dilation >= 0, 1 <= t_max <= 50 and patience >= 1 are required")
-        if s.saliency not in SALIENCY_METHODS:
-            raise ValueError(f"saliency must be one of {SALIENCY_METHODS}")
-        return s
-
-
-@dataclass
-class Step:
-    grade_probabilities: list[float]
-    lesion_probabilities: dict[str, float]
-    grade: int
-    new_area: int = 0
-    new_area_per_lesion: dict[str, int] = field(default_factory=dict)
-
-
-@dataclass
-class Regression:
-    images: list[np.ndarray]          # (S, S, 3) uint8, step 0 = the input
-    masks: list[np.ndarray]           # per step >= 1: (S, S) uint8 label of the newly inpainted region (1-4)
-    steps: list[Step]
-    weak: np.ndarray                  # (4, S, S) bool: union of the regions removed per lesion
-    stop_reason: str
-    score: np.ndarray | None = None   # (4, S, S) float: the weak masks as a ranking (see severity_regression)
-
-
-def severity_regression(grader: TWLRGrader, image: np.ndarray, fov: np.ndarray,
-                        inpaint: Callable[[np.ndarray, np.ndarray], np.ndarray],
-                        settings: RegressionSettings, device: str = "cpu") -> Regression:
-    """METHODS.md §4's loop on one working image (S, S, 3) uint8 with its field of view (S, S) bool.
-
-    Each step: grade the current image; the lesions whose presence probability is above ``tau`` give
-    saliency maps (min-max normalised, upsampled to S); each is thresholded, dilated by ``dilation``
-    px and restricted to the field of view; their union minus what was already removed is the new
-    region, which alone is inpainted; then the image is regraded. A pixel of the new region is
-    credited to the lesion with the highest saliency there (the weak mask of that lesion).
-
-    ``Regression.score`` ranks the weak-mask pixels for threshold-free metrics (AUC-PR): a pixel removed
-    at step t (1-based) for lesion k scores 0.5 + 0.5 (t_max - t + max(s, 0.01)) / t_max, s being its
-    normalised saliency for k then; others score 0. So earlier removal ranks higher, saliency breaks
-    ties within a step, and ``score > 0.5`` is exactly the weak mask.
-
-    Stops when: the grade is 0 (``healthy``), no lesion is above tau (``no_lesion_above_tau``), the new
-    region is under ``min_new_fraction`` of the field of view (``tiny_region``), the grade has not
-    dropped for ``patience`` steps (``no_grade_drop``), ``t_max`` steps were taken (``t_max``). A step
-    whose regrade is a higher grade than before is undone and ends the loop (``grade_increased``), so
-    the recorded grades never increase.
-    """
-    s = image.shape[0]
-    fov = fov.astype(bool)
-    fov_area = max(int(fov.sum()), 1)
-    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * settings.dilation + 1,) * 2) if settings.dilation else None
-    removed = np.zeros((s, s), bool)
-    weak = np.zeros((len(LESIONS), s, s), bool)
-    score = np.zeros((len(LESIONS), s, s), np.float32)
-
-    def grade(img: np.ndarray) -> tuple[Step, torch.Tensor]:
+    def grade_fn(img: np.ndarray):
+        s = img.shape[0]
         x = torch.from_numpy(img).permute(2, 0, 1)[None].float().div(255).to(device)
-        sal, logits = grader.saliency(x, settings.saliency)
+        sal, logits = grader.saliency(x, method)
         out = split_outputs(logits.float().cpu())
-        gp = out["grade"][0].numpy()
-        step = Step(grade_probabilities=[round(float(p), 4) for p in gp], grade=int(gp.argmax()),
-                    lesion_probabilities={les: round(float(p), 4) for les, p in zip(LESIONS, out["lesions"][0].numpy())})
         sal = F.interpolate(sal.float().cpu(), size=(s, s), mode="bilinear", align_corners=False)[0].numpy()
-        return step, sal
+        return out["grade"][0].numpy(), out["lesions"][0].numpy(), sal
 
-    current = image.copy()
-    step, sal = grade(current)
-    images, masks, steps = [current], [], [step]
-    stalled = 0
-    reason = "t_max"
-    for t in range(1, settings.t_max + 1):
-        if step.grade == 0:
-            reason = "healthy"
-            break
-        active = [k for k, les in enumerate(LESIONS) if step.lesion_probabilities[les] > settings.tau]
-        if not active:
-            reason = "no_lesion_above_tau"
-            break
-        region = np.zeros((s, s), bool)
-        for k in active:
-            m = (sal[k] >= settings.threshold).astype(np.uint8)
-            if kernel is not None:
-                m = cv2.dilate(m, kernel)
-            region |= m.astype(bool)
-        new = region & fov & ~removed
-        if new.sum() < settings.min_new_fraction * fov_area:
-            reason = "tiny_region"
-            break
-        owner = np.asarray(active)[np.argmax(sal[active], axis=0)]
-        candidate = inpaint(current, new)
-        next_step, next_sal = grade(candidate)
-        if next_step.grade > step.grade:
-            reason = "grade_increased"
-            break
-        label = np.zeros((s, s), np.uint8)
-        for k in active:
-            part = new & (owner == k)
-            weak[k] |= part
-            label[part] = k + 1
-            score[k][part] = 0.5 + 0.5 * (settings.t_max - t + np.maximum(sal[k][part], 0.01)) / settings.t_max
-        next_step.new_area = int(new.sum())
-        next_step.new_area_per_lesion = {LESIONS[k]: int((label == k + 1).sum()) for k in active}
-        removed |= new
-        stalled = stalled + 1 if next_step.grade >= step.grade else 0
-        current, step, sal = candidate, next_step, next_sal
-        images.append(current)
-        masks.append(label)
-        steps.append(step)
-        if stalled >= settings.patience:
-            reason = "no_grade_drop"
-            break
-    else:
-        reason = "t_max"
-    if reason == "t_max" and step.grade == 0:
-        reason = "healthy"
-    return Regression(images=images, masks=masks, steps=steps, weak=weak, stop_reason=reason, score=score)
-
-
-def grade_names(steps: Sequence[Step]) -> list[str]:
-    return [GRADES[st.grade] for st in steps]
+    return grade_fn

@@ -3,7 +3,7 @@
 The stage-1 grader (`twlr` model) grades the image, its lesion saliency (of the lesions above ``tau``)
 is thresholded, dilated and restricted to the field of view, only the new region is inpainted, and
 the image is regraded, until one of the stopping rules of
-:func:`monailabel_dr.networks.twlr.severity_regression` holds. The loop runs at the profile's
+:func:`monailabel_dr.fundus.severity_regression.severity_regression` holds. The loop runs at the profile's
 ``regression.size``; outputs are restored to the input geometry.
 
 Request parameters (defaults from the profile's ``regression`` block): ``tau``, ``threshold``,
@@ -42,7 +42,8 @@ from monailabel_dr.lib.infers.base import load_weights, restore_channels
 from monailabel_dr.lib.infers.twlr_vlm import TWLRGraderTask
 from monailabel_dr.lib.params import Param
 from monailabel_dr.networks.inpainter import build_inpainter
-from monailabel_dr.networks.twlr import SALIENCY_METHODS, Regression, RegressionSettings, severity_regression
+from monailabel_dr.fundus.severity_regression import Regression, RegressionSettings, severity_regression
+from monailabel_dr.networks.twlr import SALIENCY_METHODS, grading_probe
 
 OUTPUTS = ("label", "image", "sequence", "sequence_masks")
 _LOOP_KEYS = tuple(f.name for f in dataclasses.fields(RegressionSettings))
@@ -77,7 +78,7 @@ class TWLRInpaintInfer(TWLRGraderTask):
         values = {k: data.get(k, self.regression.get(k)) for k in _LOOP_KEYS}
         values = {k: v for k, v in values.items() if v is not None and v != ""}
         try:
-            s = RegressionSettings.from_dict(values)
+            s = RegressionSettings.from_dict(values, SALIENCY_METHODS)
         except (TypeError, ValueError) as e:
             raise BadInput(f"twlr_inpaint settings: {e}") from e
         backend = str(data.get("backend") or self.regression.get("backend", "ns")).lower()
@@ -131,7 +132,7 @@ class TWLRInpaintInfer(TWLRGraderTask):
         work = (image.permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
         fov = torch.as_tensor(data["fov"])[0].numpy() > 0.5
         t0 = time.time()
-        data["regression"] = severity_regression(grader, work, fov, inpaint, settings, device)
+        data["regression"] = severity_regression(grading_probe(grader, settings.saliency, device), work, fov, inpaint, settings)
         data["regression_settings"] = {**dataclasses.asdict(settings), "backend": backend, "radius": radius,
                                        "size": self.working_size()}
         data["seconds_loop"] = round(time.time() - t0, 3)
