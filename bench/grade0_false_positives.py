@@ -32,6 +32,7 @@ def main() -> int:
     p.add_argument("--profile", default="cpu")
     p.add_argument("--split", default="val", choices=["val", "train", "all"])
     p.add_argument("--max-images", type=int, default=0)
+    p.add_argument("--set", help="profile overrides as --conf lesion_seg_set takes them, e.g. inference.tta=hflip")
     p.add_argument("--json")
     a = p.parse_args()
 
@@ -51,6 +52,8 @@ def main() -> int:
 
     conf = {"models": "lesion_seg", "lesion_seg_profile": a.profile, "model_dir": tempfile.mkdtemp(prefix="mldr_g0_"),
             "device": "cpu", "lesion_seg_checkpoint": os.path.realpath(a.checkpoint)}
+    if a.set:
+        conf["lesion_seg_set"] = a.set
     task = make_app(tempfile.mkdtemp(prefix="mldr_g0_store_"), conf)._infers["lesion_seg"]
     per_image = []
     t0 = time.time()
@@ -66,6 +69,8 @@ def main() -> int:
         "data": {"folder": os.path.realpath(a.folder), "split": a.split, "grade0_images": len(per_image),
                  "patients": len({i.rsplit("_", 1)[0] for i in healthy})},
         "checkpoint": os.path.realpath(a.checkpoint), "threshold": ans.get("threshold") if per_image else None,
+        "threshold_source": ans.get("threshold_source") if per_image else None, "tta": ans.get("tta") if per_image else None,
+        "profile_overrides": a.set,
         "model": task.model_json(),
         "any_lesion_fraction_of_images": round(float(np.mean(any_comp)), 4) if per_image else None,
         "mean_area_fraction_of_fov_all_lesions": round(float(np.mean([sum(r["area_fraction"].values()) for r in per_image])), 6)

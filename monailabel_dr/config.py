@@ -56,6 +56,9 @@ CONF_OPTIONS: dict[str, tuple[str, str]] = {
                         "lists and mappings in YAML brackets, e.g. `lesion_seg_set train.pos_weight=[10,3,1,1]`."),
     "<model>_lesion_checkpoint": ("<model_dir>/lesion_seg.pt", "Lesion-Net weights for a lesion-attention grading profile (`grading_profile attention`); frozen while the grader trains."),
     "<model>_attention_mode": ("FA", "Lesion attention as `FA` (F x A, the paper) or `F(1+A)`."),
+    "twlr_inpainter_external": ("", "TorchScript inpainter file for `twlr_inpaint`'s `external` backend (e.g. an exported LaMa, "
+                                    "with the learned `unet` backend's (image, mask) -> image contract; fundus/inpainting.py); "
+                                    "needed only for requests with `backend external`."),
     "cam_threshold": ("0.65", "CAM region-proposal threshold on the min-max normalised map (the CAM paper's value)."),
     "cam_method": ("cam", "`cam` (GAP + linear head, the paper) or `gradcam` (monai.visualize.GradCAM)."),
     "dicomweb_filter": ('{"Modality": "OP"}', "With `--studies http://.../dicom-web`: QIDO-RS filter (JSON) of the series served as photographs."),
@@ -164,6 +167,10 @@ class AppSettings:
     extra: dict = field(default_factory=dict)
 
     def get(self, key: str, default: Any = None) -> Any:
+        """A ``--conf`` value the code reads by name; every such key is in CONF_OPTIONS (the table that
+        ``monailabel-dr conf`` prints and the README shows), so a new one cannot be left undocumented."""
+        if key not in CONF_OPTIONS:
+            raise KeyError(f"--conf {key!r} is read but not documented in config.CONF_OPTIONS")
         return self.extra.get(key, default)
 
 
