@@ -59,3 +59,23 @@ def test_the_readme_shows_the_table_and_undocumented_reads_fail(tmp_path):
     assert settings.get("cam_threshold", 0.65) == 0.65
     with pytest.raises(KeyError, match="not documented"):
         settings.get("no_such_key")
+
+
+@pytest.mark.parametrize("model,override", [
+    ("grading", "network.chanels=[8,16,32]"),
+    ("lesion_seg", "network.widht=[8,16]"),
+    ("lesion_sam", "network.sam.img_sise=256"),
+    ("twlr", "network.clip.image_sise=64"),
+])
+def test_a_typo_in_a_network_block_is_refused(tmp_path, model, override):
+    """A misspelt network key stops the app with an error naming it and the accepted keys, instead of
+    building the default network (issue 19, item 3)."""
+    from monailabel_dr.cli import make_app
+
+    store = tmp_path / "store"
+    store.mkdir()
+    conf = {"models": model, "profile": "tiny", "model_dir": str(tmp_path / "m"), "device": "cpu",
+            f"{model}_set": override, "infer_workers": "0", "rescore_interval": "0"}
+    bad_key = override.split("=")[0].rsplit(".", 1)[1]
+    with pytest.raises(Exception, match=rf"unknown key\(s\) \['{bad_key}'\]; accepted"):
+        make_app(str(store), conf)

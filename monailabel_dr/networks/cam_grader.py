@@ -17,7 +17,7 @@ This module knows nothing of MONAI Label.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from monai.networks.blocks import Convolution
 
 from monailabel_dr.fundus.lesions import GRADES, LESIONS
+from monailabel_dr.networks.settings import typed
 
 N_GRADES = len(GRADES)
 N_LESIONS = len(LESIONS)
@@ -42,12 +43,11 @@ class CAMGraderConfig:
     convs_per_stage: int = 1
     cam_channels: int = 128
     dropout: float = 0.2
-    extra: dict = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, d: dict) -> "CAMGraderConfig":
-        known = {k: d[k] for k in ("in_channels", "channels", "strides", "convs_per_stage", "cam_channels", "dropout") if k in d}
-        return cls(**known)
+        # "attention": the lesion-attention grader's block (networks/attention_grader.py build_grader)
+        return typed(cls, d, "grading network", ignore=("attention",))
 
     @property
     def total_stride(self) -> int:

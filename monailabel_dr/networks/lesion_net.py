@@ -31,6 +31,7 @@ from monai.networks.nets import ResNet
 from monai.networks.nets.basic_unet import Down, TwoConv
 
 from monailabel_dr.fundus.lesions import LESIONS
+from monailabel_dr.networks.settings import typed
 
 N_LESIONS = len(LESIONS)
 VALID_CUTS = (32, 16, 8, 4, 2)
@@ -53,8 +54,7 @@ class LesionNetConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "LesionNetConfig":
-        keys = ("in_channels", "backbone", "widths", "depths", "cut", "expansive_width", "out_channels", "dropout")
-        return cls(**{k: d[k] for k in keys if k in d})
+        return typed(cls, d, "lesion_seg network")
 
 
 class UNetEncoder(nn.Module):

@@ -65,6 +65,7 @@ from monailabel_dr.networks.clip_towers import (  # noqa: F401 (WeightsUnavailab
     patch_text_similarity,
     projected_patch_tokens,
 )
+from monailabel_dr.networks.settings import typed
 
 logger = logging.getLogger(__name__)
 
@@ -121,11 +122,12 @@ class TPDRSegConfig:
                 texts = yaml.safe_load(f) or {}
             for key in ("descriptions", "names"):
                 d[key] = d.get(key) or texts.get(key, {})
-        sam = SamConfig(**{k: v for k, v in (d.pop("sam", None) or {}).items()})
-        clip = ClipConfig(**{k: v for k, v in (d.pop("clip", None) or {}).items()})
+        sam = typed(SamConfig, d.pop("sam", None), "lesion_sam network.sam")
+        clip = typed(ClipConfig, d.pop("clip", None), "lesion_sam network.clip")
         if d.get("text_mode", "description") not in ("description", "name"):
             raise ValueError(f"text_mode must be 'description' or 'name', not {d['text_mode']!r}")
-        return cls(sam=sam, clip=clip, **d)
+        d.update(sam=sam, clip=clip)
+        return typed(cls, d, "lesion_sam network")
 
     def lesion_texts(self) -> list[list[str]]:
         """The text prompt(s) per lesion in LESIONS order, following text_mode."""

@@ -42,6 +42,7 @@ from monailabel_dr.networks.clip_towers import (
     patch_text_similarity,
     project_tokens,
 )
+from monailabel_dr.networks.settings import typed
 
 DEFAULT_DESCRIPTIONS = Path(__file__).resolve().parents[1] / "configs" / "twlr_descriptions.yaml"
 SALIENCY_METHODS = ("patch_text", "gradcam")
@@ -66,8 +67,10 @@ class TWLRConfig:
         lesions = texts.get("lesions") or {}
         d.setdefault("grade_texts", [_phrases(grades.get(g, grades.get(str(g))), f"grade {g}") for g in range(N_GRADES)])
         d.setdefault("lesion_texts", [_phrases(lesions.get(les), les) for les in LESIONS])
-        clip = ClipConfig(**(d.pop("clip", None) or {}))
-        return cls(clip=clip, **d)
+        d["clip"] = typed(ClipConfig, d.pop("clip", None), "twlr network.clip")
+        if d.get("conv_tower"):   # ConvImageTower's trunk: a CAM grader's settings and its pooling
+            typed(CAMGraderConfig, d["conv_tower"], "twlr network.conv_tower", ignore=("pool",))
+        return typed(cls, d, "twlr network")
 
 
 class ConvImageTower(nn.Module):

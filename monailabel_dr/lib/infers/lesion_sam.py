@@ -46,7 +46,7 @@ from monailabel_dr.lib.errors import BadInput, ModelNotTrained
 from monailabel_dr.lib.infers.base import FundusInferTask, probabilities_at_input
 from monailabel_dr.lib.params import Param
 from monailabel_dr.lib.infers.lesion_seg import label_map_from_probs
-from monailabel_dr.networks.tp_drseg import WeightsUnavailable, build_tp_drseg
+from monailabel_dr.networks.tp_drseg import TPDRSegConfig, WeightsUnavailable, build_tp_drseg
 from monailabel_dr.transforms import LoadFundusd
 
 MODES = ("faithful", "fast")
@@ -129,6 +129,7 @@ class LesionSamInfer(FundusInferTask):
               "lesion": Param.any(), "text": Param.any(), "foreground": Param.any(), "background": Param.any(),
               "roi": Param.any()}
     def __init__(self, name: str, model: ModelSettings, app: AppSettings):
+        TPDRSegConfig.from_dict(model.network)   # the network block checked now (a typo fails the start, not a request)
         super().__init__(
             name=name,
             model=model,

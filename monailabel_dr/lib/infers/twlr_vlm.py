@@ -24,13 +24,17 @@ from monailabel_dr.lib.infers.base import FundusInferTask, restore_channels
 from monailabel_dr.lib.params import Param
 from monailabel_dr.lib.infers.grading import grading_result
 from monailabel_dr.networks.clip_towers import WeightsUnavailable
-from monailabel_dr.networks.twlr import SALIENCY_METHODS, build_twlr_grader
+from monailabel_dr.networks.twlr import SALIENCY_METHODS, TWLRConfig, build_twlr_grader
 from monailabel_dr.transforms import LoadFundusd
 
 
 class TWLRGraderTask(FundusInferTask):
     """Shared by the TWLR tasks: [0, 1] RGB input, the stage-1 grader built on first use (the paper
     profile loads CLIP weights then) and loaded with the published checkpoint."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        TWLRConfig.from_dict(self.model.network)   # the network block checked now (a typo fails the start, not a request)
 
     def pre_transforms(self, data=None):
         return [LoadFundusd(keys="image", size=self.working_size(), max_pixels=self.app_settings.max_image_pixels,
