@@ -16,6 +16,8 @@ from typing import Any
 
 import yaml
 
+from monailabel_dr.metrics.lesions import CAM_THRESHOLD
+
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 # Every --conf key the app understands, with its default and meaning (the README table
@@ -59,7 +61,7 @@ CONF_OPTIONS: dict[str, tuple[str, str]] = {
     "twlr_inpainter_external": ("", "TorchScript inpainter file for `twlr_inpaint`'s `external` backend (e.g. an exported LaMa, "
                                     "with the learned `unet` backend's (image, mask) -> image contract; fundus/inpainting.py); "
                                     "needed only for requests with `backend external`."),
-    "cam_threshold": ("0.65", "CAM region-proposal threshold on the min-max normalised map (the CAM paper's value)."),
+    "cam_threshold": (f"{CAM_THRESHOLD:g}", "CAM region-proposal threshold on the min-max normalised map (the CAM paper's value)."),
     "cam_method": ("cam", "`cam` (GAP + linear head, the paper) or `gradcam` (monai.visualize.GradCAM)."),
     "dicomweb_filter": ('{"Modality": "OP"}', "With `--studies http://.../dicom-web`: QIDO-RS filter (JSON) of the series served as photographs."),
     "dicomweb_cache": ("~/.cache/monailabel-dr/dicomweb", "With a DICOMweb server: folder of the local cache (photographs as PNG, labels, SEGs waiting for upload); one subfolder per server URL."),

@@ -37,7 +37,8 @@ from monailabel_dr.networks.attention_grader import build_grader
 from monailabel_dr.metrics.lesions import CAM_THRESHOLD, proposals_from_map
 from monailabel_dr.networks.cam_grader import LESION_SLICE, N_GRADES, REFERABLE_INDEX, split_outputs
 
-DEFAULT_LEVELS = (0.2, 0.4, 0.65, 0.8)
+# quantisation edges of the served CAM map; the third is the proposal threshold, so level >= 3 is the proposed region
+DEFAULT_LEVELS = (0.2, 0.4, CAM_THRESHOLD, 0.8)
 LEVEL_COLORS = [(0, 90, 255), (0, 200, 120), (255, 170, 0), (255, 0, 0)]
 
 
