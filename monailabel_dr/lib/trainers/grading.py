@@ -265,12 +265,12 @@ class GradingTrainer(FundusTrainTask):
 
     def optimizer(self, context: Context):
         t = self.model.train
-        lr = float(context.request.get("learning_rate", t.get("learning_rate", 1e-3)))
-        wd = float(t.get("weight_decay", 0.0))
+        if str(t.get("optimizer", "adamw")).lower() != "sgd":
+            return super().optimizer(context)   # AdamW with the shared defaults (FundusTrainTask)
+        lr = float(context.request.get("learning_rate", t.get("learning_rate", self.default_learning_rate)))
         params = [p for p in context.network.parameters() if p.requires_grad]
-        if str(t.get("optimizer", "adamw")).lower() == "sgd":
-            return torch.optim.SGD(params, lr=lr, momentum=float(t.get("momentum", 0.9)), weight_decay=wd)
-        return torch.optim.AdamW(params, lr=lr, weight_decay=wd)
+        return torch.optim.SGD(params, lr=lr, momentum=float(t.get("momentum", 0.9)),
+                               weight_decay=float(t.get("weight_decay", self.default_weight_decay)))
 
 
     def loss_function(self, context: Context):

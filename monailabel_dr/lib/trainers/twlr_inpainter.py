@@ -136,7 +136,6 @@ class NavierStokesPSNR(Metric):
 
 class TWLRInpainterTrainer(LesionLabelSource, FundusTrainTask):
     model_title = "the TWLR inpainter"
-    default_weight_decay = 0.0
 
     def __init__(self, model: ModelSettings, app: AppSettings):
         self.model = model
