@@ -44,7 +44,7 @@ CONF_OPTIONS: dict[str, tuple[str, str]] = {
     "infer_workers": ("1", "Worker processes that run the server's inferences (each builds the served models once at start, "
                            "and runs one inference at a time); 0 = in the server process, in threads. A process has its own "
                            "Python interpreter, so label saves and /info never share one with the inferences."),
-    "train_nice": ("10", "CPU priority of background jobs (training), so annotators' requests come first on a busy machine: "
+    "train_nice": ("idle", "CPU priority of background jobs (training), so annotators' requests come first on a busy machine: "
                          "a nice level 0-19 (0 = the server's own priority), or `idle`: Linux SCHED_IDLE, CPU time no "
                          "request wants (lib/priority.py)."),
     "train_on_start": ("", "Comma list of models to train in the background when the server starts (the demo uses `grading`)."),
@@ -164,7 +164,7 @@ class AppSettings:
     infer_concurrency: int | None = None   # None: lib/offload.default_infer_concurrency per device
     offload: bool = True
     rescore_interval: float = 10.0
-    train_nice: int | str = 10              # a nice level 0-19, or "idle" (lib/priority.py)
+    train_nice: int | str = "idle"          # a nice level 0-19, or "idle" (lib/priority.py)
     infer_workers: int = 1
     extra: dict = field(default_factory=dict)
 
