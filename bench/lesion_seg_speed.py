@@ -29,6 +29,7 @@ def main() -> int:
     p.add_argument("--checkpoint")
     p.add_argument("--profile", default="cpu")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--set", help="profile overrides as --conf lesion_seg_set takes them, e.g. inference.tta=flips")
     p.add_argument("--json")
     args = p.parse_args()
 
@@ -41,6 +42,8 @@ def main() -> int:
     conf = {"models": "lesion_seg", "lesion_seg_profile": args.profile, "model_dir": tmp, "device": "cpu"}
     if args.checkpoint:
         conf["lesion_seg_checkpoint"] = os.path.realpath(args.checkpoint)
+    if args.set:
+        conf["lesion_seg_set"] = args.set
     app = make_app(tempfile.mkdtemp(prefix="mldr_bench_store_"), conf)
     task = app._infers["lesion_seg"]
     if not args.checkpoint:
@@ -57,7 +60,7 @@ def main() -> int:
     report = {
         "image": os.path.basename(args.image),
         "image_size": result["image_size"],
-        "profile": args.profile,
+        "profile": args.profile, "profile_overrides": args.set,
         "working_size": task.model.image_size,
         "seconds_per_image": round(min(times[1:]), 2),
         "median_s": round(float(sorted(times[1:])[len(times[1:]) // 2]), 2),
