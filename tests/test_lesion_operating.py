@@ -168,3 +168,21 @@ def test_trained_checkpoint_stores_thresholds_and_the_server_uses_them(phantom_s
         for bad in ({"threshold": "val"}, {"tta": "rot90"}):
             r = client.post(f"/infer/lesion_seg?image={images[0]}&output=json", data={"params": json.dumps(bad)})
             assert r.status_code == 422 and next(iter(bad)) in r.text
+
+
+def test_a_profile_with_negatives_needs_their_source():
+    """cpu_negatives trains with real negatives: without negatives_source it refuses rather than silently
+    training the plain recipe; with one it reads it (here a folder that is not there: a clear 4xx)."""
+    from types import SimpleNamespace
+
+    from monailabel_dr.lib.errors import BadInput
+    from monailabel_dr.lib.trainers.lesion_data import LesionLabelSource
+
+    src = LesionLabelSource()
+    src.model = SimpleNamespace(train={"negatives_max": 22})
+    with pytest.raises(BadInput, match="negatives_source"):
+        src._negatives({})
+    with pytest.raises(BadInput, match="grades.csv"):
+        src._negatives({"negatives_source": "grades:/no/such/folder"})
+    src.model = SimpleNamespace(train={})
+    assert src._negatives({}) == []

@@ -130,6 +130,10 @@ class LesionLabelSource:
         t = t.train if t is not None else {}
         source = request.get("negatives_source") or t.get("negatives_source")
         if not source:
+            if t.get("negatives_max"):   # a recipe with negatives (e.g. cpu_negatives) must not silently train without
+                raise BadInput(f"this {self.model_title} profile trains with real negatives (negatives_max "
+                               f"{t.get('negatives_max')}): give negatives_source, e.g. --params "
+                               "'{\"negatives_source\": \"grades:<folder with images/ and grades.csv>\"}'")
             return []
         return negative_items(str(source), int(request.get("negatives_max", t.get("negatives_max", 0)) or 0))
 
