@@ -104,11 +104,12 @@ def test_free_text_prompt_and_prior_explanation(sam_server, tmp_path):
     out = tmp_path / "prior.nrrd"
     out.write_bytes(body)
     arr, header = nrrd.read(str(out))
-    names = [header[k] for k in sorted(header) if k.endswith("_Name")] or None
     assert arr.size == 2 * 240 * 320
     assert 0.0 <= float(arr.min()) and float(arr.max()) <= 1.0 + 1e-5
     assert [p["name"] for p in params["prompts"]] == ["HE", "text_1"]
-    assert names is None or len(names) == 2
+    # the prior maps' channels are named after the prompts, in order (the app's channel_names field)
+    maps, names = fio.read_multichannel(out)
+    assert maps.shape == (2, 240, 320) and names == ["HE", "text_1"]
 
 
 def test_all_lesions_fast_vs_faithful_and_refinement(sam_server):
