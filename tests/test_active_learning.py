@@ -318,7 +318,8 @@ def test_scores_are_recomputed_when_a_new_model_is_published(al_server):
 
 def test_grade_uncertainty_through_the_server(al_server):
     c, ds = al_server["client"], _datastore()
-    r = c.post("/scoring/grade_uncertainty?run_sync=true", json={"mc_samples": 6})
+    # force: every image rescored with these settings, whatever an earlier test or a strategy scored before
+    r = c.post("/scoring/grade_uncertainty?run_sync=true", json={"mc_samples": 6, "force": True})
     assert r.status_code == 200, r.text
     everyone = sorted(ds.list_images())
     assert r.json()["total"] == len(everyone)                     # labelled too: their embeddings keep diversity
@@ -391,6 +392,7 @@ def test_an_image_the_models_cannot_read_is_recorded_and_never_picked(al_server)
     from monailabel_dr.fundus.phantoms import make_phantom
 
     c, ds = al_server["client"], _datastore()
+    assert c.post("/scoring/lesion_uncertainty?run_sync=true").status_code == 200   # the others current, whatever ran before
     grey = cv2.cvtColor(make_phantom(77, size=(240, 320)).image, cv2.COLOR_RGB2GRAY)
     buf = _io.BytesIO()
     Image.fromarray(grey).save(buf, format="PNG")

@@ -228,7 +228,33 @@ def slicer(tmp_path_factory):
         yield SlicerStyleClient(url, str(tmpdir)), store, base
 
 
-# ----------------------------------------------------------------------------- tests (in order: they share the server)
+def _ensure_offcentre_uploaded(slicer) -> None:
+    """The off-centre photograph in the datastore, whichever test runs first (they share the server)."""
+    client, store, base = slicer
+    if not (store / "offcentre_eye.png").is_file():
+        canvas, _, _ = off_centre_phantom(321)
+        path = str(base / "client" / "offcentre_eye.png")
+        fio.write_image(path, canvas)
+        status, res = client.upload_image(path, "offcentre_eye")
+        assert status == 200, res
+
+
+def _ensure_lesion_seg_trained(slicer) -> None:
+    client, store, base = slicer
+    _, info = client.info()
+    if not info["model_state"]["lesion_seg"]["trained"]:
+        if not (store / "labels" / "final" / "offcentre_eye.nii.gz").is_file():
+            _, lab, _ = off_centre_phantom(321)
+            path = slicer_label_file(lab, str(base / "client" / "offcentre.nii.gz"))
+            status, res = client.save_label("offcentre_eye", path, params={
+                "label_info": [{"name": n, "idx": k + 1} for k, n in enumerate(LESIONS)]})
+            assert status == 200, res
+        status, res = client._json("POST", "/train/lesion_seg?run_sync=true", {"max_epochs": 1})
+        assert status == 200, res
+
+
+# ----------------------------------------------------------------------------- tests (they share the server; each
+# makes what it needs with the _ensure_* helpers, so they pass in any order)
 def test_info_models_labels_and_colours_as_slicer_reads_them(slicer):
     client, _, _ = slicer
     status, info = client.info()
@@ -268,22 +294,26 @@ def test_next_sample_and_image_download(slicer):
     client, store, _ = slicer
     status, sample = client.next_sample("random", {})
     assert status == 200 and sample["id"]
-    assert os.path.realpath(sample["path"]) == os.path.realpath(store / f"{sample['id']}.jpg")
+    # the photograph's file in the datastore (jpg phantoms; png for images other tests uploaded)
+    local = next(store.glob(f"{sample['id']}.*"))
+    assert os.path.realpath(sample["path"]) == os.path.realpath(local)
     # a remote Slicer downloads it instead: same bytes
     status, data, _ = client._send("GET", f"/datastore/image?image={quote_plus(sample['id'])}")
-    assert status == 200 and data == (store / f"{sample['id']}.jpg").read_bytes()
+    assert status == 200 and data == local.read_bytes()
     status, sample2 = client.next_sample("first", {})
     assert status == 200 and sample2["id"]
 
 
 def test_upload_image_as_slicer_does(slicer):
     client, store, base = slicer
-    canvas, _, _ = off_centre_phantom(321)
-    path = str(base / "client" / "offcentre_eye.png")
+    canvas, _, _ = off_centre_phantom(322)
+    path = str(base / "client" / "uploaded_eye.png")
     fio.write_image(path, canvas)
-    status, res = client.upload_image(path, "offcentre_eye")
+    status, res = client.upload_image(path, "uploaded_eye")
     assert status == 200, res
-    assert res["image"] == "offcentre_eye" and (store / "offcentre_eye.png").is_file()
+    assert res["image"] == "uploaded_eye" and (store / "uploaded_eye.png").is_file()
+    status, res = client.upload_image(path, "uploaded_eye")
+    assert status == 409, res                                  # an id is never silently overwritten
 
 
 @pytest.mark.parametrize("ext", [".nii.gz", ".nrrd"])
@@ -321,6 +351,7 @@ def test_submitted_slicer_label_maps_are_stored_with_lesion_values(slicer, ext):
 
 def test_off_centre_label_and_training_from_slicer_labels(slicer):
     client, store, base = slicer
+    _ensure_offcentre_uploaded(slicer)
     _, lab, _ = off_centre_phantom(321)
     path = slicer_label_file(lab, str(base / "client" / "offcentre.nii.gz"))
     status, res = client.save_label("offcentre_eye", path,
@@ -373,6 +404,8 @@ def _check_result_geometry(result_file: str, source: Path):
 
 def test_infer_lesion_seg_nrrd_lands_on_the_photograph(slicer):
     client, store, _ = slicer
+    _ensure_offcentre_uploaded(slicer)
+    _ensure_lesion_seg_trained(slicer)
     _, info = client.info()
     params = client.config(info, "models", "lesion_seg")
     # a tiny one-epoch model: any lesion probability counts, so the map covers the field of view
@@ -398,6 +431,7 @@ def test_infer_lesion_seg_nrrd_lands_on_the_photograph(slicer):
 
 def test_infer_cam_nrrd_lands_on_the_photograph(slicer):
     client, store, _ = slicer
+    _ensure_offcentre_uploaded(slicer)
     status, res = client._json("POST", "/train/grading?run_sync=true", {"max_epochs": 1})
     assert status == 200, res
     _, info = client.info()
