@@ -332,8 +332,8 @@ def _evaluate_graded_folder(args) -> int:
     train = app.settings.models["grading"].train
     try:
         report = evaluate_graded_folder(task, folder, split=args.split, n_boot=args.n_boot,
-                                        val_split=float((record or {}).get("val_split", train.get("val_split", 0.2))),
-                                        split_seed=int((record or {}).get("split_seed", train.get("split_seed", 0))))
+                                        val_split=float((record or {}).get("val_split", train.val_split)),
+                                        split_seed=int((record or {}).get("split_seed", train.split_seed)))
     except ValueError as e:
         raise SystemExit(f"evaluate: {e}") from e
     return _report(args, report, record, grading_summary)
@@ -647,6 +647,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from monailabel_dr.config import ConfError
     from monailabel_dr.lib.evaluation import EvaluationError
 
     args = build_parser().parse_args(argv)
@@ -654,6 +655,8 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except EvaluationError as e:   # lib/ raises, the CLI decides how a command ends
         raise SystemExit(str(e)) from e
+    except ConfError as e:         # a bad --conf / profile key: the message, not a traceback
+        raise SystemExit(f"monailabel-dr {args.command}: {e}") from e
 
 
 if __name__ == "__main__":

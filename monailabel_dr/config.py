@@ -110,6 +110,10 @@ def load_model_table(path: str | os.PathLike | None = None) -> dict[str, ModelSp
     return table
 
 
+# the blocks a profile in configs/<model>.yaml may have (the `--conf <model>_set` keys start with one of them)
+PROFILE_BLOCKS = ("image_size", "network", "train", "regression", "preprocess", "inference")
+
+
 def import_object(ref: str):
     """Import "package.module:Name"."""
     module, _, name = ref.partition(":")
@@ -124,7 +128,7 @@ class ModelSettings:
     profile_name: str
     image_size: int
     network: dict
-    train: dict
+    train: Any                    # the trainer's typed settings (lib/trainers/settings.py), defaults filled in
     checkpoint_override: str | None
     model_dir: str
     options: dict = field(default_factory=dict)   # the profile's other blocks (e.g. TWLR's `regression`)
@@ -221,9 +225,16 @@ def parse_conf(conf: dict[str, Any] | None, app_dir: str, table: dict[str, Model
             raise ConfError(f"--conf image_size must be an integer, got {size!r}") from e
         if size < 16 or size > 4096:
             raise ConfError(f"--conf image_size {size} is outside 16..4096")
+        unknown = sorted(set(profile) - set(PROFILE_BLOCKS))
+        if unknown:
+            raise ConfError(f"{name} profile '{profile_name}': unknown key(s) {unknown}; accepted: {list(PROFILE_BLOCKS)}")
         train = dict(profile.get("train") or {})
         if conf.get(f"{name}_max_epochs"):
-            train["max_epochs"] = int(conf[f"{name}_max_epochs"])
+            try:
+                train["max_epochs"] = int(conf[f"{name}_max_epochs"])
+            except (TypeError, ValueError) as e:
+                raise ConfError(f"--conf {name}_max_epochs must be an integer, got {conf[f'{name}_max_epochs']!r}") from e
+        train = _typed_train(spec, profile_name, train)
         network = dict(profile.get("network") or {})
         if network.get("attention"):
             network["attention"] = _resolve_attention(name, network["attention"], conf, table, model_dir)
@@ -305,6 +316,20 @@ def parse_conf(conf: dict[str, Any] | None, app_dir: str, table: dict[str, Model
     )
 
 
+def _typed_train(spec: ModelSpec, profile_name: str, train: dict):
+    """A profile's ``train`` block as its trainer's settings class (``settings_class``, lib/trainers/settings.py):
+    typed, defaults filled in, an unknown key refused naming the accepted ones."""
+    where = f"{spec.name} profile '{profile_name}' train"
+    if not spec.trainer:
+        if train:
+            raise ConfError(f"{where}: {spec.name} has no trainer, so its train keys {sorted(train)} would do nothing")
+        return None
+    try:
+        return import_object(spec.trainer).settings_class.from_dict(train, where)
+    except ValueError as e:
+        raise ConfError(str(e)) from e
+
+
 def _conf_number(conf: dict, key: str, kind: type, low: float, high: float, unit: str = ""):
     """``--conf key`` as ``kind`` (int or float) in ``low..high``; its default is the one in CONF_OPTIONS."""
     raw = conf.get(key, CONF_OPTIONS[key][0])
@@ -346,7 +371,7 @@ def apply_overrides(profile: dict, spec: str, what: str = "overrides") -> dict:
         if not sep or not key.strip():
             raise ConfError(f"{what}: {item!r} is not key=value")
         parts = key.strip().split(".")
-        if parts[0] not in ("image_size", "network", "train", "regression", "preprocess", "inference"):
+        if parts[0] not in PROFILE_BLOCKS:
             raise ConfError(f"{what}: {key!r} must start with image_size, network., train., regression., preprocess "
                             "or inference.")
         try:

@@ -134,3 +134,16 @@ def test_read_only_commands_leave_the_folder_as_it_was(tmp_path):
     report = run_cli("evaluate", "grading", "--studies", str(store), *conf)
     assert report["n"] == 6 and report["data"]["studies"] == str(store.resolve())
     assert _listing(store) == before
+
+
+def test_a_train_key_typo_stops_the_cli_with_the_accepted_keys(tmp_path):
+    """A typo in `--conf <model>_set train.*` ends the command with one line naming the key and the accepted
+    ones (exit status non-zero, no traceback), before anything is read or trained."""
+    out = subprocess.run([sys.executable, "-m", "monailabel_dr.cli", "train", "lesion_seg", "--studies", str(tmp_path),
+                          "--conf", "models", "lesion_seg", "--conf", "lesion_seg_set", "train.learnig_rate=0.1",
+                          "--conf", "model_dir", str(tmp_path / "model")],
+                         capture_output=True, text=True, cwd=str(ROOT), timeout=300)
+    assert out.returncode != 0
+    assert "unknown key(s) ['learnig_rate']" in out.stderr and "'learning_rate'" in out.stderr
+    assert "Traceback" not in out.stderr
+    assert not (tmp_path / "model").exists()

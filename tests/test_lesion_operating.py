@@ -177,12 +177,15 @@ def test_a_profile_with_negatives_needs_their_source():
 
     from monailabel_dr.lib.errors import BadInput
     from monailabel_dr.lib.trainers.lesion_data import LesionLabelSource
+    from monailabel_dr.lib.trainers.settings import LesionSamTrain, LesionSegTrain
 
     src = LesionLabelSource()
-    src.model = SimpleNamespace(train={"negatives_max": 22})
+    src.model = SimpleNamespace(train=LesionSegTrain.from_dict({"negatives_max": 22}))
     with pytest.raises(BadInput, match="negatives_source"):
         src._negatives({})
     with pytest.raises(BadInput, match="grades.csv"):
         src._negatives({"negatives_source": "grades:/no/such/folder"})
-    src.model = SimpleNamespace(train={})
+    src.model = SimpleNamespace(train=LesionSegTrain.from_dict({}))
+    assert src._negatives({}) == []
+    src.model = SimpleNamespace(train=LesionSamTrain.from_dict({}))   # settings without negatives
     assert src._negatives({}) == []

@@ -107,7 +107,7 @@ def test_parse_conf_profiles_and_errors(tmp_path):
     assert g.profile_name == "tiny" and g.image_size == 64 and s.device == "cpu"
     assert g.published_path == str(tmp_path / "grading.pt")
     s = parse_conf({"grading_image_size": "96", "grading_max_epochs": "3"}, "/app")
-    assert s.models["grading"].image_size == 96 and s.models["grading"].train["max_epochs"] == 3
+    assert s.models["grading"].image_size == 96 and s.models["grading"].train.max_epochs == 3
     assert s.models["grading"].model_dir == "/app/model"
     with pytest.raises(ConfError, match="unknown model"):
         parse_conf({"models": "grading,nope"}, "/app")
@@ -282,10 +282,12 @@ def test_lesion_net_paper_schedule_plateau_drop_switch_and_early_stop():
     from ignite.engine import Engine, Events
 
     from monailabel_dr.lib.trainers.lesion_seg import LesionSegTrainer, _SwitchToDualOnLrDrop
+    from monailabel_dr.lib.trainers.settings import LesionSegTrain
     from monailabel_dr.networks.lesion_net import LesionLoss
 
     task = LesionSegTrainer.__new__(LesionSegTrainer)  # only the schedule wiring is exercised
-    task.model = SimpleNamespace(train={"loss_schedule": "paper", "plateau_patience": 2, "early_stop_patience": 4})
+    task.model = SimpleNamespace(train=LesionSegTrain.from_dict(
+        {"loss_schedule": "paper", "plateau_patience": 2, "early_stop_patience": 4}))
     task._loss = LesionLoss("dual_dice")
     task._loss.use_dual = False
     opt = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=1e-3)
@@ -353,15 +355,87 @@ def test_profile_overrides_from_conf():
     m = s.models["lesion_sam"]
     assert m.network["text_mode"] == "name" and m.network["injector"] is False
     assert m.network["sam"]["checkpoint"] == "/data/sam.pth" and m.network["sam"]["embed_dim"] == 128  # rest kept
-    assert m.train["learning_rate"] == 1e-4
+    assert m.train.learning_rate == 1e-4
     for bad in ("network.text_mode", "weights=1", "network.sam.embed_dim.x=3", "train.x=[1,2", "train.x=1]"):
         with pytest.raises(ConfError):
             parse_conf({"models": "lesion_sam", "lesion_sam_set": bad}, "/app")
     # commas inside YAML brackets belong to the value: lists and mappings can be overridden
-    s = parse_conf({"models": "lesion_seg", "lesion_seg_set": "train.pos_weight=[10, 3,1,1],train.crop={size: 96, n: 2},"
-                    "train.learning_rate=0.01"}, "/app")
+    s = parse_conf({"models": "lesion_seg", "lesion_seg_set": "train.pos_weight=[10, 3,1,1],train.learning_rate=0.01"},
+                   "/app")
     t = s.models["lesion_seg"].train
-    assert t["pos_weight"] == [10, 3, 1, 1] and t["crop"] == {"size": 96, "n": 2} and t["learning_rate"] == 0.01
+    assert t.pos_weight == (10, 3, 1, 1) and t.learning_rate == 0.01
+    s = parse_conf({"models": "twlr", "twlr_set": "train.crop={size: 96, samples_per_image: 2}"}, "/app")
+    assert s.models["twlr"].train.crop.size == 96 and s.models["twlr"].train.crop.samples_per_image == 2
+
+
+@pytest.mark.parametrize("model,key,value,match", [
+    ("lesion_seg", "train.learnig_rate", "0.01", r"unknown key\(s\) \['learnig_rate'\]; accepted: .*'learning_rate'"),
+    ("lesion_seg", "train.crop", "{size: 96}", r"unknown key\(s\) \['crop'\]"),      # TWLR's, not Lesion-Net's
+    ("grading", "train.optimiser", "sgd", r"\['optimiser'\]; accepted: .*'optimizer'"),
+    ("grading", "train.optimizer", "adam", r"optimizer='adam'; accepted: adamw, sgd"),
+    ("grading", "train.max_epochs", "ten", r"max_epochs='ten' is not int"),
+    ("grading", "train.batch_size", "0", r"batch_size must be > 0"),
+    ("lesion_seg", "train.pos_weight", "[1, 2]", r"pos_weight needs 4 values"),
+    ("lesion_seg", "train.class_ratios", "[1, 1, 1]", r"class_ratios needs 5 values"),
+    ("lesion_seg", "train.lambda", "high", r"lambda='high' is not float|lam='high' is not float"),
+    ("twlr", "train.crop", "{size: 96, n: 2}", r"train.crop: unknown key\(s\) \['n'\]"),
+    ("twlr", "train.counterfactual", "{radious: 3}", r"train.counterfactual: .*radious"),
+    ("twlr_inpainter", "train.holes", "{stroke: 3}", r"train.holes: .*stroke"),
+    ("lesion_sam", "train.negative_prob", "1.5", r"negative_prob must be in \[0, 1\]"),
+])
+def test_train_settings_typo_or_bad_value_refused(model, key, value, match):
+    """A typo in a train key (YAML or --conf <model>_set) is refused naming the accepted keys; a bad value
+    names the key and what is accepted, before any run."""
+    from monailabel_dr.config import ConfError, parse_conf
+
+    with pytest.raises(ConfError, match=match):
+        parse_conf({"models": model, f"{model}_set": f"{key}={value}"}, "/app")
+
+
+def test_every_profile_of_every_model_types_cleanly(tmp_path):
+    """Every shipped profile's train block parses into its trainer's typed settings (so a YAML typo fails
+    this test), and the values reach the trainer's MONAI Label config unchanged."""
+    import yaml
+
+    from monailabel_dr.config import CONFIG_DIR, PROFILE_BLOCKS, import_object, load_model_table, parse_conf
+    from monailabel_dr.lib.trainers.common import trainer_config
+
+    table = load_model_table()
+    for name, spec in table.items():
+        profiles = spec.network_profiles()["profiles"]
+        for profile, block in profiles.items():
+            assert set(block) <= set(PROFILE_BLOCKS), (name, profile)
+            s = parse_conf({"models": name, f"{name}_profile": profile, "model_dir": str(tmp_path)}, "/app")
+            t = s.models[name].train
+            assert isinstance(t, import_object(spec.trainer).settings_class), (name, profile)
+            raw = (block.get("train") or {})
+            for key, value in raw.items():
+                field = {"lambda": "lam"}.get(key, key)
+                got = getattr(t, field)
+                if isinstance(value, list):
+                    assert list(got) == value, (name, profile, key)
+                elif not isinstance(value, dict):
+                    assert got == value, (name, profile, key)
+            cfg = trainer_config(s.models[name], s)
+            assert cfg["max_epochs"] == t.max_epochs and cfg["learning_rate"] == t.learning_rate
+    assert CONFIG_DIR.is_dir() and yaml   # the YAML files read above are the shipped ones
+
+
+def test_unknown_profile_block_refused(tmp_path):
+    """An unknown top-level key in a profile (e.g. ``trian:``) is an error naming the accepted blocks."""
+    import dataclasses
+
+    import yaml
+
+    from monailabel_dr.config import CONFIG_DIR, ConfError, load_model_table, parse_conf
+
+    doc = yaml.safe_load((CONFIG_DIR / "lesion_seg.yaml").read_text())
+    doc["profiles"]["tiny"]["trian"] = {"max_epochs": 3}
+    (tmp_path / "lesion_seg.yaml").write_text(yaml.safe_dump(doc))
+    table = load_model_table()
+    table["lesion_seg"] = dataclasses.replace(table["lesion_seg"], network_config=str(tmp_path / "lesion_seg.yaml"))
+    with pytest.raises(ConfError, match=r"unknown key\(s\) \['trian'\]; accepted: .*'train'"):
+        parse_conf({"models": "lesion_seg", "lesion_seg_profile": "tiny"}, "/app", table)
 
 
 def test_rand_lesion_prompt_picks_present_lesions_and_some_negatives():

@@ -217,7 +217,7 @@ class LesionLoss(nn.Module):
             # ``pos_weight`` also weights this term's lesion pixels. Why (measured on IDRiD): MA covers ~0.2 %
             # of a crop, so an unweighted BCE settles every MA logit near the base rate (sigmoid ~0.002);
             # there the sigmoid is saturated and the Dice gradient through it vanishes, and MA was never
-            # learned (Dice 0.000 in two runs). A positive weight w lifts that resting point ~w-fold.
+            # learned (docs/results.md). A positive weight w lifts that resting point ~w-fold.
             w = fov * (1 + (self.pos_weight.view(1, -1, 1, 1) - 1) * truth)
             bce = F.binary_cross_entropy_with_logits(logits, truth, weight=w, reduction="sum")
             loss = loss + self.bce_weight * bce / (fov.sum().clamp_min(1) * logits.shape[1])

@@ -14,6 +14,8 @@ from monai.utils import set_determinism
 from monailabel.tasks.train.basic_train import BasicTrainTask
 from monailabel.tasks.train.handler import PublishStatsAndModel
 
+from monailabel_dr.lib.trainers.settings import TrainSettings
+
 logger = logging.getLogger(__name__)
 
 
@@ -134,20 +136,21 @@ def resume_path(task, output_dir: str, pretrained: bool = True) -> str | None:
 
 
 def trainer_config(model, app, **overrides) -> dict:
-    """The MONAI Label train config (shown in /info, overridable per request) from a model's profile."""
+    """The MONAI Label train config (shown in /info, overridable per request) from a model's typed train
+    settings (``model.train``, lib/trainers/settings.py)."""
     t = model.train
     cfg = {
         "name": "train_01",  # reusing a run name resumes it (fine-tuning)
         "pretrained": True,
         "device": app.device,
-        "max_epochs": int(t.get("max_epochs", 20)),
+        "max_epochs": t.max_epochs,
         # seeds torch, numpy, random and every MONAI random transform; a negative seed leaves runs unseeded
-        "seed": int(t.get("seed", 0)),
+        "seed": t.seed,
         "early_stop_patience": -1,
-        "val_split": float(t.get("val_split", 0.2)),
-        "train_batch_size": int(t.get("batch_size", 16)),
-        "val_batch_size": int(t.get("batch_size", 16)),
-        "learning_rate": float(t.get("learning_rate", 1e-3)),
+        "val_split": t.val_split,
+        "train_batch_size": t.batch_size,
+        "val_batch_size": t.batch_size,
+        "learning_rate": t.learning_rate,
         "multi_gpu": True,
         "gpus": "all",
         "dataset": "CacheDataset",
@@ -168,18 +171,36 @@ class FundusTrainTask(BasicTrainTask):
     - Fine-tuning resumes from the served model (:func:`resume_path`).
     - Defaults shared by the trainers (a trainer overrides what differs): AdamW over the trainable
       parameters with the request's / profile's ``learning_rate`` and the profile's ``weight_decay``
-      (class defaults below), whole-image :class:`SimpleInferer` for training and validation, and
+      (their one default is in ``settings.TrainSettings``), whole-image :class:`SimpleInferer` for training and validation, and
       :meth:`cosine_schedule` for those that anneal per epoch.
     """
 
-    default_learning_rate = 1e-3
-    default_weight_decay = 1e-4
+    settings_class: type[TrainSettings] = TrainSettings   # what config.parse_conf types the profile's train block as
+
+    def __init__(self, model, app, description: str, **config_overrides):
+        """The one set-up of every trainer: its folder under ``model_dir``, the MONAI Label config from the
+        typed train settings (:func:`trainer_config`, plus a trainer's ``config_overrides``), AMP on CUDA,
+        publishing to the served checkpoint, resuming from ``--conf <model>_checkpoint``, no MLflow."""
+        self.model = model
+        self.app_settings = app
+        super().__init__(
+            model_dir=os.path.join(model.model_dir, model.name),
+            description=description,
+            config=trainer_config(model, app, **config_overrides),
+            amp=app.device.startswith("cuda"),
+            publish_path=model.published_path,
+            load_path=model.checkpoint_override,
+            key_metric_filename="model.pt",
+            val_interval=model.train.val_interval,
+            tracking=None,
+        )
+
+    def learning_rate(self, context) -> float:
+        return float(context.request.get("learning_rate", self.model.train.learning_rate))
 
     def optimizer(self, context):
-        t = self.model.train
-        lr = float(context.request.get("learning_rate", t.get("learning_rate", self.default_learning_rate)))
         params = [p for p in context.network.parameters() if p.requires_grad]
-        return torch.optim.AdamW(params, lr=lr, weight_decay=float(t.get("weight_decay", self.default_weight_decay)))
+        return torch.optim.AdamW(params, lr=self.learning_rate(context), weight_decay=self.model.train.weight_decay)
 
     @staticmethod
     def cosine_schedule(context) -> LrScheduleHandler:

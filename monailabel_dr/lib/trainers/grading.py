@@ -39,11 +39,11 @@ from monailabel_dr.fundus import io
 from monailabel_dr.fundus.labels import LabelFormatError, is_grade_label_file, read_grade_label
 from monailabel_dr.fundus.lesions import LESIONS
 from monailabel_dr.lib.errors import Conflict
+from monailabel_dr.lib.trainers.settings import GradingTrain
 from monailabel_dr.lib.trainers.common import (
     FundusTrainTask,
     attach_publisher,
     stack_pred_label,
-    trainer_config,
 )
 from monailabel_dr.fundus.patients import has_eye_suffix, patient_split, split_description
 from monailabel_dr.metrics.grading import accuracy, quadratic_weighted_kappa, selection_score
@@ -146,20 +146,11 @@ def targets_from_labels(files: dict[str, str], presence: dict[str, bool] | None 
 
 
 class GradingTrainer(FundusTrainTask):
+    settings_class = GradingTrain
+
     def __init__(self, model: ModelSettings, app: AppSettings):
-        self.model = model
-        self.app_settings = app
-        config = trainer_config(model, app)
-        super().__init__(
-            model_dir=os.path.join(model.model_dir, model.name),
-            description=f"Train the DR grader ({model.profile_name} profile, {model.image_size} px) from final grade labels",
-            config=config,
-            amp=app.device.startswith("cuda"),
-            publish_path=model.published_path,
-            load_path=model.checkpoint_override,
-            key_metric_filename="model.pt",
-            tracking=None,
-        )
+        super().__init__(model, app, f"Train the DR grader ({model.profile_name} profile, {model.image_size} px) "
+                                     "from final grade labels")
 
     # ------------------------------------------------------------ data
     def pre_process(self, request, datastore: Datastore):
@@ -265,30 +256,23 @@ class GradingTrainer(FundusTrainTask):
 
     def optimizer(self, context: Context):
         t = self.model.train
-        if str(t.get("optimizer", "adamw")).lower() != "sgd":
-            return super().optimizer(context)   # AdamW with the shared defaults (FundusTrainTask)
-        lr = float(context.request.get("learning_rate", t.get("learning_rate", self.default_learning_rate)))
+        if t.optimizer != "sgd":
+            return super().optimizer(context)   # AdamW (FundusTrainTask)
         params = [p for p in context.network.parameters() if p.requires_grad]
-        return torch.optim.SGD(params, lr=lr, momentum=float(t.get("momentum", 0.9)),
-                               weight_decay=float(t.get("weight_decay", self.default_weight_decay)))
+        return torch.optim.SGD(params, lr=self.learning_rate(context), momentum=t.momentum, weight_decay=t.weight_decay)
 
 
     def loss_function(self, context: Context):
         t = self.model.train
-        balance = str(t.get("class_balance", "none"))
         weights = None
-        if balance in ("inverse_sqrt", "inverse"):
+        if t.class_balance != "none":   # inverse_sqrt or inverse (GradingTrain.choices)
             grades = [int(d["label"][0]) for d in (context.train_datalist or context.datalist)]
-            weights = grade_class_weights(grades, power=0.5 if balance == "inverse_sqrt" else 1.0)
-            logger.info(f"grading: class weights {weights} ({balance} of the training grade counts)")
-        elif balance != "none":
-            raise Conflict(f"grading profile '{self.model.profile_name}': train.class_balance {balance!r}: "
-                           "use none, inverse_sqrt or inverse")
-        return GraderLoss(ordinal_weight=float(t.get("ordinal_weight", 0.0)), class_weights=weights,
-                          label_smoothing=float(t.get("label_smoothing", 0.0)))
+            weights = grade_class_weights(grades, power=0.5 if t.class_balance == "inverse_sqrt" else 1.0)
+            logger.info(f"grading: class weights {weights} ({t.class_balance} of the training grade counts)")
+        return GraderLoss(ordinal_weight=t.ordinal_weight, class_weights=weights, label_smoothing=t.label_smoothing)
 
     def lr_scheduler_handler(self, context: Context):
-        gamma = float(self.model.train.get("lr_gamma", 1.0))
+        gamma = self.model.train.lr_gamma
         if gamma >= 1.0:
             return None
         sched = torch.optim.lr_scheduler.ExponentialLR(context.optimizer, gamma=gamma)
@@ -305,16 +289,13 @@ class GradingTrainer(FundusTrainTask):
     @property
     def _selection(self) -> str:
         """``kappa`` (the best validation kappa, the default) or ``smoothed`` (:class:`SmoothedSelection`)."""
-        sel = str(self.model.train.get("selection", "kappa"))
-        if sel not in ("kappa", "smoothed"):
-            raise Conflict(f"grading profile '{self.model.profile_name}': train.selection {sel!r}: use kappa or smoothed")
-        return sel
+        return self.model.train.selection
 
     def val_key_metric(self, context: Context):
         if self._selection == "smoothed":
             t = self.model.train
-            warmup = int(round(float(t.get("selection_warmup", 0.0)) * int(context.max_epochs)))
-            return {"val_select": SmoothedSelection(window=int(t.get("selection_window", 3)), warmup=warmup)}
+            warmup = int(round(t.selection_warmup * int(context.max_epochs)))
+            return {"val_select": SmoothedSelection(window=t.selection_window, warmup=warmup)}
         return {"val_kappa": kappa_metric()}
 
     def val_additional_metrics(self, context: Context):
@@ -337,7 +318,7 @@ class GradingTrainer(FundusTrainTask):
             context.request["val_split"] = 0.0
             self._last_split = {"kind": "none", "train_images": len(context.datalist), "val_images": 0}
             return super().partition_datalist(context, shuffle=shuffle)
-        seed = int(self.model.train.get("split_seed", 0))
+        seed = self.model.train.split_seed
         by_id = {d["id"]: d for d in context.datalist}
         ids = sorted(by_id)
         if not any(has_eye_suffix(i) for i in ids):
@@ -384,4 +365,4 @@ def profile_record(model: ModelSettings) -> dict:
     t = model.train
     return {"name": model.profile_name, "image_size": int(model.image_size), "network": network,
             "preprocess": model.options.get("preprocess", {"method": "none"}),
-            "val_split": float(t.get("val_split", 0.2)), "split_seed": int(t.get("split_seed", 0))}
+            "val_split": t.val_split, "split_seed": t.split_seed}

@@ -30,6 +30,7 @@ from monailabel_dr.fundus.lesions import LESIONS
 from monailabel_dr.lib.checkpoints import THRESHOLD_PREFIX
 from monailabel_dr.lib.errors import BadInput, Conflict, check_tag
 from monailabel_dr.lib.trainers.common import stack_pred_label
+from monailabel_dr.lib.trainers.settings import LesionCrops
 
 
 def idrid_items(folder: str) -> list[dict]:
@@ -82,16 +83,14 @@ def negative_items(source: str, max_n: int = 0) -> list[dict]:
 CROP_INDICES_KEY = "label_cls_indices"
 
 
-def lesion_centred_crops(train: dict, request: dict, size: int, label_key: str = "label") -> list:
+def lesion_centred_crops(train: LesionCrops, request: dict, size: int, label_key: str = "label") -> list:
     """MONAI transforms sampling ``samples_per_image`` crops of ``size`` px per image, centred on MA / HE /
     EX / SE / anywhere in the field of view in the ratios ``class_ratios`` (so that microaneurysms, a few
     pixels each, are seen in most batches). ``data[label_key]``: (m + 1, S, S) lesion targets with the
     field of view last (``LoadLesionTargetsd``). Drop ``<label_key>_cls_indices`` (``CROP_INDICES_KEY``
-    for "label") afterwards."""
-    ratios = [float(r) for r in train.get("class_ratios", [1] * (len(LESIONS) + 1))]
-    if len(ratios) != len(LESIONS) + 1:
-        raise BadInput(f"class_ratios needs {len(LESIONS) + 1} values (MA, HE, EX, SE, anywhere), got {ratios}")
-    n = int(request.get("samples_per_image", train.get("samples_per_image", 4)))
+    for "label") afterwards. ``train``: the typed settings (their ``class_ratios`` were checked on load)."""
+    ratios = list(train.class_ratios)
+    n = int(request.get("samples_per_image", train.samples_per_image))
     return [
         ClassesToIndicesd(keys=label_key, num_classes=len(LESIONS) + 1, indices_postfix="_cls_indices"),
         RandCropByLabelClassesd(keys=["image", label_key], label_key=label_key, spatial_size=(size, size), ratios=ratios,
@@ -126,16 +125,17 @@ class LesionLabelSource:
         return items + self._negatives(request)
 
     def _negatives(self, request) -> list[dict]:
-        t = getattr(self, "model", None)
-        t = t.train if t is not None else {}
-        source = request.get("negatives_source") or t.get("negatives_source")
+        # only lesion_seg's settings (LesionSegTrain) have negatives; the other lesion trainers train without
+        t = self.model.train
+        source = request.get("negatives_source") or getattr(t, "negatives_source", None)
+        n_max = getattr(t, "negatives_max", 0)
         if not source:
-            if t.get("negatives_max"):   # a recipe with negatives (e.g. cpu_negatives) must not silently train without
+            if n_max:   # a recipe with negatives (e.g. cpu_negatives) must not silently train without
                 raise BadInput(f"this {self.model_title} profile trains with real negatives (negatives_max "
-                               f"{t.get('negatives_max')}): give negatives_source, e.g. --params "
+                               f"{n_max}): give negatives_source, e.g. --params "
                                "'{\"negatives_source\": \"grades:<folder with images/ and grades.csv>\"}'")
             return []
-        return negative_items(str(source), int(request.get("negatives_max", t.get("negatives_max", 0)) or 0))
+        return negative_items(str(source), int(request.get("negatives_max", n_max) or 0))
 
     def partition_datalist(self, context: Context, shuffle=False):
         if any("split" in d for d in context.datalist):

@@ -20,7 +20,6 @@ pooled Dice per lesion (``val_dice_MA`` ...) and their mean (``val_mean_dice``, 
 from __future__ import annotations
 
 import logging
-import os
 
 from monai.engines.utils import PrepareBatchExtraInput
 from monai.transforms import (
@@ -35,13 +34,14 @@ from monailabel.tasks.train.basic_train import Context
 
 from monailabel_dr.config import AppSettings, ModelSettings
 from monailabel_dr.lib.errors import Conflict
-from monailabel_dr.lib.trainers.common import FundusTrainTask, attach_publisher, trainer_config
+from monailabel_dr.lib.trainers.common import FundusTrainTask, attach_publisher
 from monailabel_dr.lib.trainers.lesion_data import (
     CROP_INDICES_KEY,
     LesionLabelSource,
     PooledLesionDice,
     lesion_centred_crops,
 )
+from monailabel_dr.lib.trainers.settings import LesionSamTrain
 from monailabel_dr.networks.tp_drseg import TPDRSegInferer, TPDRSegLoss, WeightsUnavailable, build_tp_drseg
 from monailabel_dr.transforms import (
     FOV_KEY,
@@ -58,26 +58,13 @@ _DROP = [GEOMETRY_KEY, SOURCE_INFO_KEY, FOV_KEY, CROP_INDICES_KEY, "id", "split"
 
 
 class LesionSamTrainer(LesionLabelSource, FundusTrainTask):
+    settings_class = LesionSamTrain
     model_title = "TP-DRSeg"
-    default_learning_rate = 1e-4
 
     def __init__(self, model: ModelSettings, app: AppSettings):
-        self.model = model
-        self.app_settings = app
-        t = model.train
-        config = trainer_config(model, app, val_batch_size=1)
-        config["negative_prob"] = float(t.get("negative_prob", 0.2))
-        super().__init__(
-            model_dir=os.path.join(model.model_dir, model.name),
-            description=f"Train TP-DRSeg ({model.profile_name} profile, {model.image_size} px) from final lesion labels",
-            config=config,
-            amp=app.device.startswith("cuda"),
-            publish_path=model.published_path,
-            load_path=model.checkpoint_override,
-            key_metric_filename="model.pt",
-            val_interval=int(t.get("val_interval", 1)),
-            tracking=None,
-        )
+        super().__init__(model, app, f"Train TP-DRSeg ({model.profile_name} profile, {model.image_size} px) "
+                                     "from final lesion labels",
+                         val_batch_size=1, negative_prob=model.train.negative_prob)
         self._weights_source: dict | None = None
         self._trainable_keys: set[str] | None = None
 
@@ -108,7 +95,7 @@ class LesionSamTrainer(LesionLabelSource, FundusTrainTask):
             RandScaleIntensityd(keys="image", factors=0.1, prob=0.5),
             RandAdjustContrastd(keys="image", gamma=(0.8, 1.25), prob=0.3),
             RandLesionPromptd(keys="label", cls_key="cls",
-                              negative_prob=float(context.request.get("negative_prob", 0.2))),
+                              negative_prob=float(context.request.get("negative_prob", self.model.train.negative_prob))),
             EnsureTyped(keys=["image", "label"], track_meta=False),
         ]
 
@@ -142,10 +129,10 @@ class LesionSamTrainer(LesionLabelSource, FundusTrainTask):
                 "image_size": self.model.image_size}
 
     def loss_function(self, context: Context):
-        return TPDRSegLoss(pos_weight=float(self.model.train.get("pos_weight", 1.0)))
+        return TPDRSegLoss(pos_weight=self.model.train.pos_weight)
 
     def lr_scheduler_handler(self, context: Context):
-        if str(self.model.train.get("lr_schedule", "cosine")) != "cosine":
+        if self.model.train.lr_schedule != "cosine":
             return None
         return self.cosine_schedule(context)
 

@@ -14,7 +14,6 @@ Validation runs on the whole working-size images and reports pooled Dice per les
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
 from ignite.engine import Events
@@ -35,7 +34,6 @@ from monailabel_dr.config import AppSettings, ModelSettings
 from monailabel_dr.lib.trainers.common import (
     FundusTrainTask,
     attach_publisher,
-    trainer_config,
 )
 from monailabel_dr.lib.trainers.lesion_data import (
     CROP_INDICES_KEY,
@@ -43,6 +41,7 @@ from monailabel_dr.lib.trainers.lesion_data import (
     PooledLesionDice,
     lesion_centred_crops,
 )
+from monailabel_dr.lib.trainers.settings import LesionSegTrain
 from monailabel_dr.networks.lesion_net import LesionLoss, build_lesion_net
 from monailabel_dr.transforms import FOV_KEY, GEOMETRY_KEY, SOURCE_INFO_KEY, LoadFundusd, LoadLesionTargetsd
 
@@ -52,24 +51,12 @@ _DROP = [GEOMETRY_KEY, SOURCE_INFO_KEY, FOV_KEY, CROP_INDICES_KEY, "id", "split"
 
 
 class LesionSegTrainer(LesionLabelSource, FundusTrainTask):
+    settings_class = LesionSegTrain
     model_title = "Lesion-Net"
 
     def __init__(self, model: ModelSettings, app: AppSettings):
-        self.model = model
-        self.app_settings = app
-        t = model.train
-        config = trainer_config(model, app, val_batch_size=1)
-        super().__init__(
-            model_dir=os.path.join(model.model_dir, model.name),
-            description=f"Train Lesion-Net ({model.profile_name} profile, {model.image_size} px) from final lesion labels",
-            config=config,
-            amp=app.device.startswith("cuda"),
-            publish_path=model.published_path,
-            load_path=model.checkpoint_override,
-            key_metric_filename="model.pt",
-            val_interval=int(t.get("val_interval", 1)),
-            tracking=None,
-        )
+        super().__init__(model, app, f"Train Lesion-Net ({model.profile_name} profile, {model.image_size} px) "
+                                     "from final lesion labels", val_batch_size=1)
         self._loss: LesionLoss | None = None
 
     # ------------------------------------------------------------ data (pre_process, partition: LesionLabelSource)
@@ -83,7 +70,7 @@ class LesionSegTrainer(LesionLabelSource, FundusTrainTask):
 
     def train_pre_transforms(self, context: Context):
         t = self.model.train
-        p = int(context.request.get("patch_size", t.get("patch_size", 384)))
+        p = int(context.request.get("patch_size", t.patch_size))
         return [
             *self._load(),
             *lesion_centred_crops(t, context.request, p),
@@ -112,15 +99,14 @@ class LesionSegTrainer(LesionLabelSource, FundusTrainTask):
 
     def loss_function(self, context: Context):
         t = self.model.train
-        self._loss = LesionLoss(kind=str(t.get("loss", "dual_dice")), lam=float(t.get("lambda", 0.8)),
-                                pos_weight=t.get("pos_weight"), smooth=float(t.get("dice_smooth", 1.0)),
-                                bce_weight=float(t.get("bce_weight", 0.0)))
-        if str(t.get("loss_schedule", "dual")) == "paper" and self._loss.kind == "dual_dice":
+        self._loss = LesionLoss(kind=t.loss, lam=t.lam, pos_weight=t.pos_weight, smooth=t.dice_smooth,
+                                bce_weight=t.bce_weight)
+        if t.loss_schedule == "paper" and self._loss.kind == "dual_dice":
             self._loss.use_dual = False  # pixel Dice until the learning rate first drops
         return self._loss
 
     def _paper_schedule(self) -> bool:
-        return str(self.model.train.get("loss_schedule", "dual")) == "paper"
+        return self.model.train.loss_schedule == "paper"
 
     def lr_scheduler_handler(self, context: Context):
         if self._paper_schedule():
@@ -152,9 +138,9 @@ class LesionSegTrainer(LesionLabelSource, FundusTrainTask):
             return
         score = lambda engine: engine.state.metrics.get("val_mean_dice", 0.0)  # noqa: E731
         plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            context.optimizer, mode="max", factor=0.1, patience=int(t.get("plateau_patience", 4)))
+            context.optimizer, mode="max", factor=0.1, patience=t.plateau_patience)
         LrScheduleHandler(plateau, print_lr=True, epoch_level=True, step_transform=score).attach(context.evaluator)
-        EarlyStopHandler(patience=int(t.get("early_stop_patience", 10)), score_function=score,
+        EarlyStopHandler(patience=t.early_stop_patience, score_function=score,
                          trainer=context.trainer).attach(context.evaluator)
 
 

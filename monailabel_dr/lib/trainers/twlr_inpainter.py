@@ -24,7 +24,6 @@ published to the model's serve path (``twlr_inpainter.pt``), which ``twlr_inpain
 from __future__ import annotations
 
 import logging
-import os
 
 import numpy as np
 import torch
@@ -43,13 +42,14 @@ from monai.transforms import (
 from monailabel.interfaces.datastore import Datastore
 from monailabel.tasks.train.basic_train import Context
 
-from monailabel_dr.config import AppSettings, ConfError, ModelSettings
-from monailabel_dr.fundus.holes import HoleSettings, InpaintingPaird, RandHoleMaskd, SeededPerItemd, hole_psnr
+from monailabel_dr.config import AppSettings, ModelSettings
+from monailabel_dr.fundus.holes import InpaintingPaird, RandHoleMaskd, SeededPerItemd, hole_psnr
 from monailabel_dr.fundus.inpainting import opencv_inpaint
 from monailabel_dr.lib.checkpoints import checkpoint_state
 from monailabel_dr.lib.errors import BadInput, Conflict
-from monailabel_dr.lib.trainers.common import FundusTrainTask, attach_publisher, stack_pred_label, trainer_config
+from monailabel_dr.lib.trainers.common import FundusTrainTask, attach_publisher, stack_pred_label
 from monailabel_dr.lib.trainers.lesion_data import LesionLabelSource
+from monailabel_dr.lib.trainers.settings import InpainterTrain
 from monailabel_dr.networks.inpainter import HoleLoss, build_inpainter
 from monailabel_dr.transforms import FOV_KEY, LoadFundusd, LoadLesionTargetsd
 
@@ -135,36 +135,17 @@ class NavierStokesPSNR(Metric):
 
 
 class TWLRInpainterTrainer(LesionLabelSource, FundusTrainTask):
+    settings_class = InpainterTrain
     model_title = "the TWLR inpainter"
 
     def __init__(self, model: ModelSettings, app: AppSettings):
-        self.model = model
-        self.app_settings = app
         t = model.train
-        try:
-            self.holes = HoleSettings.from_dict(t.get("holes"))
-        except (TypeError, ValueError) as e:
-            raise ConfError(f"twlr_inpainter ({model.profile_name} profile) train.holes: {e}") from e
-        config = trainer_config(
-            model, app,
-            crop_size=int(t.get("crop_size", 128)),
-            samples_per_image=int(t.get("samples_per_image", 8)),
-            val_samples_per_image=int(t.get("val_samples_per_image", 4)),
-            ssim_weight=float(t.get("ssim_weight", 0.0)),
-        )
-        super().__init__(
-            model_dir=os.path.join(model.model_dir, model.name),
-            description=(f"Train TWLR's U-Net inpainter ({model.profile_name} profile, {model.image_size} px) "
-                         "self-supervised on random holes in healthy retina (every datastore image; "
-                         "or dataset_source idrid:<folder>)"),
-            config=config,
-            amp=app.device.startswith("cuda"),
-            publish_path=model.published_path,
-            load_path=model.checkpoint_override,
-            key_metric_filename="model.pt",
-            val_interval=int(t.get("val_interval", 1)),
-            tracking=None,
-        )
+        super().__init__(model, app, f"Train TWLR's U-Net inpainter ({model.profile_name} profile, {model.image_size} px) "
+                                     "self-supervised on random holes in healthy retina (every datastore image; "
+                                     "or dataset_source idrid:<folder>)",
+                         crop_size=t.crop_size, samples_per_image=t.samples_per_image,
+                         val_samples_per_image=t.val_samples_per_image, ssim_weight=t.ssim_weight)
+        self.holes = t.holes
 
     def info(self):
         i = super().info()
@@ -206,7 +187,7 @@ class TWLRInpainterTrainer(LesionLabelSource, FundusTrainTask):
 
     def _crop_size(self, request: dict) -> int:
         try:
-            c = int(request.get("crop_size", self.model.train.get("crop_size", 128)))
+            c = int(request.get("crop_size", self.model.train.crop_size))
         except (TypeError, ValueError) as e:
             raise BadInput("twlr_inpainter: crop_size must be an integer") from e
         if c % 16 or not 16 <= c <= self.model.image_size:
@@ -230,7 +211,7 @@ class TWLRInpainterTrainer(LesionLabelSource, FundusTrainTask):
 
     def train_pre_transforms(self, context: Context):
         keys = ["image", FOV_KEY, AVOID_KEY]
-        n = int(context.request.get("samples_per_image", self.model.train.get("samples_per_image", 8)))
+        n = int(context.request.get("samples_per_image", self.model.train.samples_per_image))
         return [
             *self._load(),
             self._crop(context.request, n),
@@ -243,8 +224,8 @@ class TWLRInpainterTrainer(LesionLabelSource, FundusTrainTask):
         ]
 
     def val_pre_transforms(self, context: Context):
-        n = int(context.request.get("val_samples_per_image", self.model.train.get("val_samples_per_image", 4)))
-        seed = int(context.request.get("val_seed", self.model.train.get("val_seed", 0)))
+        n = int(context.request.get("val_samples_per_image", self.model.train.val_samples_per_image))
+        seed = int(context.request.get("val_seed", self.model.train.val_seed))
         return [
             *self._load(),
             # the same crops and holes for an image in every validation and run (cached once)
@@ -265,7 +246,7 @@ class TWLRInpainterTrainer(LesionLabelSource, FundusTrainTask):
         return net
 
     def loss_function(self, context: Context):
-        return HoleLoss(ssim_weight=float(context.request.get("ssim_weight", self.model.train.get("ssim_weight", 0.0))))
+        return HoleLoss(ssim_weight=float(context.request.get("ssim_weight", self.model.train.ssim_weight)))
 
     def lr_scheduler_handler(self, context: Context):
         return self.cosine_schedule(context)
@@ -277,7 +258,7 @@ class TWLRInpainterTrainer(LesionLabelSource, FundusTrainTask):
         return {"val_psnr": HolePSNR()}
 
     def val_additional_metrics(self, context: Context):
-        radius = int(self.model.train.get("baseline_radius", 5))
+        radius = self.model.train.baseline_radius
         return {"val_psnr_ns": NavierStokesPSNR(radius)}
 
     def finalize(self, context: Context):

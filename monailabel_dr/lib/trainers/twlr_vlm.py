@@ -36,6 +36,7 @@ from monailabel_dr.lib.errors import BadInput, Conflict
 from monailabel_dr.lib.trainers.common import FundusTrainTask, stack_pred_label
 from monailabel_dr.lib.trainers.grading import GradingTrainer, _kappa, kappa_metric
 from monailabel_dr.lib.trainers.lesion_data import idrid_items, lesion_centred_crops
+from monailabel_dr.lib.trainers.settings import TWLRTrain
 from monailabel_dr.networks.cam_grader import LESION_SLICE, N_LESIONS, GraderLoss
 from monailabel_dr.networks.clip_towers import WeightsUnavailable
 from monailabel_dr.networks.twlr import build_twlr_grader
@@ -58,7 +59,9 @@ def grade_lesion_score(y_pred: torch.Tensor, y: torch.Tensor) -> float:
 
 
 class TWLRVLMTrainer(GradingTrainer):
+    settings_class = TWLRTrain
     val_key = "val_grade_lesion"
+    _selection = "kappa"   # TWLR publishes on its own key metric (val_key); no smoothed selection
 
     def __init__(self, model: ModelSettings, app: AppSettings):
         super().__init__(model, app)
@@ -82,7 +85,7 @@ class TWLRVLMTrainer(GradingTrainer):
         if kind != "idrid" or not folder:
             raise BadInput(f"dataset {dataset!r}: use idrid:<folder>")
         items = idrid_items(os.path.realpath(os.path.expanduser(folder)))
-        n_var = int(request.get("val_variants", self.model.train.get("val_variants", 4)))
+        n_var = int(request.get("val_variants", self.model.train.val_variants))
         out = [d for d in items if d["split"] != "val"]
         for d in items:   # fixed counterfactuals of each validation image (seeded by their ids)
             if d["split"] == "val":
@@ -100,15 +103,15 @@ class TWLRVLMTrainer(GradingTrainer):
         return [LoadLesionTargetsd(keys="lesions", masks_key="masks"),
                 *(crops or []),
                 RandLesionRemovald(keys="image", lesions_key="lesions", label_key="label",
-                                   settings=self.model.train.get("counterfactual"))]
+                                   settings=self.model.train.counterfactual)]
 
     def train_pre_transforms(self, context: Context):
         chain = super().train_pre_transforms(context)
         if self._from_dataset(context):   # load -> [lesion-centred crops] -> counterfactual -> the usual augmentation
-            crop = self.model.train.get("crop")
+            crop = self.model.train.crop
             crops = []
             if crop:   # crops at the working resolution (the conv tower takes them as they are in training)
-                crops = [*lesion_centred_crops(crop, context.request, int(crop["size"]), label_key="lesions"),
+                crops = [*lesion_centred_crops(crop, context.request, crop.size, label_key="lesions"),
                          DeleteItemsd(keys=["lesions_cls_indices", FOV_KEY])]
             chain = [chain[0], *self._counterfactual(crops), *chain[1:]]
         return chain
@@ -127,8 +130,6 @@ class TWLRVLMTrainer(GradingTrainer):
         n = sum(p.numel() for p in net.parameters() if p.requires_grad)
         logger.info(f"twlr: {n:,} trainable parameters")
         return net
-
-    default_learning_rate = 1e-4
 
     def optimizer(self, context: Context):
         return FundusTrainTask.optimizer(self, context)   # AdamW, not the grading trainer's SGD option
