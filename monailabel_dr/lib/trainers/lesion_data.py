@@ -22,7 +22,18 @@ import os
 import numpy as np
 import torch
 from ignite.metrics import Metric
-from monai.transforms import ClassesToIndicesd, RandCropByLabelClassesd
+from monai.transforms import (
+    ClassesToIndicesd,
+    DeleteItemsd,
+    EnsureTyped,
+    NormalizeIntensityd,
+    RandAdjustContrastd,
+    RandCropByLabelClassesd,
+    RandFlipd,
+    RandRotate90d,
+    RandScaleIntensityd,
+    RandShiftIntensityd,
+)
 from monailabel.interfaces.datastore import Datastore
 from monailabel.tasks.train.basic_train import Context
 
@@ -31,6 +42,7 @@ from monailabel_dr.lib.checkpoints import THRESHOLD_PREFIX
 from monailabel_dr.lib.errors import BadInput, Conflict, check_tag
 from monailabel_dr.lib.trainers.common import stack_pred_label
 from monailabel_dr.lib.trainers.settings import LesionCrops
+from monailabel_dr.transforms import FOV_KEY, GEOMETRY_KEY, SOURCE_INFO_KEY, LoadFundusd, LoadLesionTargetsd
 
 
 def idrid_items(folder: str) -> list[dict]:
@@ -97,6 +109,57 @@ def lesion_centred_crops(train: LesionCrops, request: dict, size: int, label_key
                                 num_classes=len(LESIONS) + 1, num_samples=n, indices_key=f"{label_key}_cls_indices",
                                 allow_smaller=True),
     ]
+
+
+class LesionTrainChains:
+    """The transform chains of the trainers that learn (image, lesion targets) pairs at the working size,
+    Lesion-Net and TP-DRSeg: load -> [lesion-centred crops] -> drop bookkeeping keys -> flips, 90-degree
+    rotations, intensity scale [and shift], gamma -> [the trainer's extra steps] -> tensors. Validation
+    loads whole images. A trainer sets ``normalise`` / ``shift_intensity`` and may override
+    :meth:`_crops` and :meth:`_train_extra`."""
+
+    normalise = True           # standardise intensities (Lesion-Net); TP-DRSeg takes [0, 1] RGB
+    shift_intensity = True     # RandShiftIntensityd after the scale (Lesion-Net's recipe)
+    drop_keys = (GEOMETRY_KEY, SOURCE_INFO_KEY, FOV_KEY, CROP_INDICES_KEY, "id", "split")
+
+    def _load(self) -> list:
+        return [
+            LoadFundusd(keys="image", size=self.model.image_size, max_pixels=self.app_settings.max_image_pixels,
+                        min_side=self.app_settings.min_image_side),
+            LoadLesionTargetsd(keys="label"),
+            *([NormalizeIntensityd(keys="image")] if self.normalise else []),
+        ]
+
+    def _crops(self, context: Context) -> list:
+        return []
+
+    def _train_extra(self, context: Context) -> list:
+        return []
+
+    def train_pre_transforms(self, context: Context):
+        pair = ["image", "label"]
+        return [
+            *self._load(),
+            *self._crops(context),
+            DeleteItemsd(keys=list(self.drop_keys)),
+            RandFlipd(keys=pair, prob=0.5, spatial_axis=0),
+            RandFlipd(keys=pair, prob=0.5, spatial_axis=1),
+            RandRotate90d(keys=pair, prob=0.5),
+            RandScaleIntensityd(keys="image", factors=0.1, prob=0.5),
+            *([RandShiftIntensityd(keys="image", offsets=0.1, prob=0.5)] if self.shift_intensity else []),
+            RandAdjustContrastd(keys="image", gamma=(0.8, 1.25), prob=0.3),
+            *self._train_extra(context),
+            EnsureTyped(keys=pair, track_meta=False),
+        ]
+
+    def val_pre_transforms(self, context: Context):
+        return [*self._load(), DeleteItemsd(keys=list(self.drop_keys)), EnsureTyped(keys=["image", "label"], track_meta=False)]
+
+    def train_post_transforms(self, context: Context):
+        return None
+
+    def val_post_transforms(self, context: Context):
+        return None
 
 
 class LesionLabelSource:

@@ -22,42 +22,24 @@ from __future__ import annotations
 import logging
 
 from monai.engines.utils import PrepareBatchExtraInput
-from monai.transforms import (
-    DeleteItemsd,
-    EnsureTyped,
-    RandAdjustContrastd,
-    RandFlipd,
-    RandRotate90d,
-    RandScaleIntensityd,
-)
 from monailabel.tasks.train.basic_train import Context
 
 from monailabel_dr.config import AppSettings, ModelSettings
 from monailabel_dr.lib.errors import Conflict
 from monailabel_dr.lib.trainers.common import FundusTrainTask, attach_publisher
 from monailabel_dr.lib.trainers.lesion_data import (
-    CROP_INDICES_KEY,
     LesionLabelSource,
+    LesionTrainChains,
     PooledLesionDice,
     lesion_centred_crops,
 )
 from monailabel_dr.lib.trainers.settings import LesionSamTrain
 from monailabel_dr.networks.tp_drseg import TPDRSegInferer, TPDRSegLoss, WeightsUnavailable, build_tp_drseg
-from monailabel_dr.transforms import (
-    FOV_KEY,
-    GEOMETRY_KEY,
-    SOURCE_INFO_KEY,
-    LoadFundusd,
-    LoadLesionTargetsd,
-    RandLesionPromptd,
-)
+from monailabel_dr.transforms import RandLesionPromptd
 
 logger = logging.getLogger(__name__)
 
-_DROP = [GEOMETRY_KEY, SOURCE_INFO_KEY, FOV_KEY, CROP_INDICES_KEY, "id", "split"]
-
-
-class LesionSamTrainer(LesionLabelSource, FundusTrainTask):
+class LesionSamTrainer(LesionTrainChains, LesionLabelSource, FundusTrainTask):
     settings_class = LesionSamTrain
     model_title = "TP-DRSeg"
 
@@ -68,45 +50,24 @@ class LesionSamTrainer(LesionLabelSource, FundusTrainTask):
         self._weights_source: dict | None = None
         self._trainable_keys: set[str] | None = None
 
-    # ------------------------------------------------------------ data (pre_process, partition: LesionLabelSource)
-    def _load(self):
-        # TP-DRSeg takes [0, 1] RGB and applies SAM's and CLIP's own pixel statistics itself.
-        return [
-            LoadFundusd(keys="image", size=self.model.image_size, max_pixels=self.app_settings.max_image_pixels,
-                        min_side=self.app_settings.min_image_side),
-            LoadLesionTargetsd(keys="label"),
-        ]
+    # ------------------------------------------------------------ data (pre_process, partition: LesionLabelSource;
+    # the transform chains: LesionTrainChains). TP-DRSeg takes [0, 1] RGB and applies SAM's and CLIP's own
+    # pixel statistics itself; no intensity shift; each crop gets a prompted lesion.
+    normalise = False
+    shift_intensity = False
 
     def sam_input_size(self) -> int:
         """SAM's input side: the profile's ``network.sam.img_size``, or the working size when that is smaller."""
         sam = (self.model.network or {}).get("sam") or {}
         return min(int(sam.get("img_size", self.model.image_size)), int(self.model.image_size))
 
-    def train_pre_transforms(self, context: Context):
+    def _crops(self, context: Context) -> list:
         tile = self.sam_input_size()
-        crops = lesion_centred_crops(self.model.train, context.request, tile) if tile < self.model.image_size else []
-        return [
-            *self._load(),
-            *crops,
-            DeleteItemsd(keys=_DROP),
-            RandFlipd(keys=["image", "label"], prob=0.5, spatial_axis=0),
-            RandFlipd(keys=["image", "label"], prob=0.5, spatial_axis=1),
-            RandRotate90d(keys=["image", "label"], prob=0.5),
-            RandScaleIntensityd(keys="image", factors=0.1, prob=0.5),
-            RandAdjustContrastd(keys="image", gamma=(0.8, 1.25), prob=0.3),
-            RandLesionPromptd(keys="label", cls_key="cls",
-                              negative_prob=float(context.request.get("negative_prob", self.model.train.negative_prob))),
-            EnsureTyped(keys=["image", "label"], track_meta=False),
-        ]
+        return lesion_centred_crops(self.model.train, context.request, tile) if tile < self.model.image_size else []
 
-    def val_pre_transforms(self, context: Context):
-        return [*self._load(), DeleteItemsd(keys=_DROP), EnsureTyped(keys=["image", "label"], track_meta=False)]
-
-    def train_post_transforms(self, context: Context):
-        return None
-
-    def val_post_transforms(self, context: Context):
-        return None
+    def _train_extra(self, context: Context) -> list:
+        return [RandLesionPromptd(keys="label", cls_key="cls",
+                                  negative_prob=float(context.request.get("negative_prob", self.model.train.negative_prob)))]
 
     # ------------------------------------------------------------ model
     def network(self, context: Context):

@@ -18,16 +18,6 @@ import logging
 import torch
 from ignite.engine import Events
 from monai.handlers import EarlyStopHandler, LrScheduleHandler
-from monai.transforms import (
-    DeleteItemsd,
-    EnsureTyped,
-    NormalizeIntensityd,
-    RandAdjustContrastd,
-    RandFlipd,
-    RandRotate90d,
-    RandScaleIntensityd,
-    RandShiftIntensityd,
-)
 from monailabel.tasks.train.basic_train import Context
 
 from monailabel_dr.config import AppSettings, ModelSettings
@@ -36,21 +26,17 @@ from monailabel_dr.lib.trainers.common import (
     attach_publisher,
 )
 from monailabel_dr.lib.trainers.lesion_data import (
-    CROP_INDICES_KEY,
     LesionLabelSource,
+    LesionTrainChains,
     PooledLesionDice,
     lesion_centred_crops,
 )
 from monailabel_dr.lib.trainers.settings import LesionSegTrain
 from monailabel_dr.networks.lesion_net import LesionLoss, build_lesion_net
-from monailabel_dr.transforms import FOV_KEY, GEOMETRY_KEY, SOURCE_INFO_KEY, LoadFundusd, LoadLesionTargetsd
 
 logger = logging.getLogger(__name__)
 
-_DROP = [GEOMETRY_KEY, SOURCE_INFO_KEY, FOV_KEY, CROP_INDICES_KEY, "id", "split"]
-
-
-class LesionSegTrainer(LesionLabelSource, FundusTrainTask):
+class LesionSegTrainer(LesionTrainChains, LesionLabelSource, FundusTrainTask):
     settings_class = LesionSegTrain
     model_title = "Lesion-Net"
 
@@ -59,39 +45,11 @@ class LesionSegTrainer(LesionLabelSource, FundusTrainTask):
                                      "from final lesion labels", val_batch_size=1)
         self._loss: LesionLoss | None = None
 
-    # ------------------------------------------------------------ data (pre_process, partition: LesionLabelSource)
-    def _load(self):
-        return [
-            LoadFundusd(keys="image", size=self.model.image_size, max_pixels=self.app_settings.max_image_pixels,
-                        min_side=self.app_settings.min_image_side),
-            LoadLesionTargetsd(keys="label"),
-            NormalizeIntensityd(keys="image"),
-        ]
-
-    def train_pre_transforms(self, context: Context):
-        t = self.model.train
-        p = int(context.request.get("patch_size", t.patch_size))
-        return [
-            *self._load(),
-            *lesion_centred_crops(t, context.request, p),
-            DeleteItemsd(keys=_DROP),
-            RandFlipd(keys=["image", "label"], prob=0.5, spatial_axis=0),
-            RandFlipd(keys=["image", "label"], prob=0.5, spatial_axis=1),
-            RandRotate90d(keys=["image", "label"], prob=0.5),
-            RandScaleIntensityd(keys="image", factors=0.1, prob=0.5),
-            RandShiftIntensityd(keys="image", offsets=0.1, prob=0.5),
-            RandAdjustContrastd(keys="image", gamma=(0.8, 1.25), prob=0.3),
-            EnsureTyped(keys=["image", "label"], track_meta=False),
-        ]
-
-    def val_pre_transforms(self, context: Context):
-        return [*self._load(), DeleteItemsd(keys=_DROP), EnsureTyped(keys=["image", "label"], track_meta=False)]
-
-    def train_post_transforms(self, context: Context):
-        return None
-
-    def val_post_transforms(self, context: Context):
-        return None
+    # ------------------------------------------------------------ data (pre_process, partition: LesionLabelSource;
+    # the transform chains: LesionTrainChains, with Lesion-Net's intensity standardisation and shift)
+    def _crops(self, context: Context) -> list:
+        return lesion_centred_crops(self.model.train, context.request,
+                                    int(context.request.get("patch_size", self.model.train.patch_size)))
 
     # ------------------------------------------------------------ model
     def network(self, context: Context):
