@@ -403,3 +403,51 @@ def test_full_size_update_keeps_little():
     r = acc.compute(n_boot=20)
     assert r["EX"]["n_pos_pixels"] + r["EX"]["n_neg_pixels"] == int(fov.sum())
     assert r["EX"]["auc_roc"] == pytest.approx(1.0, abs=1e-3)
+
+
+def test_one_overlap_rule_and_each_callers_conversion():
+    """metrics/overlap.py: Dice/IoU are NaN when truth and prediction are both empty; a false positive on an
+    empty truth is 0. The callers convert the undefined case at their boundary, each as documented."""
+    import math
+
+    import torch
+
+    from monailabel_dr.lib.trainers.lesion_data import PooledLesionDice
+    from monailabel_dr.metrics import regression, uncertainty
+    from monailabel_dr.metrics.overlap import dice_from_counts, iou_from_counts, mask_dice
+
+    assert math.isnan(float(dice_from_counts(0, 0, 0))) and math.isnan(float(iou_from_counts(0, 0, 0)))
+    assert float(dice_from_counts(0, 5, 0)) == 0.0 and float(dice_from_counts(2, 1, 1)) == pytest.approx(2 / 3)
+    assert np.allclose(dice_from_counts([1, 0], [1, 0], [0, 0]), [2 / 3, np.nan], equal_nan=True)
+    empty, one = np.zeros((4, 4), bool), np.eye(4, dtype=bool)
+    assert math.isnan(mask_dice(empty, empty)) and mask_dice(one, empty) == 0.0
+    assert regression._dice(0, 0, 0) is None and regression._dice(1, 0, 1) == pytest.approx(2 / 3)
+    assert uncertainty.dice(empty, empty) == 1.0 and uncertainty.dice(one, one) == 1.0
+    m = PooledLesionDice(lesion=0)
+    m.reset()
+    target = torch.zeros(1, 5, 4, 4)
+    target[:, -1] = 1                                       # field of view only: no lesion anywhere
+    m.update((torch.full((1, 4, 4, 4), -10.0), target))     # and nothing predicted
+    assert m.compute() == 0.0                               # the key metric's number for "undefined"
+
+
+def test_connected_components_one_rule_raster_order_matches_scipy():
+    """fundus/components.py: 8-connected; raster_order numbers components as scipy.ndimage.label does (the
+    CAM region ids a client sees), with areas and centroids to match."""
+    from scipy import ndimage
+
+    from monailabel_dr.fundus.components import connected_components
+    from monailabel_dr.metrics.lesions import proposals_from_map
+
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        m = ndimage.gaussian_filter(rng.random((int(rng.integers(2, 120)), int(rng.integers(2, 120)))), 2) > 0.52
+        ref, k = ndimage.label(m, structure=np.ones((3, 3)))
+        c = connected_components(m, raster_order=True)
+        assert c.n == k and np.array_equal(c.labels, ref)
+        assert np.array_equal(c.areas, np.bincount(ref.ravel(), minlength=k + 1)[1:])
+        assert connected_components(m).n == k               # OpenCV's own numbering: same components
+    diag = np.zeros((5, 5))
+    diag[0, 0] = diag[1, 1] = 1.0                           # diagonal neighbours: one 8-connected region
+    labels, scores = proposals_from_map(diag, threshold=0.5)
+    assert labels.max() == 1 and scores.tolist() == [1.0]

@@ -34,6 +34,7 @@ import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform, Randomizable
 
+from monailabel_dr.fundus.components import connected_components
 from monailabel_dr.fundus.holes import HoleSettings, healthy_region, random_hole_mask
 from monailabel_dr.fundus.inpainting import opencv_inpaint
 from monailabel_dr.fundus.lesions import LESIONS
@@ -131,7 +132,8 @@ class RandLesionRemovald(Randomizable, MapTransform):
             if self.R.rand() < s.remove_prob:
                 drop |= coverage[i] > 0
             elif self.R.rand() < s.partial_prob:
-                n, comp = cv2.connectedComponents((coverage[i] > 0).astype(np.uint8), connectivity=8)
+                k, comp = connected_components(coverage[i] > 0)[:2]
+                n = k + 1   # with the background, as OpenCV counts
                 if n > 2:   # at least two lesions: remove a random 30-90 % of them
                     k = max(1, int(round(self.R.uniform(0.3, 0.9) * (n - 1))))
                     chosen = self.R.choice(np.arange(1, n), size=min(k, n - 2), replace=False)

@@ -18,6 +18,7 @@ import cv2
 import numpy as np
 
 from .io import FundusIOError, to_rgb_float
+from .components import connected_components
 
 __all__ = ["FundusGeometry", "compute_geometry", "detect_fov", "prepare", "to_original", "to_working"]
 
@@ -151,11 +152,11 @@ def detect_fov(rgb: np.ndarray) -> np.ndarray:
     # Just above the darkest level: black borders (with JPEG noise) fall below, dark fundus does not.
     thresh = lo + max(0.1 * (hi - lo), 0.01)
     above = (smooth > thresh).astype(np.uint8)
-    n, labels, stats, _ = cv2.connectedComponentsWithStats(above, connectivity=8)
-    if n < 2:
+    comps = connected_components(above)
+    if comps.n < 1:
         raise FundusIOError("no field of view found: no region is brighter than the background")
-    largest = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
-    fov = _fill_holes((labels == largest).astype(np.uint8))
+    largest = 1 + int(np.argmax(comps.areas))
+    fov = _fill_holes((comps.labels == largest).astype(np.uint8))
     if scale < 1:
         fov = cv2.resize(fov.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST).astype(bool)
     fraction = float(fov.mean())

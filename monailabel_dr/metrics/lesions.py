@@ -40,7 +40,9 @@ import numpy as np
 from scipy import ndimage
 from sklearn.metrics import roc_auc_score
 
+from monailabel_dr.fundus.components import connected_components
 from monailabel_dr.fundus.lesions import LESIONS
+from monailabel_dr.metrics.overlap import dice_from_counts, iou_from_counts
 
 __all__ = [
     "FROCAccumulator",
@@ -54,7 +56,6 @@ __all__ = [
 
 # np.trapz was renamed np.trapezoid in numpy 2.0
 _trapezoid = getattr(np, "trapezoid", None) or np.trapz
-_EIGHT = np.ones((3, 3), dtype=bool)  # 8-connectivity structuring element
 
 
 # --------------------------------------------------------------------------- PR / ROC from histograms
@@ -145,7 +146,7 @@ def dice_by_threshold(pos_hist: Sequence[float], neg_hist: Sequence[float]) -> n
         raise ValueError(f"pos_hist and neg_hist must be 1-D of equal length, got {pos.shape} and {neg.shape}")
     tp = np.cumsum(pos[::-1])[::-1]          # positives at or above each bin
     fp = np.cumsum(neg[::-1])[::-1]
-    return _dice(tp, fp, pos.sum() - tp)
+    return dice_from_counts(tp, fp, pos.sum() - tp)
 
 
 def best_dice_threshold(pos_hist: Sequence[float], neg_hist: Sequence[float],
@@ -201,20 +202,6 @@ def _weighted_auc(scores: np.ndarray, labels: np.ndarray, weights: np.ndarray) -
     den = w_pos.sum(axis=1) * w_neg.sum(axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(den > 0, num / np.where(den > 0, den, 1), np.nan)
-
-
-def _dice(tp, fp, fn):
-    tp, fp, fn = (np.asarray(x, dtype=np.float64) for x in (tp, fp, fn))
-    den = 2 * tp + fp + fn
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(den > 0, 2 * tp / np.where(den > 0, den, 1), np.nan)
-
-
-def _iou(tp, fp, fn):
-    tp, fp, fn = (np.asarray(x, dtype=np.float64) for x in (tp, fp, fn))
-    den = tp + fp + fn
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(den > 0, tp / np.where(den > 0, den, 1), np.nan)
 
 
 def _ratio(num: float, den: float) -> float:
@@ -426,16 +413,16 @@ class LesionSegAccumulator:
             neg_h, pos_h = hists[:, i, 0], hists[:, i, 1]
             pooled_pos, pooled_neg = pos_h.sum(axis=0), neg_h.sum(axis=0)
             curves = _pr_roc_batch(pooled_pos, pooled_neg)
-            per_image = _dice(tp, fp, fn)  # nan where truth and prediction are both empty
+            per_image = dice_from_counts(tp, fp, fn)  # nan where truth and prediction are both empty
             used = np.isfinite(per_image)
             y, s = img_truth[:, i], img_score[:, i]
             n_pos_img, n_neg_img = int(y.sum()), int((~y).sum())
             two_classes = n_pos_img > 0 and n_neg_img > 0
             image_auc = float(roc_auc_score(y, s)) if two_classes else nan
             res: dict[str, Any] = {
-                "dice_pooled": float(_dice(tp.sum(), fp.sum(), fn.sum())),
+                "dice_pooled": float(dice_from_counts(tp.sum(), fp.sum(), fn.sum())),
                 "dice_per_image_mean": float(per_image[used].mean()) if used.any() else nan,
-                "iou_pooled": float(_iou(tp.sum(), fp.sum(), fn.sum())),
+                "iou_pooled": float(iou_from_counts(tp.sum(), fp.sum(), fn.sum())),
                 "auc_pr": float(curves["auc_pr"]),
                 "auc_roc": float(curves["auc_roc"]),
                 "image_auc": image_auc,
@@ -463,7 +450,7 @@ class LesionSegAccumulator:
             if weights is not None:
                 b_curves = _pr_roc_batch(weights @ pos_h, weights @ neg_h)
                 b = {
-                    "dice_pooled": _dice(weights @ tp, weights @ fp, weights @ fn),
+                    "dice_pooled": dice_from_counts(weights @ tp, weights @ fp, weights @ fn),
                     "auc_pr": b_curves["auc_pr"],
                     "auc_roc": b_curves["auc_roc"],
                 }
@@ -522,8 +509,8 @@ def proposals_from_map(
     (:func:`monailabel_dr.lib.infers.cam.region_proposals`) and the FROC evaluation counts them.
 
     Optionally min-max normalise the map to [0, 1], keep pixels ``>= threshold``, take
-    the 8-connected components (``scipy.ndimage.label``); region k (label k+1) scores the
-    maximum of the map inside it (``scipy.ndimage.maximum``).
+    the 8-connected components (:func:`monailabel_dr.fundus.components.connected_components`, numbered in
+    raster order); region k (label k+1) scores the maximum of the map inside it (``scipy.ndimage.maximum``).
     """
     m = np.asarray(score_map, dtype=np.float64)
     if m.ndim != 2:
@@ -533,7 +520,7 @@ def proposals_from_map(
     if normalize:
         lo, hi = float(m.min()), float(m.max())
         m = (m - lo) / (hi - lo) if hi > lo else np.zeros_like(m)
-    labels, k = ndimage.label(m >= threshold, structure=_EIGHT)
+    k, labels = connected_components(m >= threshold, raster_order=True)[:2]
     if k == 0:
         return labels.astype(np.int32), np.zeros(0, dtype=np.float64)
     inside = labels > 0  # ndimage.maximum sorts the pixels it gets: give it only the regions'
@@ -600,9 +587,8 @@ class FROCAccumulator:
         t = np.asarray(truth).astype(bool, copy=False)
         if t.ndim != 2:
             raise ValueError(f"truth must be (H, W), got shape {t.shape}")
-        gt_labels, n_gt = ndimage.label(t, structure=_EIGHT)
-        gt_area = np.bincount(gt_labels.ravel(), minlength=n_gt + 1)[1:]
-        return gt_labels, n_gt, gt_area
+        c = connected_components(t)
+        return c.labels, c.n, c.areas
 
     def _add(
         self,

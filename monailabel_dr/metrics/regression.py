@@ -19,6 +19,8 @@ import math
 import numpy as np
 from skimage.metrics import structural_similarity
 
+from monailabel_dr.metrics.overlap import dice_from_counts
+
 
 def masked_psnr(image: np.ndarray, reference: np.ndarray, mask: np.ndarray, data_range: float = 255.0) -> float | None:
     """PSNR (dB) over the pixels of ``mask`` (all channels); None for an empty mask, inf when identical."""
@@ -49,8 +51,9 @@ def random_mask_expectation(area: int, truth_area: int, fov_area: int) -> float:
 
 
 def _dice(tp: float, fp: float, fn: float) -> float | None:
-    d = 2 * tp + fp + fn
-    return None if d == 0 else 2 * tp / d
+    """metrics/overlap.py's Dice; undefined (both empty) is None in these JSON-bound figures."""
+    d = float(dice_from_counts(tp, fp, fn))
+    return None if math.isnan(d) else d
 
 
 class WeakMaskAccumulator:

@@ -29,6 +29,8 @@ from typing import Mapping
 
 import numpy as np
 
+from monailabel_dr.metrics.overlap import mask_dice
+
 EPS = 1e-7
 
 
@@ -117,15 +119,10 @@ def lesion_map_uncertainty(mc_probs, fov, threshold: float = 0.5) -> dict:
 
 # ----------------------------------------------------------------------------- disagreement
 def dice(a, b) -> float:
-    """Dice of two binary masks; 1.0 when both are empty."""
-    a = np.asarray(a, dtype=bool)
-    b = np.asarray(b, dtype=bool)
-    if a.shape != b.shape:
-        raise ValueError(f"mask shapes differ: {a.shape} vs {b.shape}")
-    total = int(a.sum()) + int(b.sum())
-    if total == 0:
-        return 1.0
-    return 2.0 * int(np.logical_and(a, b).sum()) / total
+    """Agreement of two models' binary masks: metrics/overlap.py's Dice, with two empty masks counted as
+    full agreement (1.0: both models say there is nothing), where the overlap rule leaves it undefined."""
+    d = mask_dice(a, b)
+    return 1.0 if np.isnan(d) else d
 
 
 def pairwise_disagreement(masks: Mapping[str, np.ndarray]) -> tuple[float, dict[str, float]]:

@@ -33,7 +33,6 @@ import copy
 import time
 from typing import Any
 
-import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -41,6 +40,7 @@ from monailabel.interfaces.tasks.infer_v2 import InferType
 
 from monailabel_dr.config import AppSettings, ModelSettings
 from monailabel_dr.fundus import geometry, io
+from monailabel_dr.fundus.components import connected_components
 from monailabel_dr.fundus.lesions import LESION_VALUES, LESIONS
 from monailabel_dr.lib.errors import BadInput, ModelNotTrained
 from monailabel_dr.lib.infers.base import FundusInferTask, probabilities_at_input
@@ -248,16 +248,15 @@ class LesionSamInfer(FundusInferTask):
             io.write_label(path, lut[best])
         prompts = []
         for i, name in enumerate(names):
-            mask = ((probs[i] >= threshold) & fov).astype(np.uint8)
-            n, _, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+            comps = connected_components((probs[i] >= threshold) & fov)
             prompts.append({
                 "name": name,
                 "label_value": values[i],
                 "texts": info["used"][i],
                 "class": LESIONS[info["classes"][i]],
                 "presence_probability": round(float(probs[i].max()), 4),
-                "area_px": int(stats[1:, cv2.CC_STAT_AREA].sum()),
-                "components": int(n - 1),
+                "area_px": int(comps.areas.sum()),
+                "components": comps.n,
                 "predicted_iou": round(float(info["iou"][i]), 4),
             })
         result = {

@@ -23,12 +23,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import cv2
 import numpy as np
 from monailabel.interfaces.tasks.infer_v2 import InferType
 
 from monailabel_dr.config import AppSettings, ConfError, ModelSettings
 from monailabel_dr.fundus import io
+from monailabel_dr.fundus.components import connected_components
 from monailabel_dr.fundus.landmarks import QuadrantFrame, quadrant_frame
 from monailabel_dr.fundus.lesions import LESION_VALUES, LESIONS
 from monailabel_dr.lib.checkpoints import operating_thresholds, read_record
@@ -95,20 +95,21 @@ def lesion_stats(probs: np.ndarray, fov: np.ndarray, threshold, frame: QuadrantF
         t = thr[i]
         # p is 0 outside the field of view, so for a threshold > 0 the FOV test is implied (one pass, no copy)
         mask = (p >= t).view(np.uint8) if t > 0 else ((p >= t) & fov).view(np.uint8)
-        n, _, stats, cents = cv2.connectedComponentsWithStats(mask, connectivity=8)
+        comps = connected_components(mask)
+        cents = comps.centroids
         quads = dict.fromkeys(frame.names, 0)
-        for q in frame.classify(cents[1:, 0], cents[1:, 1]) if n > 1 else []:
+        for q in frame.classify(cents[:, 0], cents[:, 1]) if comps.n else []:
             quads[q] += 1
         stats_les = {
             "presence_probability": round(float(p.max()), 4),
-            "present": bool(n > 1),
-            "area_px": int(stats[1:, cv2.CC_STAT_AREA].sum()),
-            "components": int(n - 1),
+            "present": bool(comps.n),
+            "area_px": int(comps.areas.sum()),
+            "components": comps.n,
             "components_per_quadrant": quads,
         }
         if fov_radius:
-            d = np.hypot(cents[1:, 0] - frame.centre[0], cents[1:, 1] - frame.centre[1]) / float(fov_radius)
-            stats_les["nearest_to_centre"] = round(float(d.min()), 4) if n > 1 else None
+            d = np.hypot(cents[:, 0] - frame.centre[0], cents[:, 1] - frame.centre[1]) / float(fov_radius)
+            stats_les["nearest_to_centre"] = round(float(d.min()), 4) if comps.n else None
         return les, stats_les
 
     # the lesions in parallel threads (OpenCV's labelling and numpy release the GIL), in LESIONS order

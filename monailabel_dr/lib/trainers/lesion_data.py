@@ -39,6 +39,7 @@ from monailabel.tasks.train.basic_train import Context
 
 from monailabel_dr.fundus.lesions import LESIONS
 from monailabel_dr.lib.checkpoints import THRESHOLD_PREFIX
+from monailabel_dr.metrics.overlap import dice_from_counts
 from monailabel_dr.lib.errors import BadInput, Conflict, check_tag
 from monailabel_dr.lib.trainers.common import stack_pred_label
 from monailabel_dr.lib.trainers.settings import LesionCrops
@@ -251,9 +252,8 @@ class PooledLesionDice(Metric):
     def compute(self):
         if self.tp is None:
             return 0.0
-        denom = 2 * self.tp + self.fp + self.fn
-        dice = np.where(denom > 0, 2 * self.tp / np.maximum(denom, 1), np.nan)
-        if self.lesion is not None:
+        dice = dice_from_counts(self.tp, self.fp, self.fn)   # NaN: no truth and no prediction (metrics/overlap.py)
+        if self.lesion is not None:   # the key metric needs a number: undefined counts as 0
             v = dice[self.lesion]
             return 0.0 if np.isnan(v) else float(v)
         return float(np.nanmean(dice)) if np.any(~np.isnan(dice)) else 0.0
