@@ -381,6 +381,42 @@ class FundusScoringMethod(ScoringMethod):
         return failed
 
 
+class MCDropoutScoring(FundusScoringMethod):
+    """What the MC-dropout scorers (``grade_uncertainty``, ``lesion_uncertainty``) share: one served model
+    (409 while untrained), the request's ``mc_samples`` / ``mc_dropout`` / ``seed`` (plus a subclass's
+    :meth:`extra_params`), and the dropout-rate rule (:meth:`mc_rate`). The passes themselves differ by
+    network (the grader's pooled features, Lesion-Net's head input) and draw their masks from
+    :func:`dropout_keep`."""
+
+    default_mc_samples = 8
+    default_mc_dropout = 0.1
+
+    def identity(self) -> dict:
+        ident = model_identity(self.model)
+        if ident is None or self.task() is None:
+            raise ModelNotTrained(untrained_message(self.model, f"scoring method '{self.name}'"))
+        return {self.model.name: ident}
+
+    def extra_params(self, request: dict) -> dict:
+        return {}
+
+    def prepare(self, request: dict) -> dict:
+        return {
+            "n": int_param(request, "mc_samples", self.default_mc_samples, 2, 128),
+            "p": float_param(request, "mc_dropout", None, 0.0, 1.0, hi_open=True),
+            **self.extra_params(request),
+            "seed": int_param(request, "seed", 0, 0, 2**31 - 1),
+            "device": self.device(request),
+        }
+
+    def mc_rate(self, params: dict, model_p: float) -> tuple[float, str]:
+        """(rate, source): the request's ``mc_dropout``, else the model's own dropout when it trained with
+        some, else ``default_mc_dropout``."""
+        if params["p"] is not None:
+            return params["p"], "request"
+        return (model_p, "model") if model_p > 0 else (self.default_mc_dropout, "default")
+
+
 # ----------------------------------------------------------------------------- strategies
 def valid_score(stored: dict | None) -> float | None:
     if not stored or "error" in stored:

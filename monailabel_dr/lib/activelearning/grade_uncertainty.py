@@ -36,21 +36,16 @@ import torch.nn.functional as F
 
 from monailabel_dr.config import AppSettings, ModelSettings
 from monailabel_dr.lib.activelearning.common import (
-    FundusScoringMethod,
+    MCDropoutScoring,
     ScoreStrategy,
     as_batch,
     dropout_keep,
-    float_param,
     identity_key,
-    int_param,
-    model_identity,
     preprocess,
     shared_infer_task,
     sig,
-    untrained_message,
 )
 from monailabel_dr.lib.activelearning.embeddings import EmbeddingStore
-from monailabel_dr.lib.errors import ModelNotTrained
 from monailabel_dr.metrics.uncertainty import grade_uncertainty
 from monailabel_dr.networks.cam_grader import N_GRADES
 
@@ -81,9 +76,11 @@ def embedding_store(model: ModelSettings) -> EmbeddingStore:
     return EmbeddingStore.for_path(os.path.join(model.model_dir, "active_learning", f"{model.name}_embeddings.npz"))
 
 
-class GradeUncertaintyScoring(FundusScoringMethod):
+class GradeUncertaintyScoring(MCDropoutScoring):
     name = "grade_uncertainty"
     rank_key = "grade_entropy"
+    default_mc_samples = DEFAULT_MC_SAMPLES
+    default_mc_dropout = DEFAULT_MC_DROPOUT
     default_images = "all"
 
     def __init__(self, model: ModelSettings, app: AppSettings):
@@ -94,28 +91,12 @@ class GradeUncertaintyScoring(FundusScoringMethod):
     def task(self):
         return shared_infer_task(self.app, self.model.name, "grading")
 
-    def identity(self) -> dict:
-        ident = model_identity(self.model)
-        if ident is None or self.task() is None:
-            raise ModelNotTrained(untrained_message(self.model, f"scoring method '{self.name}'"))
-        return {self.model.name: ident}
-
-    def prepare(self, request: dict) -> dict:
-        return {
-            "n": int_param(request, "mc_samples", DEFAULT_MC_SAMPLES, 2, 128),
-            "p": float_param(request, "mc_dropout", None, 0.0, 1.0, hi_open=True),
-            "seed": int_param(request, "seed", 0, 0, 2**31 - 1),
-            "device": self.device(request),
-        }
-
     def score_image(self, image_id: str, image_path: str, params: dict) -> dict:
         task = self.task()
         device = params["device"]
         data = preprocess(task, image_path, device)
         network = task._get_network(device, data)          # the served checkpoint, reloaded when it changes
-        _, model_p, _ = grader_parts(network)
-        p = params["p"] if params["p"] is not None else (model_p if model_p > 0 else DEFAULT_MC_DROPOUT)
-        source = "request" if params["p"] is not None else ("model" if model_p > 0 else "default")
+        p, source = self.mc_rate(params, grader_parts(network)[1])
         eval_p, mc_p, emb = grader_mc(network, as_batch(data, device), params["n"], p, params["seed"])
         stats = grade_uncertainty(eval_p, mc_p if p > 0 else None)
         self.embeddings.put(image_id, identity_key(params["identity"]), emb)

@@ -26,20 +26,16 @@ import torch
 
 from monailabel_dr.config import AppSettings, ModelSettings
 from monailabel_dr.lib.activelearning.common import (
-    FundusScoringMethod,
+    MCDropoutScoring,
     ScoreStrategy,
     as_batch,
     dropout_keep,
     float_param,
     fov_mask,
-    int_param,
-    model_identity,
     preprocess,
     shared_infer_task,
     sig,
-    untrained_message,
 )
-from monailabel_dr.lib.errors import ModelNotTrained
 from monailabel_dr.metrics.uncertainty import lesion_map_uncertainty
 
 DEFAULT_MC_SAMPLES = 8
@@ -62,9 +58,11 @@ def _no_landmarks(task) -> None:
     task.detect_landmarks = False   # scoring needs no optic disc / fovea (the slowest pre-transform)
 
 
-class LesionUncertaintyScoring(FundusScoringMethod):
+class LesionUncertaintyScoring(MCDropoutScoring):
     name = "lesion_uncertainty"
     rank_key = "lesion_mean_entropy"
+    default_mc_samples = DEFAULT_MC_SAMPLES
+    default_mc_dropout = DEFAULT_MC_DROPOUT
 
     def __init__(self, model: ModelSettings, app: AppSettings):
         super().__init__(model, app, "Lesion-Net MC-dropout uncertainty: mean binary entropy of the lesion maps over "
@@ -73,29 +71,15 @@ class LesionUncertaintyScoring(FundusScoringMethod):
     def task(self):
         return shared_infer_task(self.app, self.model.name, "lesion_seg", configure=_no_landmarks)
 
-    def identity(self) -> dict:
-        ident = model_identity(self.model)
-        if ident is None or self.task() is None:
-            raise ModelNotTrained(untrained_message(self.model, f"scoring method '{self.name}'"))
-        return {self.model.name: ident}
-
-    def prepare(self, request: dict) -> dict:
-        return {
-            "n": int_param(request, "mc_samples", DEFAULT_MC_SAMPLES, 2, 128),
-            "p": float_param(request, "mc_dropout", None, 0.0, 1.0, hi_open=True),
-            "threshold": float_param(request, "entropy_threshold", DEFAULT_ENTROPY_THRESHOLD, 0.0, 1.0),
-            "seed": int_param(request, "seed", 0, 0, 2**31 - 1),
-            "device": self.device(request),
-        }
+    def extra_params(self, request: dict) -> dict:
+        return {"threshold": float_param(request, "entropy_threshold", DEFAULT_ENTROPY_THRESHOLD, 0.0, 1.0)}
 
     def score_image(self, image_id: str, image_path: str, params: dict) -> dict:
         task = self.task()
         device = params["device"]
         data = preprocess(task, image_path, device)
         network = task._get_network(device, data)          # the served checkpoint, reloaded when it changes
-        model_p = float(network.config.dropout)
-        p = params["p"] if params["p"] is not None else (model_p if model_p > 0 else DEFAULT_MC_DROPOUT)
-        source = "request" if params["p"] is not None else ("model" if model_p > 0 else "default")
+        p, source = self.mc_rate(params, float(network.config.dropout))
         probs = lesion_mc_probs(network, as_batch(data, device), params["n"], p, params["seed"])
         stats = lesion_map_uncertainty(probs.numpy(), fov_mask(data), params["threshold"])
         return {
