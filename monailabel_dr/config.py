@@ -193,6 +193,63 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def _model_settings(name: str, conf: dict, table: dict[str, ModelSpec], model_dir: str) -> ModelSettings:
+    """One model's settings: its profile (``--conf <name>_profile`` / ``profile`` / the YAML default) with
+    ``--conf <name>_set`` applied, every block checked (unknown blocks refused, the train block typed, the
+    preprocessing parsed, an attention grader's lesion model resolved), and the size / checkpoint overrides."""
+    spec = table[name]
+    profiles = spec.network_profiles()
+    profile_name = str(conf.get(f"{name}_profile") or conf.get("profile") or profiles.get("default_profile"))
+    if profile_name not in profiles["profiles"]:
+        raise ConfError(
+            f"--conf {name}_profile: unknown profile '{profile_name}' for {name}; "
+            f"available: {sorted(profiles['profiles'])}"
+        )
+    profile = copy.deepcopy(profiles["profiles"][profile_name])
+    if conf.get(f"{name}_set"):
+        apply_overrides(profile, str(conf[f"{name}_set"]), f"--conf {name}_set")
+    size = conf.get(f"{name}_image_size") or conf.get("image_size") or profile["image_size"]
+    try:
+        size = int(size)
+    except ValueError as e:
+        raise ConfError(f"--conf image_size must be an integer, got {size!r}") from e
+    if size < 16 or size > 4096:
+        raise ConfError(f"--conf image_size {size} is outside 16..4096")
+    unknown = sorted(set(profile) - set(PROFILE_BLOCKS))
+    if unknown:
+        raise ConfError(f"{name} profile '{profile_name}': unknown key(s) {unknown}; accepted: {list(PROFILE_BLOCKS)}")
+    train = dict(profile.get("train") or {})
+    if conf.get(f"{name}_max_epochs"):
+        try:
+            train["max_epochs"] = int(conf[f"{name}_max_epochs"])
+        except (TypeError, ValueError) as e:
+            raise ConfError(f"--conf {name}_max_epochs must be an integer, got {conf[f'{name}_max_epochs']!r}") from e
+    train = _typed_train(spec, profile_name, train)
+    network = dict(profile.get("network") or {})
+    if network.get("attention"):
+        network["attention"] = _resolve_attention(name, network["attention"], conf, table, model_dir)
+    if "preprocess" in profile:
+        from monailabel_dr.fundus.preprocess import parse_preprocess
+
+        try:
+            profile["preprocess"] = parse_preprocess(profile["preprocess"])
+        except ValueError as e:
+            raise ConfError(f"{name} profile '{profile_name}': {e}") from e
+    ckpt = conf.get(f"{name}_checkpoint") or None
+    if ckpt:
+        ckpt = os.path.realpath(os.path.expanduser(str(ckpt)))
+    return ModelSettings(
+        spec=spec,
+        profile_name=profile_name,
+        image_size=size,
+        network=network,
+        train=train,
+        checkpoint_override=ckpt,
+        model_dir=model_dir,
+        options={k: copy.deepcopy(v) for k, v in profile.items() if k not in ("image_size", "network", "train")},
+    )
+
+
 def parse_conf(conf: dict[str, Any] | None, app_dir: str, table: dict[str, ModelSpec] | None = None) -> AppSettings:
     """Turn MONAI Label's string `--conf` dict into typed settings (raises ConfError on bad values)."""
     conf = {str(k): v for k, v in (conf or {}).items()}
@@ -205,59 +262,7 @@ def parse_conf(conf: dict[str, Any] | None, app_dir: str, table: dict[str, Model
         raise ConfError(f"--conf models: unknown model(s) {unknown}; available: {sorted(table)}")
 
     model_dir = str(conf.get("model_dir") or os.path.join(app_dir, "model"))
-    models: dict[str, ModelSettings] = {}
-    for name in names:
-        spec = table[name]
-        profiles = spec.network_profiles()
-        profile_name = str(conf.get(f"{name}_profile") or conf.get("profile") or profiles.get("default_profile"))
-        if profile_name not in profiles["profiles"]:
-            raise ConfError(
-                f"--conf {name}_profile: unknown profile '{profile_name}' for {name}; "
-                f"available: {sorted(profiles['profiles'])}"
-            )
-        profile = copy.deepcopy(profiles["profiles"][profile_name])
-        if conf.get(f"{name}_set"):
-            apply_overrides(profile, str(conf[f"{name}_set"]), f"--conf {name}_set")
-        size = conf.get(f"{name}_image_size") or conf.get("image_size") or profile["image_size"]
-        try:
-            size = int(size)
-        except ValueError as e:
-            raise ConfError(f"--conf image_size must be an integer, got {size!r}") from e
-        if size < 16 or size > 4096:
-            raise ConfError(f"--conf image_size {size} is outside 16..4096")
-        unknown = sorted(set(profile) - set(PROFILE_BLOCKS))
-        if unknown:
-            raise ConfError(f"{name} profile '{profile_name}': unknown key(s) {unknown}; accepted: {list(PROFILE_BLOCKS)}")
-        train = dict(profile.get("train") or {})
-        if conf.get(f"{name}_max_epochs"):
-            try:
-                train["max_epochs"] = int(conf[f"{name}_max_epochs"])
-            except (TypeError, ValueError) as e:
-                raise ConfError(f"--conf {name}_max_epochs must be an integer, got {conf[f'{name}_max_epochs']!r}") from e
-        train = _typed_train(spec, profile_name, train)
-        network = dict(profile.get("network") or {})
-        if network.get("attention"):
-            network["attention"] = _resolve_attention(name, network["attention"], conf, table, model_dir)
-        if "preprocess" in profile:
-            from monailabel_dr.fundus.preprocess import parse_preprocess
-
-            try:
-                profile["preprocess"] = parse_preprocess(profile["preprocess"])
-            except ValueError as e:
-                raise ConfError(f"{name} profile '{profile_name}': {e}") from e
-        ckpt = conf.get(f"{name}_checkpoint") or None
-        if ckpt:
-            ckpt = os.path.realpath(os.path.expanduser(str(ckpt)))
-        models[name] = ModelSettings(
-            spec=spec,
-            profile_name=profile_name,
-            image_size=size,
-            network=network,
-            train=train,
-            checkpoint_override=ckpt,
-            model_dir=model_dir,
-            options={k: copy.deepcopy(v) for k, v in profile.items() if k not in ("image_size", "network", "train")},
-        )
+    models = {name: _model_settings(name, conf, table, model_dir) for name in names}
 
     train_on_start = [m.strip() for m in str(conf.get("train_on_start", "")).split(",") if m.strip()]
     bad = [m for m in train_on_start if m not in models]
