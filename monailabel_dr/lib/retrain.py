@@ -32,7 +32,6 @@ import json
 import logging
 import os
 import threading
-import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -174,14 +173,3 @@ class RetrainOnCorrection:
                 }
             self._save()
             return out
-
-    def wait_idle(self, timeout: float = 600.0, poll: float = 0.5) -> bool:
-        """Block until no job of this scheduler is queued or running (tests, the simulation script)."""
-        end = time.time() + timeout
-        while time.time() < end:
-            with self._lock:
-                busy = any(st.job is not None and st.job.get("status") in ACTIVE for st in self._state.values())
-            if not busy:
-                return True
-            time.sleep(poll)
-        return False
