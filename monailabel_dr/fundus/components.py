@@ -28,7 +28,10 @@ def connected_components(mask: np.ndarray, raster_order: bool = False) -> Compon
     m = np.asarray(mask)
     if m.ndim != 2:
         raise ValueError(f"mask must be (H, W), got shape {m.shape}")
-    m = m.view(np.uint8) if m.dtype == bool and m.flags.c_contiguous else (m != 0).astype(np.uint8)
+    if not m.flags.c_contiguous or m.dtype not in (np.uint8, np.bool_):
+        m = (m != 0).astype(np.uint8)
+    elif m.dtype == np.bool_:
+        m = m.view(np.uint8)        # no copy: OpenCV takes any non-zero uint8 as foreground
     n, labels, stats, cents = cv2.connectedComponentsWithStats(m, connectivity=8)
     areas, cents = stats[1:, cv2.CC_STAT_AREA].astype(np.int64), cents[1:]
     if raster_order and n > 2:
