@@ -10,13 +10,19 @@ from typing import Any, Iterable, Mapping, TypeVar
 T = TypeVar("T")
 
 
+def refuse_unknown(keys: Iterable[str], accepted: Iterable[str], where: str) -> None:
+    """ValueError naming the keys not in ``accepted`` and the accepted ones (the one wording of this refusal,
+    also used by the typed train settings, lib/trainers/settings.py)."""
+    accepted = list(accepted)
+    unknown = sorted(set(keys) - set(accepted))
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown}; accepted: {accepted}")
+
+
 def typed(cls: type[T], d: Mapping[str, Any] | None, where: str, ignore: Iterable[str] = ()) -> T:
     """``cls(**d)`` for a dataclass ``cls``, refusing unknown keys (``ignore``: keys another component reads)."""
     d = dict(d or {})
     for k in ignore:
         d.pop(k, None)
-    accepted = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(d) - set(accepted))
-    if unknown:
-        raise ValueError(f"{where}: unknown key(s) {unknown}; accepted: {accepted}")
+    refuse_unknown(d, [f.name for f in dataclasses.fields(cls)], where)
     return cls(**d)

@@ -21,6 +21,7 @@ from typing import Any, ClassVar, Mapping
 from monailabel_dr.fundus.counterfactual import CounterfactualSettings
 from monailabel_dr.fundus.holes import HoleSettings
 from monailabel_dr.fundus.lesions import LESIONS
+from monailabel_dr.networks.settings import refuse_unknown
 
 N_CROP_CLASSES = len(LESIONS) + 1   # MA, HE, EX, SE, anywhere in the field of view
 
@@ -72,12 +73,9 @@ class _Typed:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None, where: str = "train"):
-        d = {cls.renames.get(k, k): v for k, v in dict(d or {}).items()}
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            back = {v: k for k, v in cls.renames.items()}
-            raise ValueError(f"{where}: unknown key(s) {[back.get(k, k) for k in unknown]}; accepted: {cls.accepted()}")
+        d = dict(d or {})
+        refuse_unknown(d, cls.accepted(), where)            # YAML names (``lambda``), before the renaming
+        d = {cls.renames.get(k, k): v for k, v in d.items()}
         hints = typing.get_type_hints(cls)
         out = {}
         for k, v in d.items():
