@@ -382,6 +382,7 @@ def test_profile_overrides_from_conf():
     ("twlr", "train.counterfactual", "{radious: 3}", r"train.counterfactual: .*radious"),
     ("twlr_inpainter", "train.holes", "{stroke: 3}", r"train.holes: .*stroke"),
     ("lesion_sam", "train.negative_prob", "1.5", r"negative_prob must be in \[0, 1\]"),
+    ("lesion_seg", "train.ema_decay", "1.0", r"ema_decay must be in \[0, 1\)"),
 ])
 def test_train_settings_typo_or_bad_value_refused(model, key, value, match):
     """A typo in a train key (YAML or --conf <model>_set) is refused naming the accepted keys; a bad value
@@ -390,6 +391,64 @@ def test_train_settings_typo_or_bad_value_refused(model, key, value, match):
 
     with pytest.raises(ConfError, match=match):
         parse_conf({"models": model, f"{model}_set": f"{key}={value}"}, "/app")
+
+
+def test_ema_weights_validate_on_the_average_and_train_on_the_raw_weights():
+    """EMAWeights: the evaluator sees the exponential moving average (buffers too), the trainer goes on
+    with its own weights afterwards, and an evaluator that fails still puts them back."""
+    from ignite.engine import Engine, Events
+
+    from monailabel_dr.lib.trainers.common import EMAWeights
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    opt = torch.optim.SGD(net.parameters(), lr=0.5)
+    decay = 0.5
+    ema = {k: None for k in net.state_dict()}
+
+    def step(engine, batch):
+        opt.zero_grad()
+        net.train()
+        net(batch).pow(2).sum().backward()
+        opt.step()
+
+    def track(engine):  # the reference average, by hand
+        for k, v in net.state_dict().items():
+            if not v.is_floating_point():
+                continue
+            ema[k] = v.detach().clone() if ema[k] is None else decay * ema[k] + (1 - decay) * v.detach()
+
+    seen = {}
+    trainer, evaluator = Engine(step), Engine(lambda e, b: seen.update(
+        {k: v.detach().clone() for k, v in net.state_dict().items()}))
+    EMAWeights(net, decay).attach(trainer, evaluator)
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, track)
+    data = [torch.randn(4, 3) for _ in range(5)]
+    trainer.run(data, max_epochs=1)
+    raw = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    evaluator.run([0], max_epochs=1)
+    for k, ref in ema.items():
+        if ref is not None:
+            assert torch.allclose(seen[k], ref, atol=1e-6), k                 # validated on the average
+            assert not torch.allclose(ref, raw[k]) or k.endswith("num_batches_tracked"), k
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, raw[k]), k                                       # training weights restored
+
+    def boom(engine, batch):
+        raise RuntimeError("validation failed")
+
+    failing = Engine(boom)
+    ema2 = EMAWeights(net, decay)
+    ema2.attach(trainer, failing)
+    ema2.update()
+    opt.zero_grad()
+    net(torch.randn(4, 3)).pow(2).sum().backward()
+    opt.step()
+    before = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    with pytest.raises(RuntimeError):
+        failing.run([0], max_epochs=1)
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, before[k]), k
 
 
 def test_every_profile_of_every_model_types_cleanly(tmp_path):

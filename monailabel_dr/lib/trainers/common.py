@@ -125,6 +125,62 @@ def attach_publisher(task, context) -> None:
     context.trainer.add_event_handler(Events.COMPLETED, publisher.finished)
 
 
+class EMAWeights:
+    """Validation and the best-model checkpoint on an exponential moving average of the weights.
+
+    After every training iteration the average is updated (``torch.optim.swa_utils.AveragedModel`` with
+    ``get_ema_multi_avg_fn(decay)``, buffers included so the BatchNorm statistics follow the averaged
+    weights); while the evaluator runs, the network holds the averaged weights, so the validation figures,
+    the key-metric checkpoint (MONAI Label's CheckpointSaver, evaluator EPOCH_COMPLETED) and therefore the
+    published model are the average's; when the evaluator completes, the training weights are put back and
+    training goes on from them. The trainer's own final / interval checkpoints keep the training weights.
+    """
+
+    def __init__(self, network: torch.nn.Module, decay: float):
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        self.network = network.module if hasattr(network, "module") else network
+        self.average = AveragedModel(self.network, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+        self._training_state: dict | None = None
+
+    def attach(self, trainer, evaluator) -> None:
+        trainer.add_event_handler(Events.ITERATION_COMPLETED, self.update)
+        evaluator.add_event_handler(Events.STARTED, self.swap_in)
+        evaluator.add_event_handler(Events.COMPLETED, self.swap_out)
+        evaluator.add_event_handler(Events.EXCEPTION_RAISED, self.failed)
+
+    def update(self, engine=None) -> None:
+        self.average.update_parameters(self.network)
+
+    def swap_in(self, engine=None) -> None:
+        if self._training_state is None:
+            self._training_state = {k: v.detach().clone() for k, v in self.network.state_dict().items()}
+        self.network.load_state_dict(self.average.module.state_dict())
+
+    def swap_out(self, engine=None) -> None:
+        if self._training_state is not None:
+            self.network.load_state_dict(self._training_state)
+            self._training_state = None
+
+    def failed(self, engine, e: BaseException) -> None:
+        # ignite hands an exception to its EXCEPTION_RAISED handlers instead of raising it: raise it again
+        self.swap_out(engine)
+        raise e
+
+
+def attach_shared_handlers(task, context) -> None:
+    """Use in a BasicTrainTask.finalize(): the handlers every trainer of the app has (EMA weights when the
+    profile's ``train.ema_decay`` > 0, then :func:`attach_publisher`)."""
+    decay = float(task.model.train.ema_decay)
+    if decay > 0:
+        if context.evaluator is None:
+            logger.warning(f"train.ema_decay={decay} needs a validation set (the average is what validation "
+                           "selects and publishes); without one the training weights are published")
+        else:
+            EMAWeights(context.network, decay).attach(context.trainer, context.evaluator)
+    attach_publisher(task, context)
+
+
 def resume_path(task, output_dir: str, pretrained: bool = True) -> str | None:
     """Fine-tuning starts from the model being served (published), then the run's own best, then --conf <model>_checkpoint."""
     if pretrained and task._publish_path and os.path.exists(task._publish_path):

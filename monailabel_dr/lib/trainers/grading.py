@@ -42,7 +42,7 @@ from monailabel_dr.lib.errors import Conflict
 from monailabel_dr.lib.trainers.settings import GradingTrain
 from monailabel_dr.lib.trainers.common import (
     FundusTrainTask,
-    attach_publisher,
+    attach_shared_handlers,
     stack_pred_label,
 )
 from monailabel_dr.fundus.patients import has_eye_suffix, patient_split, split_description
@@ -348,7 +348,7 @@ class GradingTrainer(FundusTrainTask):
         return {"model": state, "grading_profile": profile_record(self.model)}
 
     def finalize(self, context: Context):
-        attach_publisher(self, context)
+        attach_shared_handlers(self, context)
         patience = int(context.request.get("early_stop_patience", 0) or 0)
         if patience > 0 and context.evaluator:
             stopper = EarlyStopping(patience=patience, score_function=stopping_fn_from_metric(self.val_key),

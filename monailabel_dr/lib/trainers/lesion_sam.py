@@ -26,7 +26,7 @@ from monailabel.tasks.train.basic_train import Context
 
 from monailabel_dr.config import AppSettings, ModelSettings
 from monailabel_dr.lib.errors import Conflict
-from monailabel_dr.lib.trainers.common import FundusTrainTask, attach_publisher
+from monailabel_dr.lib.trainers.common import FundusTrainTask, attach_shared_handlers
 from monailabel_dr.lib.trainers.lesion_data import (
     LesionLabelSource,
     LesionTrainChains,
@@ -107,4 +107,4 @@ class LesionSamTrainer(LesionTrainChains, LesionLabelSource, FundusTrainTask):
     def finalize(self, context: Context):
         # the prompted lesion of each sample reaches the network as network(image, cls=...)
         context.trainer.prepare_batch = PrepareBatchExtraInput({"cls": "cls"})
-        attach_publisher(self, context)
+        attach_shared_handlers(self, context)

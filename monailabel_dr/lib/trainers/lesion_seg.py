@@ -23,7 +23,7 @@ from monailabel.tasks.train.basic_train import Context
 from monailabel_dr.config import AppSettings, ModelSettings
 from monailabel_dr.lib.trainers.common import (
     FundusTrainTask,
-    attach_publisher,
+    attach_shared_handlers,
 )
 from monailabel_dr.lib.trainers.lesion_data import (
     LesionLabelSource,
@@ -81,7 +81,7 @@ class LesionSegTrainer(LesionTrainChains, LesionLabelSource, FundusTrainTask):
         return {"train_mean_dice": PooledLesionDice()}
 
     def finalize(self, context: Context):
-        attach_publisher(self, context)
+        attach_shared_handlers(self, context)
         if self._paper_schedule():
             self._attach_paper_schedule(context)
 

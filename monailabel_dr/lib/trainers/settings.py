@@ -144,10 +144,13 @@ class TrainSettings(_Typed):
     weight_decay: float = 1e-4
     val_split: float = 0.2
     val_interval: int = 1                # epochs between validations
+    ema_decay: float = 0.0               # > 0: validate and publish an EMA of the weights (common.EMAWeights)
 
     def check(self, where: str) -> None:
         _positive(where, max_epochs=self.max_epochs, batch_size=self.batch_size, learning_rate=self.learning_rate,
                   val_interval=self.val_interval)
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"{where}: ema_decay must be in [0, 1) (0: no averaging), got {self.ema_decay}")
         if not 0 <= self.val_split < 1:
             raise ValueError(f"{where}: val_split must be in [0, 1), got {self.val_split}")
         if self.weight_decay < 0:

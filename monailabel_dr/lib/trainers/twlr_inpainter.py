@@ -47,7 +47,7 @@ from monailabel_dr.fundus.holes import InpaintingPaird, RandHoleMaskd, SeededPer
 from monailabel_dr.fundus.inpainting import opencv_inpaint
 from monailabel_dr.lib.checkpoints import checkpoint_state
 from monailabel_dr.lib.errors import BadInput, Conflict
-from monailabel_dr.lib.trainers.common import FundusTrainTask, attach_publisher, stack_pred_label
+from monailabel_dr.lib.trainers.common import FundusTrainTask, attach_shared_handlers, stack_pred_label
 from monailabel_dr.lib.trainers.lesion_data import LesionLabelSource
 from monailabel_dr.lib.trainers.settings import InpainterTrain
 from monailabel_dr.networks.inpainter import HoleLoss, build_inpainter
@@ -262,7 +262,7 @@ class TWLRInpainterTrainer(LesionLabelSource, FundusTrainTask):
         return {"val_psnr_ns": NavierStokesPSNR(radius)}
 
     def finalize(self, context: Context):
-        attach_publisher(self, context)
+        attach_shared_handlers(self, context)
         if context.evaluator is not None:
             context.evaluator.add_event_handler(Events.EPOCH_COMPLETED, _log_against_baseline, context.trainer)
 
