@@ -329,7 +329,7 @@ def _evaluate_graded_folder(args) -> int:
         raise SystemExit(f"--dataset {args.dataset!r}: evaluate grading takes grades:<folder> (images/ and grades.csv)")
     app, record = _grading_app(args)
     task = app._infers["grading"]
-    train = app.settings.models["grading"].train
+    train = app.app_settings.models["grading"].train
     try:
         report = evaluate_graded_folder(task, folder, split=args.split, n_boot=args.n_boot,
                                         val_split=float((record or {}).get("val_split", train.val_split)),

@@ -43,14 +43,14 @@ class MONAILabelDRApp(MONAILabelApp):
     def __init__(self, app_dir: str, studies: str, conf: dict[str, Any]):
         # Attributes used by the init_* hooks must exist before MONAILabelApp.__init__ runs them.
         self.table = load_model_table()
-        self.settings = parse_conf(conf, app_dir, self.table)
+        self.app_settings = parse_conf(conf, app_dir, self.table)
         if _in_background_job():
             # a background job (MONAI Label's subprocess, e.g. training) yields the CPU to the server's requests;
             # from the start: building the app is part of the job (lib/priority.py)
             from monailabel_dr.lib.priority import lower_priority
 
-            logger.info(f"background job priority: {lower_priority(self.settings.train_nice)}")
-        for model in self.settings.models.values():
+            logger.info(f"background job priority: {lower_priority(self.app_settings.train_nice)}")
+        for model in self.app_settings.models.values():
             os.makedirs(model.model_dir, exist_ok=True)
         super().__init__(
             app_dir=app_dir,
@@ -63,11 +63,11 @@ class MONAILabelDRApp(MONAILabelApp):
         from monailabel_dr.lib.offload import InferSlots
 
         # at most --conf infer_concurrency inferences compute at once per device (lib/offload.py)
-        self.infer_slots = InferSlots(self.settings.infer_concurrency, self.settings.device)
+        self.infer_slots = InferSlots(self.app_settings.infer_concurrency, self.app_settings.device)
         self.retrain = RetrainOnCorrection(
-            self.settings, set(self._trainers), submit=self._queue_training,
-            state_path=os.path.join(next(iter(self.settings.models.values())).model_dir, "retrain_state.json")
-            if self.settings.models else None,
+            self.app_settings, set(self._trainers), submit=self._queue_training,
+            state_path=os.path.join(next(iter(self.app_settings.models.values())).model_dir, "retrain_state.json")
+            if self.app_settings.models else None,
         )
 
     # ------------------------------------------------------------- hooks
@@ -80,50 +80,50 @@ class MONAILabelDRApp(MONAILabelApp):
             from monailabel_dr.lib.dicomweb import make_dicomweb_datastore
 
             self.studies = self.studies.rstrip("/").strip()
-            return make_dicomweb_datastore(self.studies, self.conf, max_pixels=self.settings.max_image_pixels,
-                                           min_side=self.settings.min_image_side)
+            return make_dicomweb_datastore(self.studies, self.conf, max_pixels=self.app_settings.max_image_pixels,
+                                           min_side=self.app_settings.min_image_side)
 
         from monailabel_dr.lib.datastore import FundusDatastore
 
         return FundusDatastore(
             self.studies,
-            max_pixels=self.settings.max_image_pixels,
-            min_side=self.settings.min_image_side,
+            max_pixels=self.app_settings.max_image_pixels,
+            min_side=self.app_settings.min_image_side,
             auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
             read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,
         )
 
     def init_infers(self) -> dict[str, InferTask]:
         infers: dict[str, InferTask] = {}
-        for name, model in self.settings.models.items():
+        for name, model in self.app_settings.models.items():
             for infer_name, ref in model.spec.infers.items():
-                infers[infer_name] = import_object(ref)(infer_name, model, self.settings)
+                infers[infer_name] = import_object(ref)(infer_name, model, self.app_settings)
         if "grading" in infers and "lesion_seg" in infers:   # the grade rationale reads lesion_seg's answer
             infers["grading"].lesion_answer = infers["lesion_seg"].answer
         from monailabel_dr.lib.activelearning.common import register_serving_tasks
 
-        register_serving_tasks(self.settings, infers)   # scoring shares their network copies
+        register_serving_tasks(self.app_settings, infers)   # scoring shares their network copies
         return infers
 
     def init_trainers(self) -> dict[str, TrainTask]:
         return {
-            name: import_object(model.spec.trainer)(model, self.settings)
-            for name, model in self.settings.models.items()
+            name: import_object(model.spec.trainer)(model, self.app_settings)
+            for name, model in self.app_settings.models.items()
             if model.spec.trainer
         }
 
     def init_strategies(self) -> dict[str, Strategy]:
         strategies: dict[str, Strategy] = {"random": Random(), "first": First()}
-        for model in self.settings.models.values():
+        for model in self.app_settings.models.values():
             for name, ref in model.spec.strategies.items():
-                strategies[name] = import_object(ref)(model, self.settings)
+                strategies[name] = import_object(ref)(model, self.app_settings)
         return strategies
 
     def init_scoring_methods(self) -> dict[str, ScoringMethod]:
         methods: dict[str, ScoringMethod] = {}
-        for model in self.settings.models.values():
+        for model in self.app_settings.models.values():
             for name, ref in model.spec.scoring.items():
-                methods[name] = import_object(ref)(model, self.settings)
+                methods[name] = import_object(ref)(model, self.app_settings)
         return methods
 
     def on_init_complete(self):
@@ -137,25 +137,25 @@ class MONAILabelDRApp(MONAILabelApp):
         from monailabel_dr.lib.auth import fix_token_check
         from monailabel_dr.lib.upload_limit import install_in_server
 
-        install_in_server(self.settings.max_upload_bytes)
+        install_in_server(self.app_settings.max_upload_bytes)
         # requests in worker threads, off uvicorn's event loop; --conf offload false: the stock path (lib/offload.py)
         from monailabel_dr.lib import offload
 
-        offload.install_in_server(self.settings.offload)
-        if self.settings.infer_workers > 0:
+        offload.install_in_server(self.app_settings.offload)
+        if self.app_settings.infer_workers > 0:
             # the server's inferences in worker processes (lib/infer_workers.py); one at a time in each
             from monailabel_dr.lib.infer_workers import InferWorkers, WorkerTask
 
-            self.infer_workers = InferWorkers(self.settings.infer_workers, self.app_dir, self.conf)
+            self.infer_workers = InferWorkers(self.app_settings.infer_workers, self.app_dir, self.conf)
             self._infers = {name: WorkerTask(task, self.infer_workers) for name, task in self._infers.items()}
-            self.infer_slots.per_device = self.settings.infer_workers
+            self.infer_slots.per_device = self.app_settings.infer_workers
         fix_token_check()  # MONAI_LABEL_AUTH_ENABLE: accept valid tokens (lib/auth.py)
         # stale active-learning scores recomputed after every publish, while no inference runs (activelearning/common.py)
         from monailabel_dr.lib.activelearning.common import start_rescoring
 
-        self.rescorer = start_rescoring(self.settings, self._scoring_methods, self.datastore(), self.infer_slots.idle,
-                                        self.settings.rescore_interval)
-        for model in self.settings.train_on_start:
+        self.rescorer = start_rescoring(self.app_settings, self._scoring_methods, self.datastore(), self.infer_slots.idle,
+                                        self.app_settings.rescore_interval)
+        for model in self.app_settings.train_on_start:
             logger.info(f"train_on_start: starting background training of '{model}'")
             self.async_training(model, enqueue=True)
 
@@ -186,7 +186,7 @@ class MONAILabelDRApp(MONAILabelApp):
         meta = super().info()
         meta["retrain"] = self.retrain.info()
         meta["model_state"] = {name: task.state() for name, task in self._infers.items() if hasattr(task, "state")}
-        meta["profiles"] = {name: m.profile_name for name, m in self.settings.models.items()}
+        meta["profiles"] = {name: m.profile_name for name, m in self.app_settings.models.items()}
         meta["inference_slots"] = self.infer_slots.info()
         meta["inference_slots"]["worker_processes"] = self.infer_workers.n if getattr(self, "infer_workers", None) else 0
         rescorer = getattr(self, "rescorer", None)
@@ -233,7 +233,7 @@ class MONAILabelDRApp(MONAILabelApp):
                 if not is_valid_id(image):
                     raise InvalidId(f"invalid image id {image!r} (no paths; ids are file names without extension)")
                 raise NotFound(f"image '{image}' is not in the datastore")
-        with self.infer_slots.slot(request.get("device") or self.settings.device):
+        with self.infer_slots.slot(request.get("device") or self.app_settings.device):
             return super().infer(request, datastore)
 
     def check_request(self, module: str, kwargs: dict) -> None:

@@ -209,7 +209,7 @@ def test_scoring_shares_the_served_network(phantom_store, tmp_path):
         assert client.post("/infer/grading", params={"image": image}).status_code == 200
         assert client.post("/scoring/grade_uncertainty?run_sync=true", json={"max_images": 2}).status_code == 200
         serving = app._infers["grading"]
-        scoring = shared_infer_task(app.settings, "grading", "grading")
+        scoring = shared_infer_task(app.app_settings, "grading", "grading")
         assert scoring is not serving and scoring._networks is serving._networks
         assert len(serving._networks) == 1 and serving.loads + scoring.loads == 1
 

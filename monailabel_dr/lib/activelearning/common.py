@@ -259,7 +259,7 @@ class FundusScoringMethod(ScoringMethod):
     def __init__(self, model: ModelSettings, app: AppSettings, description: str):
         super().__init__(description)
         self.model = model
-        self.app = app
+        self.app_settings = app
         self._lock = threading.Lock()
         reg = _registry(app)
         with _REGISTRY_LOCK:
@@ -292,7 +292,7 @@ class FundusScoringMethod(ScoringMethod):
 
     # -- shared logic
     def device(self, request: dict) -> str:
-        return str(request.get("device") or self.app.device)
+        return str(request.get("device") or self.app_settings.device)
 
     def stored(self, datastore: Datastore, image_id: str) -> dict | None:
         v = datastore.get_image_info(image_id).get(self.info_key)
@@ -435,10 +435,10 @@ class ScoreStrategy(Strategy):
     def __init__(self, model: ModelSettings, app: AppSettings, description: str):
         super().__init__(description)
         self.model = model
-        self.app = app
+        self.app_settings = app
 
     def scorer(self) -> FundusScoringMethod:
-        return shared_scorer(self.app, self.scoring_class, self.model)
+        return shared_scorer(self.app_settings, self.scoring_class, self.model)
 
     def current_scores(self, request: dict, datastore: Datastore, image_ids: list[str],
                        scorer: FundusScoringMethod | None = None, fallback: bool = False):
@@ -453,7 +453,7 @@ class ScoreStrategy(Strategy):
             cap = int_param(request, "max_inline_scoring", DEFAULT_MAX_INLINE_SCORING, 0, 10**6)
             if len(stale) > cap:
                 if fallback:
-                    wake_rescoring(self.app)
+                    wake_rescoring(self.app_settings)
                     return {i: scorer.stored(datastore, i) for i in image_ids}, stale
                 raise Conflict(
                     f"{len(stale)} of {len(image_ids)} images have no '{scorer.name}' score for the current "
@@ -487,13 +487,13 @@ class ScoreStrategy(Strategy):
             return {"id": best, "score": None, "strategy": self.name, "rule": "random_unlabelled",
                     "rule_description": f"no image has a score yet ({len(stale)} are being scored in the background): "
                                         f"one of the {len(unlabeled)} unlabelled images at random",
-                    "models": identity, "unlabeled": len(unlabeled), "scored": 0, "rescoring": rescoring_info(self.app)}
+                    "models": identity, "unlabeled": len(unlabeled), "scored": 0, "rescoring": rescoring_info(self.app_settings)}
         best_score = max(v for v, _ in pool)
         best = min(i for v, i in pool if v == best_score)
         s = stored[best]
         return {"id": best, "score": best_score, "strategy": self.name, "rule": rule, "rule_description": why,
                 "rank_key": s.get("rank_key"), "models": s.get("models"), "unlabeled": len(unlabeled),
-                "scored": len(current), "rescoring": rescoring_info(self.app)}
+                "scored": len(current), "rescoring": rescoring_info(self.app_settings)}
 
     def __call__(self, request, datastore: Datastore):
         request = dict(request or {})

@@ -81,17 +81,17 @@ class DisagreementScoring(FundusScoringMethod):
         """Served members: {member: (row, infer name)}."""
         out = {}
         for member, cls in MEMBERS.items():
-            where = find_infer(self.app, cls)
+            where = find_infer(self.app_settings, cls)
             if where is not None:
                 out[member] = where
         return out
 
     def identity(self) -> dict:
         served = self.members()
-        trained = {m: model_identity(self.app.models[row]) for m, (row, _) in served.items()}
+        trained = {m: model_identity(self.app_settings.models[row]) for m, (row, _) in served.items()}
         ok = {m: v for m, v in trained.items() if v is not None}
         if len(ok) < 2:
-            missing = [f"{m} (model '{served[m][0]}', expected {self.app.models[served[m][0]].serve_path})"
+            missing = [f"{m} (model '{served[m][0]}', expected {self.app_settings.models[served[m][0]].serve_path})"
                        for m in served if m not in ok]
             not_served = [m for m in MEMBERS if m not in served]
             raise ModelNotTrained(
@@ -104,7 +104,7 @@ class DisagreementScoring(FundusScoringMethod):
 
     def prepare(self, request: dict) -> dict:
         threshold = float_param(request, "threshold", 0.5, 0.0, 1.0)
-        cam_threshold = float_param(request, "cam_threshold", float(self.app.get("cam_threshold", CAM_THRESHOLD)), 0.0, 1.0)
+        cam_threshold = float_param(request, "cam_threshold", float(self.app_settings.get("cam_threshold", CAM_THRESHOLD)), 0.0, 1.0)
         sam_mode = str(request.get("sam_mode") or "faithful").lower()
         if sam_mode not in ("faithful", "fast"):
             raise BadInput(f"sam_mode must be faithful or fast, got {sam_mode!r}")
@@ -112,7 +112,7 @@ class DisagreementScoring(FundusScoringMethod):
                 "sam_mode": sam_mode, "device": self.device(request)}
 
     def _mask(self, member: str, row: str, infer: str, image_path: str, params: dict) -> tuple[np.ndarray, dict]:
-        task = shared_infer_task(self.app, row, infer, configure=_no_landmarks)
+        task = shared_infer_task(self.app_settings, row, infer, configure=_no_landmarks)
         device = params["device"]
         if member == "cam":
             _, data = task({"image": image_path, "skip_writer": True, "target": "referable",

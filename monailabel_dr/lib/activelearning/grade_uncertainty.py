@@ -89,7 +89,7 @@ class GradeUncertaintyScoring(MCDropoutScoring):
         self.embeddings = embedding_store(model)
 
     def task(self):
-        return shared_infer_task(self.app, self.model.name, "grading")
+        return shared_infer_task(self.app_settings, self.model.name, "grading")
 
     def score_image(self, image_id: str, image_path: str, params: dict) -> dict:
         task = self.task()

@@ -69,7 +69,7 @@ class LesionUncertaintyScoring(MCDropoutScoring):
                                      "the field of view (ranking key lesion_mean_entropy) and uncertain-pixel fraction")
 
     def task(self):
-        return shared_infer_task(self.app, self.model.name, "lesion_seg", configure=_no_landmarks)
+        return shared_infer_task(self.app_settings, self.model.name, "lesion_seg", configure=_no_landmarks)
 
     def extra_params(self, request: dict) -> dict:
         return {"threshold": float_param(request, "entropy_threshold", DEFAULT_ENTROPY_THRESHOLD, 0.0, 1.0)}
