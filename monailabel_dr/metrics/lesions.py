@@ -407,91 +407,102 @@ class LesionSegAccumulator:
         weights = _resample_weights(n_img, int(n_boot), int(seed)) if n_boot and n_boot > 0 else None
 
         boot: dict[str, dict[str, np.ndarray]] = {}
-        included: list[str] = []
+        included: list[str] = []   # lesions with truth pixels: they enter the mean
         for i, les in enumerate(self.lesions):
-            tp, fp, fn, outside = (counts[:, i, k] for k in range(4))
-            neg_h, pos_h = hists[:, i, 0], hists[:, i, 1]
-            pooled_pos, pooled_neg = pos_h.sum(axis=0), neg_h.sum(axis=0)
-            curves = _pr_roc_batch(pooled_pos, pooled_neg)
-            per_image = dice_from_counts(tp, fp, fn)  # nan where truth and prediction are both empty
-            used = np.isfinite(per_image)
-            y, s = img_truth[:, i], img_score[:, i]
-            n_pos_img, n_neg_img = int(y.sum()), int((~y).sum())
-            two_classes = n_pos_img > 0 and n_neg_img > 0
-            image_auc = float(roc_auc_score(y, s)) if two_classes else nan
-            res: dict[str, Any] = {
-                "dice_pooled": float(dice_from_counts(tp.sum(), fp.sum(), fn.sum())),
-                "dice_per_image_mean": float(per_image[used].mean()) if used.any() else nan,
-                "iou_pooled": float(iou_from_counts(tp.sum(), fp.sum(), fn.sum())),
-                "auc_pr": float(curves["auc_pr"]),
-                "auc_roc": float(curves["auc_roc"]),
-                "image_auc": image_auc,
-                "image_sensitivity": _ratio(np.count_nonzero(y & (s >= self.threshold)), n_pos_img),
-                "image_specificity": _ratio(np.count_nonzero(~y & (s < self.threshold)), n_neg_img),
-                "tp": int(tp.sum()),
-                "fp": int(fp.sum()),
-                "fn": int(fn.sum()),
-                "n_pos_pixels": int(pooled_pos.sum()),
-                "n_neg_pixels": int(pooled_neg.sum()),
-                "n_truth_outside_fov": int(outside.sum()),
-                "n_images": n_img,
-                "n_images_dice_per_image": int(used.sum()),
-                "n_pos_images": n_pos_img,
-                "n_neg_images": n_neg_img,
-            }
-            if operating is not None and les in operating:
-                by_thr = dice_by_threshold(pooled_pos, pooled_neg)
-                b = min(self.n_bins - 1, max(0, int(np.floor(float(operating[les]) * self.n_bins + 1e-9))))
-                best_t, best_d = best_dice_threshold(pooled_pos, pooled_neg, bounds=(0.0, 1.0))
-                res.update({"operating_threshold": float(operating[les]), "dice_pooled_operating": float(by_thr[b]),
-                            "best_threshold": best_t, "dice_pooled_best": best_d})
-            if pooled_pos.sum() > 0:
+            res = self._lesion_figures(counts[:, i], hists[:, i], img_truth[:, i], img_score[:, i],
+                                       None if operating is None else operating.get(les))
+            if res["n_pos_pixels"] > 0:
                 included.append(les)
             if weights is not None:
-                b_curves = _pr_roc_batch(weights @ pos_h, weights @ neg_h)
-                b = {
-                    "dice_pooled": dice_from_counts(weights @ tp, weights @ fp, weights @ fn),
-                    "auc_pr": b_curves["auc_pr"],
-                    "auc_roc": b_curves["auc_roc"],
-                }
-                if two_classes:
-                    b["image_auc"] = _weighted_auc(s, y, weights)
-                boot[les] = b
-                res["ci"] = {k: _percentile_ci(v, ci) for k, v in b.items()}
-                if not two_classes:
-                    res["ci"]["image_auc"] = [nan, nan]
+                boot[les] = _bootstrap_lesion(weights, counts[:, i], hists[:, i], img_truth[:, i], img_score[:, i])
+                res["ci"] = {k: _percentile_ci(v, ci) for k, v in boot[les].items()}
+                res["ci"].setdefault("image_auc", [nan, nan])   # one image class only: undefined
             out[les] = res
-
-        mean_keys = (
-            "dice_pooled",
-            "dice_per_image_mean",
-            "iou_pooled",
-            "auc_pr",
-            "auc_roc",
-            "image_auc",
-            "image_sensitivity",
-            "image_specificity",
-        )
-        # mean over the included lesions where the metric is defined (image_auc is nan for a
-        # lesion present in every image or in none); "n_lesions" says how many entered each mean
-        mean: dict[str, Any] = {"lesions": included, "n_lesions": {}}
-        if operating is not None:
-            mean_keys = (*mean_keys, "dice_pooled_operating", "dice_pooled_best")
-        for k in mean_keys:
-            vals = [out[les][k] for les in included if k in out[les] and np.isfinite(out[les][k])]
-            mean[k] = float(np.mean(vals)) if vals else nan
-            mean["n_lesions"][k] = len(vals)
-        if weights is not None:
-            mean["ci"] = {}
-            for k in ("dice_pooled", "auc_pr", "auc_roc", "image_auc"):
-                used = [les for les in included if np.isfinite(out[les][k]) and k in boot[les]]
-                # per resample: mean over the same lesions (a resample where one is undefined is dropped)
-                if used:
-                    mean["ci"][k] = _percentile_ci(np.mean([boot[les][k] for les in used], axis=0), ci)
-                else:
-                    mean["ci"][k] = [nan, nan]
-        out["mean"] = mean
+        out["mean"] = _mean_over_lesions(out, included, boot if weights is not None else None, ci,
+                                         with_operating=operating is not None)
         return out
+
+    def _lesion_figures(self, counts: np.ndarray, hists: np.ndarray, y: np.ndarray, s: np.ndarray,
+                        operating: float | None) -> dict[str, Any]:
+        """One lesion's figures over the images: ``counts`` (N, 4) TP / FP / FN / outside, ``hists``
+        (N, 2, n_bins), image truth ``y`` and image score ``s`` (N,); ``operating``: its threshold or None."""
+        nan = float("nan")
+        n_img = len(y)
+        tp, fp, fn, outside = (counts[:, k] for k in range(4))
+        neg_h, pos_h = hists[:, 0], hists[:, 1]
+        pooled_pos, pooled_neg = pos_h.sum(axis=0), neg_h.sum(axis=0)
+        curves = _pr_roc_batch(pooled_pos, pooled_neg)
+        per_image = dice_from_counts(tp, fp, fn)  # nan where truth and prediction are both empty
+        used = np.isfinite(per_image)
+        n_pos_img, n_neg_img = int(y.sum()), int((~y).sum())
+        res: dict[str, Any] = {
+            "dice_pooled": float(dice_from_counts(tp.sum(), fp.sum(), fn.sum())),
+            "dice_per_image_mean": float(per_image[used].mean()) if used.any() else nan,
+            "iou_pooled": float(iou_from_counts(tp.sum(), fp.sum(), fn.sum())),
+            "auc_pr": float(curves["auc_pr"]),
+            "auc_roc": float(curves["auc_roc"]),
+            "image_auc": float(roc_auc_score(y, s)) if n_pos_img > 0 and n_neg_img > 0 else nan,
+            "image_sensitivity": _ratio(np.count_nonzero(y & (s >= self.threshold)), n_pos_img),
+            "image_specificity": _ratio(np.count_nonzero(~y & (s < self.threshold)), n_neg_img),
+            "tp": int(tp.sum()),
+            "fp": int(fp.sum()),
+            "fn": int(fn.sum()),
+            "n_pos_pixels": int(pooled_pos.sum()),
+            "n_neg_pixels": int(pooled_neg.sum()),
+            "n_truth_outside_fov": int(outside.sum()),
+            "n_images": n_img,
+            "n_images_dice_per_image": int(used.sum()),
+            "n_pos_images": n_pos_img,
+            "n_neg_images": n_neg_img,
+        }
+        if operating is not None:
+            by_thr = dice_by_threshold(pooled_pos, pooled_neg)
+            b = min(self.n_bins - 1, max(0, int(np.floor(float(operating) * self.n_bins + 1e-9))))
+            best_t, best_d = best_dice_threshold(pooled_pos, pooled_neg, bounds=(0.0, 1.0))
+            res.update({"operating_threshold": float(operating), "dice_pooled_operating": float(by_thr[b]),
+                        "best_threshold": best_t, "dice_pooled_best": best_d})
+        return res
+
+
+def _bootstrap_lesion(weights: np.ndarray, counts: np.ndarray, hists: np.ndarray, y: np.ndarray,
+                      s: np.ndarray) -> dict[str, np.ndarray]:
+    """One lesion's figures under each bootstrap resample (``weights`` (B, N): how often each image is drawn);
+    ``image_auc`` only where both image classes are present."""
+    tp, fp, fn = (counts[:, k] for k in range(3))
+    curves = _pr_roc_batch(weights @ hists[:, 1], weights @ hists[:, 0])
+    b = {
+        "dice_pooled": dice_from_counts(weights @ tp, weights @ fp, weights @ fn),
+        "auc_pr": curves["auc_pr"],
+        "auc_roc": curves["auc_roc"],
+    }
+    if y.any() and (~y).any():
+        b["image_auc"] = _weighted_auc(s, y, weights)
+    return b
+
+
+_MEAN_KEYS = ("dice_pooled", "dice_per_image_mean", "iou_pooled", "auc_pr", "auc_roc", "image_auc",
+              "image_sensitivity", "image_specificity")
+
+
+def _mean_over_lesions(out: Mapping[str, Any], included: list[str], boot: Mapping[str, Mapping] | None,
+                       ci: float, with_operating: bool) -> dict[str, Any]:
+    """The ``mean`` block: each metric averaged over the included lesions where it is defined (image_auc is
+    nan for a lesion present in every image or in none; ``n_lesions`` says how many entered each mean), and,
+    with ``boot``, its CI from the per-resample means over the same lesions."""
+    nan = float("nan")
+    mean: dict[str, Any] = {"lesions": included, "n_lesions": {}}
+    keys = (*_MEAN_KEYS, "dice_pooled_operating", "dice_pooled_best") if with_operating else _MEAN_KEYS
+    for k in keys:
+        vals = [out[les][k] for les in included if k in out[les] and np.isfinite(out[les][k])]
+        mean[k] = float(np.mean(vals)) if vals else nan
+        mean["n_lesions"][k] = len(vals)
+    if boot is not None:
+        mean["ci"] = {}
+        for k in ("dice_pooled", "auc_pr", "auc_roc", "image_auc"):
+            used = [les for les in included if np.isfinite(out[les][k]) and k in boot[les]]
+            # per resample: mean over the same lesions (a resample where one is undefined is dropped)
+            mean["ci"][k] = _percentile_ci(np.mean([boot[les][k] for les in used], axis=0), ci) if used else [nan, nan]
+    return mean
 
 
 # --------------------------------------------------------------------------- FROC
