@@ -823,7 +823,7 @@ class _Builder:
 
     # ---------------------------------------------------------------- assembly
     def build(self) -> Phantom:
-        R, h, w = self.R, self.h, self.w
+        """The eye, its lesions, then the camera; the stages draw from their own random streams."""
         # one independent stream per stage, so that size-dependent draws (texture, noise) never
         # shift the others: the same seed gives the same eye and lesions at every size
         streams = [np.random.default_rng(int(s)) for s in self.rng.integers(0, 2**62, size=5)]
@@ -834,8 +834,32 @@ class _Builder:
         self._vessels(clean)
         self.rng = streams[3]
         plan = self._plan()
+        blur_scale = self.R / 225.0  # blur widths relative to a 480-px-high image
+        layers, nv_layers, nv_loc, nv_mask, counts = self._draw_lesions(plan, blur_scale)
+        masks = _top_most_masks(layers, self.h, self.w)
+        healthy, image, halo = self._photograph(clean, layers, nv_layers, masks, nv_mask, streams[4], blur_scale)
 
-        s = R / 225.0  # blur widths relative to a 480-px-high image
+        findings = {
+            **{k: int(counts[k]) for k in ("MA", "HE", "EX")},
+            "EX_clusters": int(plan["ex_clusters"]),
+            "SE": int(counts["SE"]),
+            "haemorrhages_per_quadrant": counts["per_quadrant"],
+            "neovascularization": bool(plan["nv"] > 0),
+            "nv_tufts": int(plan["nv"]),
+            "nv_locations": nv_loc,
+            "preretinal_haemorrhage": bool(plan["prh"]),
+        }
+        g = grade_from_findings(findings)
+        assert g == self.grade, (g, self.grade, findings)
+        findings["referable"] = is_referable(g)
+        return Phantom(image=image, healthy=healthy, masks=masks, grade=g, findings=findings,
+                       fov=self.fov.copy(), info=self._info(g, halo), nv_mask=nv_mask)
+
+    def _draw_lesions(self, plan: dict, blur_scale: float):
+        """Every finding of ``plan`` on its own layer: big findings first, the others avoid them (and each
+        other). Returns the lesion layers, the NV layers (tufts, veil), the NV locations and region, and
+        the counts drawn."""
+        h, w, s = self.h, self.w, blur_scale
         layers = {
             "EX": _Layer(h, w, max(0.35, 0.4 * s)),
             "HE": _Layer(h, w, max(0.45, 0.8 * s)),
@@ -845,34 +869,29 @@ class _Builder:
         self.occ_x, self.occ_y, self.occ_r, self.occ_k = [], [], [], []
         nv = _Layer(h, w, max(0.3, 0.3 * s))
         nv_haze = _Layer(h, w, max(1.0, 4.0 * s))
-        # big findings first, the others avoid them (and each other)
         nv_loc, nv_mask = self._draw_nv(nv, nv_haze, plan["nv"])
         if plan["prh"]:
             self._draw_prh(layers["HE"])
         n_he, per_q = self._draw_he(layers["HE"], plan)
-        n_ex = self._draw_ex(layers["EX"], plan["ex_clusters"])
-        n_se = self._draw_se(layers["SE"], plan["se"])
-        n_ma = self._draw_ma(layers["MA"], plan["ma"])
-
+        counts = {"HE": n_he, "per_quadrant": per_q}
+        counts["EX"] = self._draw_ex(layers["EX"], plan["ex_clusters"])
+        counts["SE"] = self._draw_se(layers["SE"], plan["se"])
+        counts["MA"] = self._draw_ma(layers["MA"], plan["ma"])
         for layer in layers.values():
             layer.finish(self.lesion_allowed)
-        # a pixel belongs to the top-most lesion drawn there (layers are composited EX, HE, MA, SE)
-        masks = {}
-        above = np.zeros((h, w), bool)
-        for name in ("SE", "MA", "HE", "EX"):
-            m = layers[name].a > 0.5
-            masks[name] = m & ~above
-            above |= m
-        masks = {name: masks[name] for name in LESIONS}
+        return layers, (nv_haze, nv), nv_loc, nv_mask, counts
 
-        # camera: one noise field and one blur for both the healthy and the diseased image
-        cam_rng = streams[4]
+    def _photograph(self, clean: np.ndarray, layers: dict, nv_layers: tuple, masks: dict, nv_mask: np.ndarray,
+                    cam_rng: np.random.Generator, blur_scale: float) -> tuple[np.ndarray, np.ndarray, int]:
+        """The healthy and the diseased photograph through one camera (one noise field, one blur), the
+        lesions composited only near their masks; also the halo (px) beyond which nothing changed."""
+        h, w, R = self.h, self.w, self.R
         noise_sigma = cam_rng.uniform(1.5, 3.5)
         # triangular noise from random bytes (much faster than Gaussian)
         raw = np.frombuffer(cam_rng.bytes(2 * h * w), np.uint8).reshape(2, h, w)
         noise = raw[0].astype(np.float32) + raw[1] - np.float32(255.0)
         noise *= np.float32(noise_sigma / 104.5)
-        cam_sigma = max(0.4, 0.6 * s)
+        cam_sigma = max(0.4, 0.6 * blur_scale)
         cam_radius = int(math.ceil(3.0 * cam_sigma))
         halo_pre = int(math.ceil(0.03 * R)) + 1
         halo = halo_pre + cam_radius + 1
@@ -887,7 +906,7 @@ class _Builder:
             dist = cv2.distanceTransform((~support).astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
             allowed = (dist <= halo_pre).astype(np.float32)
             image_clean = clean.copy()
-            for layer in (layers["EX"], layers["HE"], layers["MA"], layers["SE"], nv_haze, nv):
+            for layer in (layers["EX"], layers["HE"], layers["MA"], layers["SE"], *nv_layers):
                 layer.clip(allowed)
                 layer.over(image_clean)
 
@@ -904,30 +923,17 @@ class _Builder:
 
         healthy = finalize(clean)
         image = finalize(image_clean) if has_lesions else healthy.copy()
+        return healthy, image, halo
 
-        findings = {
-            "MA": int(n_ma),
-            "HE": int(n_he),
-            "EX": int(n_ex),
-            "EX_clusters": int(plan["ex_clusters"]),
-            "SE": int(n_se),
-            "haemorrhages_per_quadrant": per_q,
-            "neovascularization": bool(plan["nv"] > 0),
-            "nv_tufts": int(plan["nv"]),
-            "nv_locations": nv_loc,
-            "preretinal_haemorrhage": bool(plan["prh"]),
-        }
-        g = grade_from_findings(findings)
-        assert g == self.grade, (g, self.grade, findings)
-        findings["referable"] = is_referable(g)
-        info = {
+    def _info(self, grade: int, halo: int) -> dict:
+        return {
             "seed": self.seed,
-            "size": (h, w),
-            "grade": g,
-            "grade_name": GRADES[g],
+            "size": (self.h, self.w),
+            "grade": grade,
+            "grade_name": GRADES[grade],
             "laterality": self.laterality,
             "fov_center": (float(self.c[0]), float(self.c[1])),
-            "fov_radius": float(R),
+            "fov_radius": float(self.R),
             "disc_center": (float(self.disc[0]), float(self.disc[1])),
             "disc_radii": (float(self.disc_r[0]), float(self.disc_r[1])),
             "disc_diameter": float(2 * self.disc_r.max()),
@@ -937,5 +943,14 @@ class _Builder:
             "pigmentation": self.pigmentation,
             "brightness": self.brightness,
         }
-        return Phantom(image=image, healthy=healthy, masks=masks, grade=g, findings=findings,
-                       fov=self.fov.copy(), info=info, nv_mask=nv_mask)
+
+
+def _top_most_masks(layers: dict, h: int, w: int) -> dict[str, np.ndarray]:
+    """A pixel belongs to the top-most lesion drawn there (layers are composited EX, HE, MA, SE)."""
+    masks = {}
+    above = np.zeros((h, w), bool)
+    for name in ("SE", "MA", "HE", "EX"):
+        m = layers[name].a > 0.5
+        masks[name] = m & ~above
+        above |= m
+    return {name: masks[name] for name in LESIONS}
