@@ -95,72 +95,113 @@ def detect_landmarks(
 
     ``fov`` is the boolean FOV mask (:func:`monailabel_dr.fundus.geometry.detect_fov`).
     """
-    fov = np.asarray(fov, bool)
-    rows, cols = np.flatnonzero(fov.any(axis=1)), np.flatnonzero(fov.any(axis=0))
-    y0, y1, x0, x1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
-    diameter = float(max(y1 - y0, x1 - x0))  # a clipped FOV circle keeps its full width
-    dd_orig = DISC_FRACTION * diameter
-    s = WORK_DIAMETER / diameter
-    size = (max(8, round((x1 - x0) * s)), max(8, round((y1 - y0) * s)))
-    # Resize first, convert after: this runs on every lesion_seg request, and converting the
-    # 12 MP crop to float before shrinking it cost most of the time.
-    crop = np.ascontiguousarray(np.asarray(rgb)[y0:y1, x0:x1])
-    if crop.dtype not in (np.uint8, np.uint16, np.float32, np.float64):
-        crop = to_rgb_float(crop)
-    small = to_rgb_float(cv2.resize(crop, size, interpolation=cv2.INTER_AREA if s < 1 else cv2.INTER_LINEAR))
-    mask = cv2.resize(fov[y0:y1, x0:x1].astype(np.uint8), size, interpolation=cv2.INTER_NEAREST)
-    dd = DISC_FRACTION * WORK_DIAMETER
-    # Away from the FOV rim (flash glare and the dark border both fool the maps).
-    inner = cv2.erode(mask, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (_odd(0.1 * dd), _odd(0.1 * dd)))) > 0
-    centre_zone = cv2.erode(mask, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (_odd(0.6 * dd), _odd(0.6 * dd)))) > 0
-    if centre_zone.sum() < 16:
-        return Landmarks(None, None, dd_orig, 0.0, 0.0)
+    a = _AnalysisCopy.of(rgb, fov)
+    if a.centre_zone.sum() < 16:
+        return Landmarks(None, None, a.dd_orig, 0.0, 0.0)
+    maps = _Maps(a)
+    (dx, dy), disc_score = _find_disc(a, maps)
+    if disc_score < min_disc_score:
+        return Landmarks(None, None, a.dd_orig, disc_score, 0.0)
+    fovea_xy, contrast = _find_fovea(a, maps, dx, dy)
+    fovea = a.to_orig(*fovea_xy) if fovea_xy is not None and contrast >= min_fovea_contrast else None
+    return Landmarks(a.to_orig(dx, dy), fovea, a.dd_orig, disc_score, contrast)
 
-    grey = 0.5 * (small[..., 0] + small[..., 1])
-    green = small[..., 1]
-    m = mask.astype(np.float32)
 
-    dens: dict[float, np.ndarray] = {}   # the mask's blur per sigma, computed once (kernels ~1.5 disc diameters)
+@dataclass
+class _AnalysisCopy:
+    """The FOV's bounding box resized so the FOV is ``WORK_DIAMETER`` px across, as float RGB, with its FOV
+    mask, the zones away from the rim, the disc diameter there (``dd``) and in input pixels (``dd_orig``)."""
 
-    def masked_blur(x: np.ndarray, sigma: float) -> np.ndarray:
+    small: np.ndarray
+    mask: np.ndarray
+    inner: np.ndarray          # away from the FOV rim (flash glare and the dark border both fool the maps)
+    centre_zone: np.ndarray    # where a disc centre may be
+    dd: float
+    dd_orig: float
+    box: tuple[int, int, int, int]   # y0, y1, x0, x1 in the input
+    size: tuple[int, int]            # (width, height) of the copy
+
+    @classmethod
+    def of(cls, rgb: np.ndarray, fov: np.ndarray) -> "_AnalysisCopy":
+        fov = np.asarray(fov, bool)
+        rows, cols = np.flatnonzero(fov.any(axis=1)), np.flatnonzero(fov.any(axis=0))
+        y0, y1, x0, x1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+        diameter = float(max(y1 - y0, x1 - x0))  # a clipped FOV circle keeps its full width
+        s = WORK_DIAMETER / diameter
+        size = (max(8, round((x1 - x0) * s)), max(8, round((y1 - y0) * s)))
+        # Resize first, convert after: this runs on every lesion_seg request, and converting the
+        # 12 MP crop to float before shrinking it cost most of the time.
+        crop = np.ascontiguousarray(np.asarray(rgb)[y0:y1, x0:x1])
+        if crop.dtype not in (np.uint8, np.uint16, np.float32, np.float64):
+            crop = to_rgb_float(crop)
+        small = to_rgb_float(cv2.resize(crop, size, interpolation=cv2.INTER_AREA if s < 1 else cv2.INTER_LINEAR))
+        mask = cv2.resize(fov[y0:y1, x0:x1].astype(np.uint8), size, interpolation=cv2.INTER_NEAREST)
+        dd = DISC_FRACTION * WORK_DIAMETER
+        ellipse = lambda f: cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (_odd(f * dd), _odd(f * dd)))  # noqa: E731
+        return cls(small=small, mask=mask, inner=cv2.erode(mask, ellipse(0.1)) > 0,
+                   centre_zone=cv2.erode(mask, ellipse(0.6)) > 0, dd=dd, dd_orig=DISC_FRACTION * diameter,
+                   box=(y0, y1, x0, x1), size=size)
+
+    def to_orig(self, x: float, y: float) -> tuple[float, float]:
+        """A pixel centre of the copy in input pixel coordinates."""
+        y0, y1, x0, x1 = self.box
+        return (x0 + (x + 0.5) / self.size[0] * (x1 - x0) - 0.5, y0 + (y + 0.5) / self.size[1] * (y1 - y0) - 0.5)
+
+
+class _Maps:
+    """The feature maps both searches use, on the analysis copy: local brightness over the background and
+    the density of vertical vessel edges, by normalised convolution inside the FOV."""
+
+    def __init__(self, a: _AnalysisCopy):
+        small, dd = a.small, a.dd
+        self.grey = 0.5 * (small[..., 0] + small[..., 1])
+        self.m = a.mask.astype(np.float32)
+        self._dens: dict[float, np.ndarray] = {}   # the mask's blur per sigma, computed once (kernels ~1.5 DD)
+        self.background = self.masked_blur(self.grey, 1.5 * dd)
+        self.bright = self.masked_blur(self.grey / np.maximum(self.background, 1e-3), dd / 4.0)
+        # Vertical vessels: the arcades leave the disc upwards and downwards, so there the
+        # horizontal intensity gradient dominates the vertical one. Exudate clusters have edges
+        # in every direction and cancel out (a black-hat "dark thin structure" map did not:
+        # the gaps between exudates count as vessels; 46/54 IDRiD discs against 52/54).
+        gs = cv2.GaussianBlur(small[..., 1], (0, 0), 1.5)
+        gx = np.abs(cv2.Sobel(gs, cv2.CV_32F, 1, 0))
+        gy = np.abs(cv2.Sobel(gs, cv2.CV_32F, 0, 1))
+        vertical = np.maximum(gx - gy, 0.0) * self.m
+        vertical[~a.inner] = 0.0
+        self.density = self.masked_blur(vertical, dd / 3.0)
+        self.edges = self.masked_blur(np.where(a.inner, gx + gy, 0.0).astype(np.float32), dd / 3.0)
+
+    def masked_blur(self, x: np.ndarray, sigma: float) -> np.ndarray:
         # Normalised convolution: the average of FOV pixels only, so the border does not leak in.
-        num = cv2.GaussianBlur(x * m, (0, 0), sigma)
-        if sigma not in dens:
-            dens[sigma] = np.maximum(cv2.GaussianBlur(m, (0, 0), sigma), 1e-3)
-        return num / dens[sigma]
+        num = cv2.GaussianBlur(x * self.m, (0, 0), sigma)
+        if sigma not in self._dens:
+            self._dens[sigma] = np.maximum(cv2.GaussianBlur(self.m, (0, 0), sigma), 1e-3)
+        return num / self._dens[sigma]
 
-    background = masked_blur(grey, 1.5 * dd)
-    bright = masked_blur(grey / np.maximum(background, 1e-3), dd / 4.0)
-    # Vertical vessels: the arcades leave the disc upwards and downwards, so there the
-    # horizontal intensity gradient dominates the vertical one. Exudate clusters have edges
-    # in every direction and cancel out (a black-hat "dark thin structure" map did not:
-    # the gaps between exudates count as vessels; 46/54 IDRiD discs against 52/54).
-    gs = cv2.GaussianBlur(green, (0, 0), 1.5)
-    gx = np.abs(cv2.Sobel(gs, cv2.CV_32F, 1, 0))
-    gy = np.abs(cv2.Sobel(gs, cv2.CV_32F, 0, 1))
-    vertical = np.maximum(gx - gy, 0.0) * m
-    vertical[~inner] = 0.0
-    density = masked_blur(vertical, dd / 3.0)
-    edges = masked_blur(np.where(inner, gx + gy, 0.0).astype(np.float32), dd / 3.0)
 
-    score = _standardise(bright, centre_zone) + _standardise(density, centre_zone)
-    score_z = _standardise(score, centre_zone)
-    score_z[~centre_zone] = -np.inf
+def _find_disc(a: _AnalysisCopy, maps: _Maps) -> tuple[tuple[int, int], float]:
+    """The disc centre on the copy (x, y): brightest and densest in vertical vessels; and its evidence score."""
+    score = _standardise(maps.bright, a.centre_zone) + _standardise(maps.density, a.centre_zone)
+    score_z = _standardise(score, a.centre_zone)
+    score_z[~a.centre_zone] = -np.inf
     dy, dx = np.unravel_index(int(np.argmax(score_z)), score_z.shape)
     # Evidence that a disc is there at all: how much brighter than its background, times how
     # much denser in vertical vessels than the FOV's median. The threshold (0.4) sits under the
     # lowest value on the 54 IDRiD images (bench/landmarks_check.py prints disc_score_min) and
     # above disc-free textured fields (tests/test_landmarks.py checks those are refused).
-    median_density = float(np.median(density[centre_zone]))
-    disc_score = float((bright[dy, dx] - 1.0) * density[dy, dx] / max(median_density, 1e-8))
-    to_orig = lambda x, y: (x0 + (x + 0.5) / size[0] * (x1 - x0) - 0.5, y0 + (y + 0.5) / size[1] * (y1 - y0) - 0.5)  # noqa: E731
-    if disc_score < min_disc_score:
-        return Landmarks(None, None, dd_orig, disc_score, 0.0)
-    disc = to_orig(dx, dy)
+    median_density = float(np.median(maps.density[a.centre_zone]))
+    disc_score = float((maps.bright[dy, dx] - 1.0) * maps.density[dy, dx] / max(median_density, 1e-8))
+    return (int(dx), int(dy)), disc_score
 
-    # Fovea: dark and avascular, 1.8-3.2 DD from the disc, towards the FOV centre, with a
-    # soft prior on the typical position (2.5 DD away, ~6 degrees below the disc level).
-    h, w = grey.shape
+
+def _find_fovea(a: _AnalysisCopy, maps: _Maps, dx: int, dy: int) -> tuple[tuple[int, int] | None, float]:
+    """The fovea on the copy (x, y) given the disc at (dx, dy), and its contrast (how much darker than the
+    search region, in SDs); None when the search region is too small.
+
+    Dark and avascular, 1.8-3.2 DD from the disc, towards the FOV centre, with a soft prior on the typical
+    position (2.5 DD away, ~6 degrees below the disc level)."""
+    dd = a.dd
+    h, w = maps.grey.shape
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     vx, vy = xx - dx, yy - dy
     dist = np.hypot(vx, vy) / dd
@@ -171,19 +212,15 @@ def detect_landmarks(
         toward = np.where(vx >= 0, 1.0, -1.0)
     angle = np.degrees(np.arctan2(vy, vx * toward))  # > 0: below the disc
     region = ((dist >= FOVEA_DD_RANGE[0]) & (dist <= FOVEA_DD_RANGE[1]) & (np.abs(angle) <= FOVEA_MAX_ANGLE_DEG)
-              & centre_zone)
-    fovea = None
-    contrast = 0.0
-    if region.sum() >= 16:
-        dark = _standardise(-masked_blur(grey / np.maximum(background, 1e-3), dd / 3.0), region)
-        prior = -0.5 * ((dist - FOVEA_DD_TYPICAL) / 0.4) ** 2 - 0.5 * ((angle - FOVEA_ANGLE_TYPICAL) / 12.0) ** 2
-        fscore = dark - 0.5 * _standardise(edges, region) + prior
-        fscore[~region] = -np.inf
-        fy, fx = np.unravel_index(int(np.argmax(fscore)), fscore.shape)
-        contrast = float(dark[fy, fx])  # how much darker than the search region, in SDs
-        if contrast >= min_fovea_contrast:
-            fovea = to_orig(fx, fy)
-    return Landmarks(disc, fovea, dd_orig, disc_score, contrast)
+              & a.centre_zone)
+    if region.sum() < 16:
+        return None, 0.0
+    dark = _standardise(-maps.masked_blur(maps.grey / np.maximum(maps.background, 1e-3), dd / 3.0), region)
+    prior = -0.5 * ((dist - FOVEA_DD_TYPICAL) / 0.4) ** 2 - 0.5 * ((angle - FOVEA_ANGLE_TYPICAL) / 12.0) ** 2
+    fscore = dark - 0.5 * _standardise(maps.edges, region) + prior
+    fscore[~region] = -np.inf
+    fy, fx = np.unravel_index(int(np.argmax(fscore)), fscore.shape)
+    return (int(fx), int(fy)), float(dark[fy, fx])
 
 
 @dataclass(frozen=True)
