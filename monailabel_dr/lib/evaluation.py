@@ -402,7 +402,7 @@ def evaluate_twlr_phantoms(task, phantoms: int, seed: int = 1_000_000, size: str
     """
     from monailabel_dr.fundus.lesions import LESIONS
     from monailabel_dr.fundus.phantoms import make_phantom
-    from monailabel_dr.metrics.regression import WeakMaskAccumulator, masked_psnr, masked_ssim
+    from monailabel_dr.metrics.regression import WeakMaskAccumulator
 
     h, w = (int(v) for v in size.lower().split("x"))
     weak_acc = WeakMaskAccumulator(LESIONS)
@@ -415,53 +415,10 @@ def evaluate_twlr_phantoms(task, phantoms: int, seed: int = 1_000_000, size: str
                 continue
             path = io.write_image(os.path.join(tmp, f"ph_{i}.png"), ph.image)
             full, reg = task.regress(path, final_image=True, **(params or {}))
-            weak = {les: full["weak_label"] == k + 1 for k, les in enumerate(LESIONS)}
-            removed = full["weak_label"] > 0
-            fov = ph.fov & full["fov"]
-            overlap = weak_acc.update(weak, ph.masks, fov)
-            rows.append({
-                "seed": seed + i,
-                "true_grade": ph.grade,
-                "grades": [s.grade for s in reg.steps],
-                "grade_drop": reg.steps[0].grade - reg.steps[-1].grade,
-                "steps": len(reg.steps) - 1,
-                "stop_reason": reg.stop_reason,
-                "removed_fraction_of_fov": round(float(removed[fov].mean()), 5),
-                "psnr_removed_final": masked_psnr(full["final"], ph.healthy, removed & fov),
-                "psnr_removed_input": masked_psnr(ph.image, ph.healthy, removed & fov),
-                "ssim_removed_final": masked_ssim(full["final"], ph.healthy, removed & fov),
-                "ssim_removed_input": masked_ssim(ph.image, ph.healthy, removed & fov),
-                "psnr_fov_final": masked_psnr(full["final"], ph.healthy, fov),
-                "psnr_fov_input": masked_psnr(ph.image, ph.healthy, fov),
-                "ssim_fov_final": masked_ssim(full["final"], ph.healthy, fov),
-                "ssim_fov_input": masked_ssim(ph.image, ph.healthy, fov),
-                "any_lesion_dice": overlap["any"]["dice"],
-                "any_lesion_random_dice": overlap["any"]["random_dice"],
-            })
+            rows.append(_twlr_phantom_row(seed + i, ph, full, reg, weak_acc))
     if not rows:
         raise EvaluationError("evaluate: no phantom of the requested grades")
-
-    def mean(key, sel=None):
-        vals = [r[key] for r in rows if (sel is None or sel(r)) and r[key] is not None and np.isfinite(r[key])]
-        return None if not vals else round(float(np.mean(vals)), 4)
-
-    lesioned = lambda r: r["true_grade"] > 0  # noqa: E731
-    reasons: dict[str, int] = {}
-    for r in rows:
-        reasons[r["stop_reason"]] = reasons.get(r["stop_reason"], 0) + 1
-    summary = {
-        "n": len(rows),
-        "n_lesioned": sum(lesioned(r) for r in rows),
-        "mean_grade_drop_lesioned": mean("grade_drop", lesioned),
-        "fraction_grade_dropped_lesioned": mean_or_none([r["grade_drop"] > 0 for r in rows if lesioned(r)]),
-        "fraction_reaching_grade_0_lesioned": mean_or_none([r["grades"][-1] == 0 for r in rows if lesioned(r)]),
-        "mean_steps": mean("steps"),
-        "stop_reasons": reasons,
-        "removed_fraction_of_fov_healthy_eyes": mean("removed_fraction_of_fov", lambda r: r["true_grade"] == 0),
-        **{k: mean(k, lesioned) for k in ("psnr_removed_final", "psnr_removed_input", "ssim_removed_final",
-                                          "ssim_removed_input", "psnr_fov_final", "psnr_fov_input",
-                                          "ssim_fov_final", "ssim_fov_input")},
-    }
+    summary = _twlr_phantom_summary(rows)
     return {
         "data": {"kind": "phantoms", "n_drawn": phantoms, "first_seed": seed, "size": size, "min_grade": min_grade},
         "summary": summary,
@@ -475,6 +432,60 @@ def evaluate_twlr_phantoms(task, phantoms: int, seed: int = 1_000_000, size: str
         "model": task.model_json(),
         "params": params or {},
         "seconds": round(time.time() - t0, 1),
+    }
+
+
+def _twlr_phantom_row(seed: int, ph, full: dict, reg, weak_acc) -> dict:
+    """One phantom's figures: the grades along the loop, the final image and the input against the healthy
+    twin, and the weak masks against the true ones (added to ``weak_acc``, pooled over phantoms)."""
+    from monailabel_dr.fundus.lesions import LESIONS
+    from monailabel_dr.metrics.regression import masked_psnr, masked_ssim
+
+    weak = {les: full["weak_label"] == k + 1 for k, les in enumerate(LESIONS)}
+    removed = full["weak_label"] > 0
+    fov = ph.fov & full["fov"]
+    overlap = weak_acc.update(weak, ph.masks, fov)
+    row = {
+        "seed": seed,
+        "true_grade": ph.grade,
+        "grades": [s.grade for s in reg.steps],
+        "grade_drop": reg.steps[0].grade - reg.steps[-1].grade,
+        "steps": len(reg.steps) - 1,
+        "stop_reason": reg.stop_reason,
+        "removed_fraction_of_fov": round(float(removed[fov].mean()), 5),
+    }
+    for where, region in (("removed", removed & fov), ("fov", fov)):
+        for metric, fn in (("psnr", masked_psnr), ("ssim", masked_ssim)):
+            for which, img in (("final", full["final"]), ("input", ph.image)):
+                row[f"{metric}_{where}_{which}"] = fn(img, ph.healthy, region)
+    row["any_lesion_dice"] = overlap["any"]["dice"]
+    row["any_lesion_random_dice"] = overlap["any"]["random_dice"]
+    return row
+
+
+def _twlr_phantom_summary(rows: list[dict]) -> dict:
+    """Means over the phantoms (image quality and grade drop over the lesioned ones), stop reasons counted."""
+
+    def mean(key, sel=None):
+        vals = [r[key] for r in rows if (sel is None or sel(r)) and r[key] is not None and np.isfinite(r[key])]
+        return None if not vals else round(float(np.mean(vals)), 4)
+
+    lesioned = lambda r: r["true_grade"] > 0  # noqa: E731
+    reasons: dict[str, int] = {}
+    for r in rows:
+        reasons[r["stop_reason"]] = reasons.get(r["stop_reason"], 0) + 1
+    return {
+        "n": len(rows),
+        "n_lesioned": sum(lesioned(r) for r in rows),
+        "mean_grade_drop_lesioned": mean("grade_drop", lesioned),
+        "fraction_grade_dropped_lesioned": mean_or_none([r["grade_drop"] > 0 for r in rows if lesioned(r)]),
+        "fraction_reaching_grade_0_lesioned": mean_or_none([r["grades"][-1] == 0 for r in rows if lesioned(r)]),
+        "mean_steps": mean("steps"),
+        "stop_reasons": reasons,
+        "removed_fraction_of_fov_healthy_eyes": mean("removed_fraction_of_fov", lambda r: r["true_grade"] == 0),
+        **{k: mean(k, lesioned) for k in ("psnr_removed_final", "psnr_removed_input", "ssim_removed_final",
+                                          "ssim_removed_input", "psnr_fov_final", "psnr_fov_input",
+                                          "ssim_fov_final", "ssim_fov_input")},
     }
 
 
