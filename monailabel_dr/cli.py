@@ -510,15 +510,13 @@ def cmd_to_dicom(args) -> int:
 
 
 # ----------------------------------------------------------------------------- parser
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="monailabel-dr", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True)
+def _common_args(sp, studies_required=True) -> None:
+    sp.add_argument("--studies", required=studies_required, help="datastore folder (images + labels/)")
+    sp.add_argument("--conf", nargs=2, action="append", metavar=("KEY", "VALUE"), help="app option, as for start_server")
+    sp.add_argument("--device", help="cpu, cuda, cuda:N (default: auto)")
 
-    def common(sp, studies_required=True):
-        sp.add_argument("--studies", required=studies_required, help="datastore folder (images + labels/)")
-        sp.add_argument("--conf", nargs=2, action="append", metavar=("KEY", "VALUE"), help="app option, as for start_server")
-        sp.add_argument("--device", help="cpu, cuda, cuda:N (default: auto)")
 
+def _add_demo(sub) -> None:
     d = sub.add_parser("demo", help="write the demo datastore of synthetic fundus phantoms")
     d.add_argument("dir")
     d.add_argument("--n", type=int, default=600, help="number of images (default 600)")
@@ -532,6 +530,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--conf", nargs=2, action="append", metavar=("KEY", "VALUE"))
     d.set_defaults(func=cmd_demo)
 
+
+def _add_serve(sub) -> None:
     s = sub.add_parser("serve", help="start the MONAI Label server with this app")
     s.add_argument("--studies", required=True)
     s.add_argument("--host", default="127.0.0.1")
@@ -539,8 +539,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--conf", nargs=2, action="append", metavar=("KEY", "VALUE"))
     s.set_defaults(func=cmd_serve)
 
+
+def _add_import(sub) -> None:
     i = sub.add_parser("import", help="import a grades CSV and/or an IDRiD-layout lesion dataset into a datastore")
-    common(i)
+    _common_args(i)
     i.add_argument("--grades", help="CSV with columns image,grade")
     i.add_argument("--images", help="folder to take images from when the CSV names images not yet in the datastore")
     i.add_argument("--idrid", help="folder in the IDRiD layout: images/NAME.jpg, masks/<LES>/NAME_<LES>.png")
@@ -550,9 +552,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "--output DIR`) into the graded images' grade labels, marked as model predictions (TWLR targets)")
     i.set_defaults(func=cmd_import)
 
+
+def _add_train(sub) -> None:
     t = sub.add_parser("train", help="train a model on the datastore's final labels (same trainer as the server)")
     t.add_argument("model")
-    common(t, studies_required=False)
+    _common_args(t, studies_required=False)
     t.add_argument("--epochs", type=int)
     t.add_argument("--name", help="run name (reusing one resumes from its best model)")
     t.add_argument("--val-split", type=float)
@@ -561,9 +565,11 @@ def build_parser() -> argparse.ArgumentParser:
     _ablation_args(t)
     t.set_defaults(func=cmd_train)
 
+
+def _add_infer(sub) -> None:
     f = sub.add_parser("infer", help="run a model's infer task on a datastore image or a file")
     f.add_argument("model")
-    common(f)
+    _common_args(f)
     f.add_argument("--image", help="datastore image id")
     f.add_argument("--file", help="image file (not added to the datastore)")
     f.add_argument("--all", action="store_true", help="every image of --studies (a datastore or a plain folder of images)")
@@ -571,9 +577,11 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--params", help="request parameters as JSON, e.g. '{\"target\": \"MA\"}'")
     f.set_defaults(func=cmd_infer)
 
+
+def _add_evaluate(sub) -> None:
     e = sub.add_parser("evaluate", help="metrics of a model on a datastore's labels or on fresh phantoms")
     e.add_argument("model")
-    common(e, studies_required=False)
+    _common_args(e, studies_required=False)
     e.add_argument("--phantoms", type=int, help="grading, twlr_inpaint: evaluate on N fresh phantoms instead of a datastore")
     e.add_argument("--min-grade", type=int, default=0, help="twlr_inpaint --phantoms: skip phantoms of a lower true grade")
     e.add_argument("--seed", type=int, default=1_000_000, help="first phantom seed (default 1000000: never used by the demo)")
@@ -597,8 +605,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the 95 %% CIs")
     e.set_defaults(func=cmd_evaluate)
 
+
+def _add_twlr_pseudolabels(sub) -> None:
     w = sub.add_parser("twlr-pseudolabels", help="TWLR weak lesion masks (twlr_inpaint) as pseudo-labels for lesion_seg")
-    common(w)
+    _common_args(w)
     sel = w.add_mutually_exclusive_group()
     sel.add_argument("--images", help="comma list of datastore image ids (default: every image)")
     sel.add_argument("--unlabelled-only", action="store_true",
@@ -614,6 +624,8 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--copy-images", action="store_true", help="--idrid-out: copy the photographs instead of symlinking")
     w.set_defaults(func=cmd_twlr_pseudolabels)
 
+
+def _add_to_dicom(sub) -> None:
     dc = sub.add_parser("to-dicom", help="convert jpg/png/tif fundus photographs to DICOM Ophthalmic Photography (OP)")
     dc.add_argument("inputs", nargs="+", metavar="FILE|DIR", help="photographs, or folders of them")
     dc.add_argument("--out", required=True, help="output folder (one NAME.dcm per photograph)")
@@ -625,6 +637,8 @@ def build_parser() -> argparse.ArgumentParser:
     dc.add_argument("--upload", metavar="DICOMWEB_URL", help="also store the instances there (STOW-RS), e.g. http://127.0.0.1:8042/dicom-web")
     dc.set_defaults(func=cmd_to_dicom)
 
+
+def _add_rationale(sub) -> None:
     ra = sub.add_parser("rationale", help="fit the lesion-statistics grade (grade rationale) on a graded folder's "
                                           "training patients; report it with the ICDR rule on the validation patients")
     ra.add_argument("--dataset", required=True, help="grades:<folder> with images/ and grades.csv")
@@ -641,8 +655,22 @@ def build_parser() -> argparse.ArgumentParser:
     ra.add_argument("--conf", nargs=2, action="append", metavar=("KEY", "VALUE"))
     ra.set_defaults(func=cmd_rationale)
 
+
+def _add_conf(sub) -> None:
     c = sub.add_parser("conf", help="print the --conf options as a table")
     c.set_defaults(func=cmd_conf)
+
+
+# the subcommands, in the order `monailabel-dr --help` lists them
+_COMMANDS = (_add_demo, _add_serve, _add_import, _add_train, _add_infer, _add_evaluate, _add_twlr_pseudolabels,
+             _add_to_dicom, _add_rationale, _add_conf)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="monailabel-dr", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    for add in _COMMANDS:
+        add(sub)
     return p
 
 
