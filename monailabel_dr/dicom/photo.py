@@ -179,36 +179,53 @@ class PhotoMeta:
 
 
 def photo_to_dataset(img: np.ndarray, meta: PhotoMeta) -> Dataset:
-    """An OP 8 Bit Image instance holding exactly ``img``'s pixels (after 16 -> 8 bit rounding, if any)."""
+    """An OP 8 Bit Image instance holding exactly ``img``'s pixels (after 16 -> 8 bit rounding, if any).
+
+    Built module by module of the Ophthalmic Photography 8 Bit Image IOD: identity (SOP common, patient,
+    study, series, synchronisation, equipment), the image (general / OP image, image pixel, multi-frame)
+    and the ophthalmic modules (ocular region, acquisition parameters, photographic parameters)."""
     pixels, reduced = to_8bit(img)
-    colour = pixels.ndim == 3
     digest = hashlib.sha256(pixels.tobytes()).hexdigest()
-    study_uid = meta.study_uid or _uid("study", meta.patient_id)
     lat = normalise_laterality(meta.laterality) or ""
-    series_uid = meta.series_uid or _uid("series", meta.patient_id, lat, digest)
-    sop_uid = meta.sop_uid or _uid("instance", meta.patient_id, lat, digest)
+    uids = (meta.study_uid or _uid("study", meta.patient_id),
+            meta.series_uid or _uid("series", meta.patient_id, lat, digest),
+            meta.sop_uid or _uid("instance", meta.patient_id, lat, digest))
     now = _dt.datetime.now()
     date = meta.study_date or now.strftime("%Y%m%d")
     if not re.fullmatch(r"\d{8}", date):
         raise DicomConversionError(f"study date {date!r}: use YYYYMMDD")
     time = now.strftime("%H%M%S")
 
+    ds = Dataset()
+    ds.file_meta = _file_meta(uids[2])
+    ds.is_little_endian = True
+    ds.is_implicit_VR = False
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    _identity_modules(ds, meta, uids, now.strftime("%Y%m%d"), date, time)
+    _image_modules(ds, pixels, reduced, meta, date, time)
+    _ophthalmic_modules(ds, meta)
+    for k, v in meta.extra.items():
+        setattr(ds, k, v)
+    return ds
+
+
+def _file_meta(sop_uid: str) -> FileMetaDataset:
     fm = FileMetaDataset()
     fm.MediaStorageSOPClassUID = OP_8BIT_SOP_CLASS
     fm.MediaStorageSOPInstanceUID = sop_uid
     fm.TransferSyntaxUID = ExplicitVRLittleEndian
     fm.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
     fm.ImplementationVersionName = "MLDR_" + __version__.replace(".", "")[:10]
+    return fm
 
-    ds = Dataset()
-    ds.file_meta = fm
-    ds.is_little_endian = True
-    ds.is_implicit_VR = False
-    ds.SpecificCharacterSet = "ISO_IR 192"
-    # SOP common
+
+def _identity_modules(ds: Dataset, meta: PhotoMeta, uids: tuple[str, str, str], today: str, date: str,
+                      time: str) -> None:
+    """SOP common, patient, general study, general / OP series, synchronisation, general equipment."""
+    study_uid, series_uid, sop_uid = uids
     ds.SOPClassUID = OP_8BIT_SOP_CLASS
     ds.SOPInstanceUID = sop_uid
-    ds.InstanceCreationDate = now.strftime("%Y%m%d")
+    ds.InstanceCreationDate = today
     ds.InstanceCreationTime = time
     # patient
     ds.PatientName = _safe_pn(meta.patient_name or meta.patient_id)
@@ -238,7 +255,11 @@ def photo_to_dataset(img: np.ndarray, meta: PhotoMeta) -> Dataset:
     # general equipment
     ds.Manufacturer = ""
     ds.SoftwareVersions = f"monailabel-dr {__version__}"
-    # general image / ophthalmic photography image
+
+
+def _image_modules(ds: Dataset, pixels: np.ndarray, reduced: bool, meta: PhotoMeta, date: str, time: str) -> None:
+    """General / OP image (derivation and lossy-compression history), image pixel, multi-frame."""
+    colour = pixels.ndim == 3
     ds.InstanceNumber = 1
     ds.PatientOrientation = ""
     ds.ImageType = ["DERIVED" if reduced else "ORIGINAL", "PRIMARY"]
@@ -274,7 +295,10 @@ def photo_to_dataset(img: np.ndarray, meta: PhotoMeta) -> Dataset:
     ds.NumberOfFrames = 1
     ds.FrameIncrementPointer = 0x00181063   # Frame Time
     ds.FrameTime = 0
-    # acquisition context
+
+
+def _ophthalmic_modules(ds: Dataset, meta: PhotoMeta) -> None:
+    """Acquisition context, ocular region imaged, OP acquisition parameters, OP photographic parameters."""
     ds.AcquisitionContextSequence = DicomSequence([])
     # ocular region imaged
     if meta.laterality:
@@ -296,9 +320,6 @@ def photo_to_dataset(img: np.ndarray, meta: PhotoMeta) -> Dataset:
     ds.ImagePathFilterTypeStackCodeSequence = DicomSequence([])
     ds.LensesCodeSequence = DicomSequence([])
     ds.DetectorType = ""
-    for k, v in meta.extra.items():
-        setattr(ds, k, v)
-    return ds
 
 
 # ----------------------------------------------------------------------------- reading back
