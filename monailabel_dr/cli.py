@@ -226,6 +226,48 @@ def _infer_all(app, request: dict, output: str | None) -> int:
     return 1 if failures else 0
 
 
+def cmd_preannotate(args) -> int:
+    """A model's proposal as a DICOM SEG (AUTOMATIC segments) beside every photograph of a DICOMweb server that
+    has none from this model yet; one JSON line per image. ``--watch S``: then again every S seconds, for the
+    photographs that arrive, until interrupted."""
+    import time
+
+    from monailabel_dr.lib.errors import ClientError
+
+    if not str(args.studies).startswith(("http://", "https://")):
+        raise SystemExit("preannotate: --studies must be a DICOMweb URL (e.g. http://127.0.0.1:8042/dicom-web); "
+                         "the proposals are stored in that server as DICOM SEG")
+    app = make_app(args.studies, _conf(args))
+    if args.model not in app._infers:
+        raise SystemExit(f"preannotate: unknown model {args.model}; available: {sorted(app._infers)}")
+    params = json.loads(args.params) if args.params else {}
+    only = set(args.images.split(",")) if args.images else None
+    failures = 0
+    while True:
+        ds = app.datastore()
+        ds.refresh_remote(force=True)
+        done = {img for img, props in ds.proposals().items() if any(p["model"] == args.model for p in props)}
+        todo = [i for i in sorted(ds.list_images()) if (only is None or i in only) and (args.overwrite or i not in done)]
+        for image_id in todo:
+            try:
+                answer = app.infer_to_dicom_seg(args.model, image_id, params)
+            except ClientError as e:   # one unusable image does not stop the batch
+                failures += 1
+                print(json.dumps({"image": image_id, "error": e.detail, "status": e.status_code}), flush=True)
+                if e.status_code == 409 or e.status_code == 503:   # untrained model, server gone: nothing else will work
+                    return 1
+                continue
+            print(json.dumps({"image": image_id, "model": args.model, "stored": answer["dicom_seg"]}, default=str), flush=True)
+        skipped = sorted(set(ds.list_images()) & done) if not args.overwrite else []
+        print(json.dumps({"summary": {"model": args.model, "stored": len(todo) - failures, "failed": failures,
+                                      "already_proposed": len([i for i in skipped if only is None or i in only])}}),
+              flush=True)
+        if not args.watch:
+            return 1 if failures else 0
+        time.sleep(float(args.watch))
+        failures = 0
+
+
 # infer tasks with predict(path) -> (4, H, W) probabilities (twlr_inpaint: its weak masks as a ranking),
 # and the model row serving each
 LESION_MODELS = {"lesion_seg": "lesion_seg", "lesion_sam": "lesion_sam", "twlr_inpaint": "twlr"}
@@ -578,6 +620,19 @@ def _add_infer(sub) -> None:
     f.set_defaults(func=cmd_infer)
 
 
+def _add_preannotate(sub) -> None:
+    pa = sub.add_parser("preannotate", help="store a model's proposals as DICOM SEG (AUTOMATIC) beside the "
+                                            "photographs of a DICOMweb server that have none from it")
+    _common_args(pa)
+    pa.add_argument("--model", required=True, help="a segmentation model: lesion_seg, lesion_sam, cam, twlr_inpaint")
+    pa.add_argument("--images", help="comma list of image ids (SeriesInstanceUIDs); default: every photograph")
+    pa.add_argument("--overwrite", action="store_true", help="store a new proposal even where this model has one")
+    pa.add_argument("--params", help="infer request parameters as JSON, e.g. '{\"target\": \"MA\"}'")
+    pa.add_argument("--watch", type=float, metavar="SECONDS",
+                    help="keep running: look for new photographs every SECONDS and pre-annotate them")
+    pa.set_defaults(func=cmd_preannotate)
+
+
 def _add_evaluate(sub) -> None:
     e = sub.add_parser("evaluate", help="metrics of a model on a datastore's labels or on fresh phantoms")
     e.add_argument("model")
@@ -662,8 +717,8 @@ def _add_conf(sub) -> None:
 
 
 # the subcommands, in the order `monailabel-dr --help` lists them
-_COMMANDS = (_add_demo, _add_serve, _add_import, _add_train, _add_infer, _add_evaluate, _add_twlr_pseudolabels,
-             _add_to_dicom, _add_rationale, _add_conf)
+_COMMANDS = (_add_demo, _add_serve, _add_import, _add_train, _add_infer, _add_preannotate, _add_evaluate,
+             _add_twlr_pseudolabels, _add_to_dicom, _add_rationale, _add_conf)
 
 
 def build_parser() -> argparse.ArgumentParser:

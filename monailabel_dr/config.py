@@ -68,6 +68,8 @@ CONF_OPTIONS: dict[str, tuple[str, str]] = {
     "dicomweb_refresh": ("10", "With a DICOMweb server: seconds between re-listings of the server (new series, SEGs, queued uploads)."),
     "dicomweb_retries": ("3", "With a DICOMweb server: attempts per request (exponential back-off) before HTTP 503 / a queued upload."),
     "dicomweb_timeout": ("30", "With a DICOMweb server: seconds per HTTP request."),
+    "seg_segment_names": ("", "With a DICOMweb server: extra SEG segment names read as lesions, `NAME=LESION,...` "
+                              "(e.g. `Bleeding=HE,Cotton wool=SE`); MA / HE / EX / SE and their long names are built in."),
 }
 
 

@@ -22,6 +22,7 @@ from monailabel.tasks.activelearning.random import Random
 
 import monailabel_dr
 from monailabel_dr.config import import_object, load_model_table, parse_conf
+from monailabel_dr.fundus.lesions import LESIONS as LESION_CODES
 from monailabel_dr.lib.errors import InvalidId, NotFound, is_valid_id
 from monailabel_dr.lib.retrain import RetrainOnCorrection
 from monailabel_dr.lib.slicer import segment_labels
@@ -69,6 +70,9 @@ class MONAILabelDRApp(MONAILabelApp):
             state_path=os.path.join(next(iter(self.app_settings.models.values())).model_dir, "retrain_state.json")
             if self.app_settings.models else None,
         )
+        # a person's SEG that arrives in a DICOMweb server counts as a correction, as a PUT /datastore/label does
+        if hasattr(self.datastore(), "label_listener"):
+            self.datastore().label_listener = self.retrain.on_saved
 
     # ------------------------------------------------------------- hooks
     def init_datastore(self):
@@ -235,6 +239,61 @@ class MONAILabelDRApp(MONAILabelApp):
                 raise NotFound(f"image '{image}' is not in the datastore")
         with self.infer_slots.slot(request.get("device") or self.app_settings.device):
             return super().infer(request, datastore)
+
+    # ------------------------------------------------------------- predictions into the PACS
+    def route_override(self, module: str, kwargs: dict):
+        """Called by lib/offload.py for every MONAI Label route: a zero-argument callable that answers the request
+        instead of MONAI Label's handler, or None. ``/infer?output=dicom_seg`` is answered here: MONAI Label's
+        path converts NIfTI volumes with dcmqi and answers 500 for any other datastore."""
+        if module == "monailabel.endpoints.infer" and kwargs.get("output") == "dicom_seg":
+            return lambda: self.infer_to_dicom_seg(kwargs.get("model"), kwargs.get("image"), kwargs.get("params"),
+                                                   uploaded=bool(kwargs.get("file")))
+        return None
+
+    def infer_to_dicom_seg(self, model: str, image: str | None, params: str | dict | None = None,
+                           uploaded: bool = False) -> dict:
+        """Run ``model`` on a photograph of the DICOMweb server and store its label map there as a DICOM SEG with
+        AUTOMATIC segments (a proposal: never read back as a label). Answers the infer JSON with a
+        ``dicom_seg`` block (the stored series and instance UIDs)."""
+        import json
+
+        from monailabel_dr.dicom.seg import Proposal
+        from monailabel_dr.fundus import io as fio
+        from monailabel_dr.lib.errors import BadInput
+
+        self._check_model(model, self._infers, "model")
+        ds = self.datastore()
+        if not hasattr(ds, "store_proposal"):
+            raise BadInput("output=dicom_seg needs a DICOMweb datastore (--studies http://HOST/dicom-web): the SEG is "
+                           "stored in the server beside its photograph; with a folder datastore use output=image")
+        if uploaded or not image:
+            raise BadInput("output=dicom_seg stores the SEG beside a photograph of the DICOMweb server: give "
+                           "?image=<its SeriesInstanceUID>, not an uploaded file")
+        task = self._infers[model]
+        if task.type != "segmentation" or not isinstance(task.labels, dict):
+            raise BadInput(f"model '{model}' answers {task.type}, not a label map; output=dicom_seg is for "
+                           f"segmentation models ({', '.join(n for n, t in self._infers.items() if t.type == 'segmentation')})")
+        p = json.loads(params) if isinstance(params, str) and params.strip() else dict(params or {})
+        request = {**self.info().get("config", {}).get("infer", {}), **p, "model": model, "image": image}
+        result = self.infer(request)
+        path = result.get("file") or result.get("label")
+        try:
+            label = fio.read_label(path)
+        except fio.FundusIOError as e:
+            raise BadInput(f"the answer of '{model}' with these parameters is not a label map ({e}); "
+                           f"output=dicom_seg stores label maps only") from e
+        finally:
+            if path and os.path.isfile(path) and os.path.dirname(os.path.abspath(path)).startswith(tempfile.gettempdir()):
+                os.unlink(path)
+        answer = dict(result.get("params") or {})
+        served = answer.get("model") or task.model_json()
+        record = served.get("validation") or {}
+        trained = " ".join(x for x in (f"epoch {record['epoch']}" if record.get("epoch") is not None else "",
+                                       str(served.get("modified") or "")[:16]) if x)
+        proposal = Proposal(model=model, checkpoint=os.path.basename(str(served.get("checkpoint") or "")), trained=trained)
+        levels = None if set(task.labels) <= set(LESION_CODES) else dict(task.labels)
+        answer["dicom_seg"] = ds.store_proposal(image, label, proposal, levels=levels)
+        return answer
 
     def check_request(self, module: str, kwargs: dict) -> None:
         """Called by lib/offload.py before a MONAI Label handler runs: checks MONAI Label would only make in

@@ -9,7 +9,15 @@ Source Image Sequence per frame). Segment types are coded in a private scheme
 
 Reading accepts any 2-D SEG whose frames have the photograph's size (ours, OHIF's,
 dcmqi's): each segment is matched to a lesion by its code or label (MA / Microaneurysms,
-...); where segments overlap, MA wins over HE over SE over EX, as in the IDRiD import.
+...), or by a table of extra segment names (``segment_names``); where segments overlap, MA wins
+over HE over SE over EX, as in the IDRiD import.
+
+Labels and proposals: a label map saved as a final label is written with MANUAL segments; a model's
+answer (:class:`Proposal`) with AUTOMATIC segments, the model in the Algorithm Identification of
+every segment, in the series description and the content creator, and its checkpoint and time in the
+content description. The rule that keeps a proposal from being taken for a label
+(:func:`is_proposal`): **a SEG whose segments are all AUTOMATIC is a model proposal**; a SEG with at
+least one MANUAL or SEMIAUTOMATIC segment is a person's label.
 """
 
 from __future__ import annotations
@@ -18,6 +26,8 @@ import copy
 import datetime as _dt
 import logging
 import re
+from dataclasses import dataclass
+from typing import Mapping
 
 import numpy as np
 from pydicom.dataset import Dataset
@@ -48,21 +58,62 @@ def _rgb_to_cielab_dicom(rgb: tuple[int, int, int]) -> tuple[int, int, int]:
     return tuple(int(v) for v in c.value)
 
 
-def segment_descriptions():
-    import highdicom as hd
+PROPOSAL_CONTENT_LABEL = "AI_PROPOSAL"
 
+
+@dataclass(frozen=True)
+class Proposal:
+    """Who made a SEG that is a model's answer, not a person's label."""
+
+    model: str                   # the app's model name, e.g. lesion_seg
+    checkpoint: str = ""         # the served checkpoint's file name
+    trained: str = ""            # when it was trained / modified (ISO time), and how far (e.g. "epoch 45")
+
+    @property
+    def series_description(self) -> str:
+        return f"monailabel-dr {self.model} proposal (AUTOMATIC)"[:64]
+
+    def content_description(self, when: str) -> str:
+        return " ".join(x for x in (self.model, self.checkpoint, self.trained, "at " + when) if x)[:64]
+
+
+def segment_descriptions(levels: Mapping[str, int] | None = None, proposal: Proposal | None = None):
+    """One BINARY segment per value: the four lesions (default), or ``levels`` {name: value} (names that are
+    lesion codes get the lesion coding; others, e.g. a CAM's levels, a local code). MANUAL, or AUTOMATIC with
+    the proposal's model as the algorithm."""
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    algorithm = None
+    kind = hd.seg.SegmentAlgorithmTypeValues.MANUAL
+    if proposal is not None:
+        kind = hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC
+        algorithm = hd.AlgorithmIdentificationSequence(
+            name=proposal.model, family=codes.cid7162.ArtificialIntelligence,
+            version=(proposal.checkpoint or "untracked")[:64])
+    levels = dict(levels) if levels is not None else {code: LESION_VALUES[code] for code in LESIONS}
     out = []
-    for code in LESIONS:
-        d = hd.seg.SegmentDescription(
-            segment_number=LESION_VALUES[code],
-            segment_label=LESION_NAMES[code],
-            segmented_property_category=hd.sr.CodedConcept("49755003", "SCT", "Morphologically abnormal structure"),
-            segmented_property_type=hd.sr.CodedConcept(code, CODING_SCHEME, LESION_NAMES[code]),
-            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL,
-        )
-        d.RecommendedDisplayCIELabValue = list(_rgb_to_cielab_dicom(LESION_COLORS[code]))
+    for name, value in sorted(levels.items(), key=lambda kv: kv[1]):
+        if name in LESIONS:
+            label, category = LESION_NAMES[name], hd.sr.CodedConcept("49755003", "SCT", "Morphologically abnormal structure")
+            prop, colour = hd.sr.CodedConcept(name, CODING_SCHEME, LESION_NAMES[name]), LESION_COLORS[name]
+        else:
+            label, category = str(name)[:64], hd.sr.CodedConcept("LEVEL", CODING_SCHEME, "Model output level")
+            prop, colour = hd.sr.CodedConcept(f"LEVEL{int(value)}", CODING_SCHEME, str(name)[:64]), None
+        d = hd.seg.SegmentDescription(segment_number=int(value), segment_label=label,
+                                      segmented_property_category=category, segmented_property_type=prop,
+                                      algorithm_type=kind, algorithm_identification=algorithm)
+        if colour is not None:
+            d.RecommendedDisplayCIELabValue = list(_rgb_to_cielab_dicom(colour))
         out.append(d)
     return out
+
+
+def is_proposal(seg: Dataset) -> bool:
+    """A model's proposal, never a final label: every segment's Segment Algorithm Type is AUTOMATIC (works on the
+    full SEG and on its DICOMweb metadata)."""
+    items = list(seg.get("SegmentSequence", []) or [])
+    return bool(items) and all(str(it.get("SegmentAlgorithmType", "")).upper() == "AUTOMATIC" for it in items)
 
 
 def _source_metadata(source: Dataset) -> Dataset:
@@ -83,8 +134,11 @@ def _source_metadata(source: Dataset) -> Dataset:
 
 
 def label_map_to_seg(label: np.ndarray, source: Dataset, *, series_uid: str | None = None,
-                     content_label: str = "LESIONS", creator: str = "") -> Dataset:
-    """A DICOM SEG of an (H, W) lesion label map (values 0-4) derived from ``source``."""
+                     content_label: str = "LESIONS", creator: str = "", proposal: Proposal | None = None,
+                     levels: Mapping[str, int] | None = None) -> Dataset:
+    """A DICOM SEG of an (H, W) label map derived from ``source``: a lesion label map (values 0-4, MANUAL
+    segments), or with ``proposal`` a model's answer (AUTOMATIC segments; ``levels`` {name: value} when its
+    values are not the lesions, e.g. the CAM's levels)."""
     import highdicom as hd
 
     arr = np.asarray(label)
@@ -93,25 +147,33 @@ def label_map_to_seg(label: np.ndarray, source: Dataset, *, series_uid: str | No
     if arr.shape != (int(source.Rows), int(source.Columns)):
         raise SegError(f"label map is {arr.shape[1]}x{arr.shape[0]} but the source image is "
                        f"{source.Columns}x{source.Rows} (width x height)")
-    if arr.size and (arr.min() < 0 or arr.max() > len(LESIONS)):
-        raise SegError(f"label values must be 0-{len(LESIONS)}; found {np.unique(arr).tolist()[:10]}")
+    top = max(levels.values()) if levels else len(LESIONS)
+    if arr.size and (arr.min() < 0 or arr.max() > top):
+        raise SegError(f"label values must be 0-{top}; found {np.unique(arr).tolist()[:10]}")
     now = _dt.datetime.now()
+    if proposal is not None:
+        description = proposal.series_description
+        content_label = PROPOSAL_CONTENT_LABEL
+        content = proposal.content_description(now.strftime("%Y-%m-%dT%H:%M:%S"))
+        creator = creator or f"monailabel-dr^{proposal.model}"
+    else:
+        description, content = SERIES_DESCRIPTION, "Diabetic retinopathy lesions (MA, HE, EX, SE)"
     seg = hd.seg.Segmentation(
         source_images=[_source_metadata(source)],
         pixel_array=arr.astype(np.uint8)[None],
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=segment_descriptions(),
+        segment_descriptions=segment_descriptions(levels, proposal),
         series_instance_uid=series_uid or hd.UID(),
-        series_number=900,
+        series_number=901 if proposal is not None else 900,
         sop_instance_uid=hd.UID(),
         instance_number=1,
         manufacturer="monailabel-dr",
         manufacturer_model_name="monailabel-dr",
         software_versions=f"monailabel-dr {__version__}",
         device_serial_number="0",
-        series_description=SERIES_DESCRIPTION,
+        series_description=description,
         content_label=content_label,
-        content_description="Diabetic retinopathy lesions (MA, HE, EX, SE)",
+        content_description=content,
         content_creator_name=creator or None,
         omit_empty_frames=False,
     )
@@ -149,21 +211,41 @@ _LESION_KEYS.update({_norm("hemorrhage"): "HE", _norm("exudate"): "EX", _norm("e
                      _norm("cotton wool spot"): "SE", _norm("cotton wool spots"): "SE"})
 
 
-def segment_lesion(item: Dataset) -> str | None:
-    """The lesion a segment describes (by our code, else by its label), or None."""
+def parse_segment_names(text: str | Mapping[str, str] | None) -> dict[str, str]:
+    """The extra segment-name table (``--conf seg_segment_names``): ``"Bleeding=HE,Drusen-like=EX"`` or a mapping;
+    names compare without case, spaces or punctuation. A value that is not MA / HE / EX / SE is refused."""
+    if not text:
+        return {}
+    pairs = text.items() if isinstance(text, Mapping) else (
+        p.split("=", 1) if "=" in p else (p, "") for p in str(text).split(",") if p.strip())
+    out = {}
+    for name, code in pairs:
+        name, code = str(name).strip(), str(code).strip().upper()
+        if not _norm(name) or code not in LESIONS:
+            raise ValueError(f"segment name table: {name!r}={code!r}; write NAME=LESION with LESION one of "
+                             f"{', '.join(LESIONS)}, e.g. Bleeding=HE,Cotton wool=SE")
+        out[_norm(name)] = code
+    return out
+
+
+def segment_lesion(item: Dataset, names: Mapping[str, str] | None = None) -> str | None:
+    """The lesion a segment describes (by our code, else by its label or code meaning, through the built-in
+    names and then ``names`` from :func:`parse_segment_names`), or None."""
     for seq in ("SegmentedPropertyTypeCodeSequence",):
         for code in item.get(seq, []) or []:
             if str(code.get("CodingSchemeDesignator", "")) == CODING_SCHEME and str(code.CodeValue) in LESIONS:
                 return str(code.CodeValue)
     for text in (item.get("SegmentLabel", ""), *(str(c.get("CodeMeaning", "")) for c in item.get("SegmentedPropertyTypeCodeSequence", []) or [])):
-        code = _LESION_KEYS.get(_norm(text))
+        code = _LESION_KEYS.get(_norm(text)) or (names or {}).get(_norm(text))
         if code:
             return code
     return None
 
 
-def seg_to_label_map(seg: Dataset, shape: tuple[int, int] | None = None) -> np.ndarray:
-    """(H, W) uint8 label map (0-4) of a 2-D SEG; segments that name no lesion raise SegError."""
+def seg_to_label_map(seg: Dataset, shape: tuple[int, int] | None = None,
+                     names: Mapping[str, str] | None = None) -> np.ndarray:
+    """(H, W) uint8 label map (0-4) of a 2-D SEG; segments that name no lesion (built-in names or ``names``)
+    and hold pixels raise SegError."""
     if str(seg.get("SOPClassUID", "")) != SEG_SOP_CLASS:
         raise SegError(f"not a DICOM SEG (SOP class {seg.get('SOPClassUID', '?')})")
     rows, cols = int(seg.Rows), int(seg.Columns)
@@ -172,7 +254,7 @@ def seg_to_label_map(seg: Dataset, shape: tuple[int, int] | None = None) -> np.n
     lesion_of: dict[int, str] = {}
     unknown = []
     for item in seg.SegmentSequence:
-        code = segment_lesion(item)
+        code = segment_lesion(item, names)
         if code is None:
             unknown.append(str(item.get("SegmentLabel", item.SegmentNumber)))
         else:
@@ -192,7 +274,8 @@ def seg_to_label_map(seg: Dataset, shape: tuple[int, int] | None = None) -> np.n
         if code is None:
             if frames[i].any():
                 raise SegError(f"segment {number} ({', '.join(unknown) or '?'}) names no lesion; "
-                               f"segments must be MA/HE/EX/SE (Microaneurysms, Haemorrhages, Hard exudates, Soft exudates)")
+                               f"segments must be MA/HE/EX/SE (Microaneurysms, Haemorrhages, Hard exudates, Soft exudates), "
+                               f"or be mapped by --conf seg_segment_names NAME=LESION")
             continue
         m = frames[i] > threshold
         masks[code] = masks[code] | m if code in masks else m

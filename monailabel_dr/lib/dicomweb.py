@@ -17,6 +17,15 @@ photograph:
   server that references a listed image becomes that image's final lesion label (the
   newest one when several exist), so labels drawn elsewhere (OHIF, another MONAI Label
   instance) are trained on too, and a fresh cache rebuilds everything from the server.
+* model proposals: with ``output=dicom_seg`` (or ``monailabel-dr preannotate``) an infer answer is
+  stored in the server as a SEG with AUTOMATIC segments (:func:`monailabel_dr.dicom.seg.is_proposal`);
+  such SEGs are listed per image under ``dicomweb.proposals`` in ``/datastore`` and never become a
+  label. A SEG with MANUAL (or SEMIAUTOMATIC) segments is a person's label: OHIF's saved
+  segmentations, a correction of a proposal. Segment names beyond MA / HE / EX / SE and their long
+  names are mapped by ``--conf seg_segment_names`` (``Bleeding=HE,...``); a SEG that names no lesion is
+  listed under ``dicomweb.unusable_segs`` with the reason.
+* a person's SEG that arrives after the start counts as a correction for retrain on correction
+  (the app's ``label_listener``); those already in the server at the start are the initial labels.
 * grade labels (JSON) and ``original`` labels stay in the local cache only.
 
 Nothing is lost when the server is down: a final lesion label is written to the cache first,
@@ -111,8 +120,12 @@ def default_cache_path(url: str) -> str:
 class FundusDICOMWebDatastore(FundusDatastore):
     def __init__(self, web: DicomWeb, cache_path: str, search_filter: dict[str, Any] | None = None,
                  refresh_s: float = 10.0, max_pixels: int = io.DEFAULT_MAX_PIXELS, min_side: int = io.DEFAULT_MIN_SIDE,
-                 read_only: bool = False):
+                 read_only: bool = False, segment_names: dict[str, str] | None = None):
         self._web = web
+        self._segment_names = dict(segment_names or {})   # dicom/seg.py parse_segment_names
+        # called as label_listener(image_id, tag, kind) for a person's SEG read from the server after the start
+        self.label_listener = None
+        self._started = False
         self._filter = dict(search_filter or DEFAULT_FILTER)
         self._refresh_s = float(refresh_s)
         self._cache = os.path.realpath(cache_path)
@@ -134,6 +147,7 @@ class FundusDICOMWebDatastore(FundusDatastore):
             st["skipped"] = {}
             self._save_state(st)
         self.refresh_remote(force=True)
+        self._started = True
 
     def name(self) -> str:
         return self._web.url
@@ -286,6 +300,9 @@ class FundusDICOMWebDatastore(FundusDatastore):
                 rec["image"] = dseg.referenced_series(m)
                 rec["SOPInstanceUID"] = str(m.get("SOPInstanceUID", ""))
                 rec["timestamp"] = dseg.seg_timestamp(m)
+                if dseg.is_proposal(m):   # all segments AUTOMATIC: a model's answer, never a label
+                    rec["proposal"] = _algorithm_name(m)
+                    rec["SeriesDescription"] = str(m.get("SeriesDescription", ""))
                 if len(meta) > 1:
                     rec["note"] = f"{len(meta)} instances; the first is used"
             st["segs"][series] = rec
@@ -295,7 +312,7 @@ class FundusDICOMWebDatastore(FundusDatastore):
         newest: dict[str, tuple[str, str]] = {}
         for series, rec in st["segs"].items():
             img = rec.get("image")
-            if img and img in self._datastore.objects and not rec.get("unusable"):
+            if img and img in self._datastore.objects and not rec.get("unusable") and not rec.get("proposal"):
                 if img not in newest or (rec["timestamp"], series) > newest[img]:
                     newest[img] = (rec["timestamp"], series)
         for image_id in list(self._datastore.objects):
@@ -325,7 +342,7 @@ class FundusDICOMWebDatastore(FundusDatastore):
         if not instances:
             raise dseg.SegError("SEG series has no instances")
         h, w = self.image_size(image_id)
-        label = dseg.seg_to_label_map(instances[0], shape=(h, w))
+        label = dseg.seg_to_label_map(instances[0], shape=(h, w), names=self._segment_names)
         tmpdir = tempfile.mkdtemp(prefix="mldr_seg_")
         try:
             path = io.write_label(os.path.join(tmpdir, image_id + ".png"), label)
@@ -338,6 +355,11 @@ class FundusDICOMWebDatastore(FundusDatastore):
         st["labels"][image_id] = {"SeriesInstanceUID": seg_series, "SOPInstanceUID": rec.get("SOPInstanceUID", ""),
                                   "timestamp": rec.get("timestamp", ""), "state": "stored"}
         logger.info(f"DICOMweb: final lesion label of {image_id} read from SEG {seg_series}")
+        if self._started and self.label_listener is not None:
+            try:
+                self.label_listener(image_id, DefaultLabelTag.FINAL, "lesion_map")
+            except Exception:   # counting must never lose the label just read
+                logger.exception(f"DICOMweb: the label listener failed for {image_id}")
 
     def _label_files(self, image_id: str, tag: str) -> list[str]:
         folder = self._datastore.label_path(tag)
@@ -463,6 +485,46 @@ class FundusDICOMWebDatastore(FundusDatastore):
                     self._save_state(st)
             return label_id
 
+    # ------------------------------------------------------------------ model proposals to the server
+    def store_proposal(self, image_id: str, label, proposal: "dseg.Proposal",
+                       levels: dict[str, int] | None = None) -> dict[str, Any]:
+        """Store a model's label map for ``image_id`` in the server as a SEG with AUTOMATIC segments (never a
+        label, :func:`dseg.is_proposal`) referencing the cached source photograph; answers its UIDs. The
+        server must be reachable (503 otherwise): a proposal is not queued."""
+        check_id(image_id, "image")
+        if image_id not in self._datastore.objects:
+            raise BadInput(f"image '{image_id}' is not a photograph of this DICOMweb server")
+        with self._sync_lock:
+            source = self.source_dataset(image_id)
+            try:
+                seg = dseg.label_map_to_seg(label, source, proposal=proposal, levels=levels)
+            except dseg.SegError as e:
+                raise BadInput(f"the answer of {proposal.model} cannot be stored as DICOM SEG: {e}") from e
+            self._web.store([seg], retries=self._web.retries)
+            out = {"StudyInstanceUID": str(seg.StudyInstanceUID), "SeriesInstanceUID": str(seg.SeriesInstanceUID),
+                   "SOPInstanceUID": str(seg.SOPInstanceUID), "SeriesDescription": str(seg.SeriesDescription),
+                   "ContentDescription": str(seg.ContentDescription), "algorithm_type": "AUTOMATIC",
+                   "referenced_image": image_id, "model": proposal.model}
+            with self._file_lock:
+                st = self._load_state()
+                st["segs"][out["SeriesInstanceUID"]] = {
+                    "StudyInstanceUID": out["StudyInstanceUID"], "image": image_id, "SOPInstanceUID": out["SOPInstanceUID"],
+                    "timestamp": dseg.seg_timestamp(seg), "note": "proposal stored here", "proposal": proposal.model,
+                    "SeriesDescription": out["SeriesDescription"]}
+                self._save_state(st)
+            logger.info(f"DICOMweb: {proposal.model} proposal for {image_id} stored as SEG {out['SeriesInstanceUID']}")
+            return out
+
+    def proposals(self, image_id: str | None = None) -> dict[str, list[dict]]:
+        """The model proposals (AUTOMATIC SEGs) in the server, per image, newest last."""
+        out: dict[str, list[dict]] = {}
+        for series, rec in sorted(self._load_state()["segs"].items(), key=lambda kv: kv[1].get("timestamp", "")):
+            if rec.get("proposal") and rec.get("image") and (image_id is None or rec["image"] == image_id):
+                out.setdefault(rec["image"], []).append(
+                    {"SeriesInstanceUID": series, "model": rec["proposal"], "timestamp": rec.get("timestamp", ""),
+                     "SeriesDescription": rec.get("SeriesDescription", "")})
+        return out
+
     def label_upload_state(self, image_id: str) -> dict | None:
         """How the image's final lesion label stands with the server (for the PUT /datastore/label answer)."""
         st = self._load_state()
@@ -547,12 +609,28 @@ class FundusDICOMWebDatastore(FundusDatastore):
             "pending_uploads": [{"image": x["image"], "SeriesInstanceUID": x["SeriesInstanceUID"], "queued": x["queued"],
                                  **({"error": x["error"]} if x.get("error") else {})} for x in st["outbox"]],
             "skipped": st["skipped"],
+            "proposals": self.proposals(),
+            "unusable_segs": {series: {"image": rec.get("image"), "reason": rec["unusable"]}
+                              for series, rec in st["segs"].items() if rec.get("unusable")},
+            "segment_names": self._segment_names,
         }
         return res
 
     def json(self):
         self._maybe_refresh()
         return super().json()
+
+
+def _algorithm_name(seg: pydicom.Dataset) -> str:
+    """The algorithm named in a SEG's first segment (Segment Algorithm Name, or Algorithm Identification), or '?'."""
+    for item in seg.get("SegmentSequence", []) or []:
+        name = str(item.get("SegmentAlgorithmName", "") or "")
+        if not name:
+            for alg in item.get("SegmentationAlgorithmIdentificationSequence", []) or []:
+                name = str(alg.get("AlgorithmName", "") or "")
+        if name:
+            return name
+    return "?"
 
 
 def make_dicomweb_datastore(url: str, conf: dict[str, Any], max_pixels: int, min_side: int) -> FundusDICOMWebDatastore:
@@ -587,6 +665,10 @@ def make_dicomweb_datastore(url: str, conf: dict[str, Any], max_pixels: int, min
         qido_prefix=settings.MONAI_LABEL_QIDO_PREFIX, wado_prefix=settings.MONAI_LABEL_WADO_PREFIX,
         stow_prefix=settings.MONAI_LABEL_STOW_PREFIX,
     )
+    try:
+        names = dseg.parse_segment_names(conf.get("seg_segment_names"))
+    except ValueError as e:
+        raise ConfError(f"--conf seg_segment_names: {e}") from e
     return FundusDICOMWebDatastore(web, cache, search_filter=search_filter, refresh_s=refresh,
                                    max_pixels=max_pixels, min_side=min_side,
-                                   read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY)
+                                   read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY, segment_names=names)

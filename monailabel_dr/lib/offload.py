@@ -165,15 +165,30 @@ def check_form(module: str, kwargs: dict) -> None:
             raise BadInput("no image: give ?image=<id in the datastore>, or upload the photograph as the form field 'file'")
 
 
+def _route_override(module: str, kwargs: dict):
+    """The app's own answer for this request (``app.route_override``: a zero-argument callable), or None."""
+    from monailabel.interfaces.utils.app import app_instance
+
+    try:
+        app = app_instance()
+    except Exception:   # no app yet (start-up)
+        return None
+    fn = getattr(app, "route_override", None)
+    return fn(module, kwargs) if fn is not None else None
+
+
 def _offloaded(original, pool_name: str, state):
     module = original.__module__
 
     @functools.wraps(original)   # same signature: FastAPI's dependant was built from it
     async def handler(**kwargs):
         check_form(module, kwargs)   # on the loop, both modes: cheap
+        override = _route_override(module, kwargs)   # the app answers this request itself (e.g. output=dicom_seg)
         if not getattr(state, _ENABLED_KEY, True):   # --conf offload false: the stock path, on the loop
-            return await original(**kwargs)
+            return override() if override is not None else await original(**kwargs)
         loop = asyncio.get_running_loop()
+        if override is not None:
+            return await loop.run_in_executor(_pool(pool_name), override)
         return await loop.run_in_executor(_pool(pool_name), _run_to_completion, original, kwargs)
 
     handler.__mldr_offloaded__ = original
