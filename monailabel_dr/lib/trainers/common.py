@@ -30,8 +30,10 @@ def stack_pred_label(output) -> tuple[torch.Tensor, torch.Tensor]:
 class AtomicPublish(PublishStatsAndModel):
     """MONAI Label's publisher, with two changes.
 
-    - The served file is replaced atomically (the stock handler copies over it in place, so an
-      /infer arriving mid-copy could read half a checkpoint), and written through the task's
+    - The served file and the train stats are replaced atomically (the stock handler copies over both
+      in place, so an /infer arriving mid-copy could read half a checkpoint, and ``/info`` or an
+      ``/infer`` reading the stats mid-copy got HTTP 500, seen under load on 2026-12-07), and the model is
+      written through the task's
       ``publish_payload(state_dict)`` when it has one (TP-DRSeg publishes only what it trained).
     - Without validation images the *latest* weights are published each epoch: the stock rule
       (best training metric) selects by a metric measured on random augmented patches, which is
@@ -49,10 +51,11 @@ class AtomicPublish(PublishStatsAndModel):
 
     def iteration_completed(self):
         publish_path, self._publish_path = self._publish_path, None
+        stats_path, self._stats_path = self._stats_path, None   # no in-place copy: written atomically below
         try:
             stats = super().iteration_completed()
         finally:
-            self._publish_path = publish_path
+            self._publish_path, self._stats_path = publish_path, stats_path
         if stats is not None and self._stats_path:
             stats["resumed_from"] = self.resumed_from
             if self.split is not None:
