@@ -123,9 +123,11 @@ MODELS = ("lesion_seg", "grading", "cam")
 
 def training_job_nice(marker: str) -> str | None:
     """The CPU priority of the running background training job of the server on ``marker`` (its studies
-    folder, in the job's environment), read from /proc: "idle", "nice N" or "normal"
-    (``monailabel_dr.lib.priority.task_priority``); None when not found (not Linux)."""
-    from monailabel_dr.lib.priority import task_priority
+    folder, in the job's environment), read from /proc for every thread of the job: "idle", "nice N" or
+    "normal" when all its threads agree (``monailabel_dr.lib.priority.task_priority``), else "mixed: ..."
+    with the count of each (a thread left at normal priority competes with the requests at full weight);
+    None when not found (not Linux)."""
+    from monailabel_dr.lib.priority import process_priorities
 
     for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
         if not entry.isdigit():
@@ -138,7 +140,13 @@ def training_job_nice(marker: str) -> str | None:
         except OSError:
             continue
         if b"monailabel.interfaces.utils.app" in cmd and b"train" in cmd and marker.encode() in env:
-            return task_priority(int(entry))
+            per_thread = list(process_priorities(int(entry)).values())
+            if not per_thread:
+                return None
+            kinds = sorted(set(per_thread))
+            if len(kinds) == 1:
+                return kinds[0]
+            return "mixed: " + ", ".join(f"{k} x{per_thread.count(k)}" for k in kinds)
     return None
 
 

@@ -542,3 +542,37 @@ def test_lower_priority_idle_and_nice_on_a_thread():
     assert parse_conf({"models": "grading", "train_nice": "idle"}, "/tmp/x").train_nice == "idle"
     with pytest.raises(ConfError, match="train_nice"):
         parse_conf({"models": "grading", "train_nice": "lowest"}, "/tmp/x")
+
+
+def test_lower_process_priority_reaches_threads_that_already_exist():
+    """A background job lowers every thread it has, not only the calling one: a thread started before
+    (as torch's intra-op thread is, while the job imports and builds the app) would otherwise compete with
+    the server's requests at normal priority. Run in a child process so pytest keeps its own priority."""
+    import os
+    import subprocess
+    import sys
+
+    if not os.path.isdir("/proc") or not hasattr(os, "SCHED_IDLE"):
+        pytest.skip("needs Linux /proc and SCHED_IDLE")
+    code = """
+import json, os, threading
+from monailabel_dr.lib.priority import lower_process_priority, process_priorities
+stop = threading.Event()
+early = [threading.Thread(target=stop.wait) for _ in range(3)]
+for t in early:
+    t.start()
+before = process_priorities(os.getpid())
+applied = lower_process_priority("idle")
+late = threading.Thread(target=stop.wait)
+late.start()
+after = process_priorities(os.getpid())
+stop.set()
+print(json.dumps({"before": sorted(set(before.values())), "after": sorted(set(after.values())),
+                  "n_before": len(before), "n_after": len(after), "applied": applied}))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert res["before"] == ["normal"], res
+    assert res["n_before"] >= 4 and res["n_after"] == res["n_before"] + 1, res   # main + 3 early, + the late one
+    assert res["after"] == ["idle"], res
+    assert res["applied"] == f"idle ({res['n_before']} threads)", res
