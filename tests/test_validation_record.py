@@ -64,3 +64,27 @@ def test_early_and_foreign_checkpoints_say_so(phantom_store, tmp_path):
         torch.save({"model": weights}, path)   # a checkpoint from elsewhere, without a record
         answer = client.post("/infer/grading", params={"image": image}).json()
         assert answer["model"]["validation"] is None and "no validation record" in answer["model"]["quality"]
+
+
+def test_train_stats_are_never_written_in_place(phantom_store, tmp_path, monkeypatch):
+    """The train stats that /info and every /infer read while a run goes on are replaced atomically: MONAI
+    Label's publisher copies them over the served file in place, and a reader arriving mid-copy got an
+    empty or half file and answered HTTP 500 (seen under load, 2026-12-07)."""
+    import shutil
+
+    from monailabel.tasks.train import handler
+
+    stats_writes, real_copy = [], shutil.copy
+
+    def copy_spy(src, dst, *args, **kwargs):
+        if str(dst).endswith("train_stats.json"):
+            stats_writes.append(dst)
+        return real_copy(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(handler.shutil, "copy", copy_spy)
+    with serve_in_process(phantom_store, tiny_conf(tmp_path / "model", models="grading")) as client:
+        r = client.post("/train/grading?run_sync=true", json={"max_epochs": 2})
+        assert r.status_code == 200, r.text
+        stats = client.get("/info/").json()["train_stats"]["grading"]
+        assert stats["epoch"] == 2 and "resumed_from" in stats, stats   # written, by the atomic path
+    assert stats_writes == [], f"train stats copied in place: {stats_writes}"
