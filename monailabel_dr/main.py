@@ -48,9 +48,9 @@ class MONAILabelDRApp(MONAILabelApp):
         if _in_background_job():
             # a background job (MONAI Label's subprocess, e.g. training) yields the CPU to the server's requests;
             # from the start: building the app is part of the job (lib/priority.py)
-            from monailabel_dr.lib.priority import lower_priority
+            from monailabel_dr.lib.priority import lower_process_priority
 
-            logger.info(f"background job priority: {lower_priority(self.app_settings.train_nice)}")
+            logger.info(f"background job priority: {lower_process_priority(self.app_settings.train_nice)}")
         for model in self.app_settings.models.values():
             os.makedirs(model.model_dir, exist_ok=True)
         super().__init__(
