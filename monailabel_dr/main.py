@@ -153,6 +153,7 @@ class MONAILabelDRApp(MONAILabelApp):
             self.infer_workers = InferWorkers(self.app_settings.infer_workers, self.app_dir, self.conf)
             self._infers = {name: WorkerTask(task, self.infer_workers) for name, task in self._infers.items()}
             self.infer_slots.per_device = self.app_settings.infer_workers
+            self.infer_slots.handoff = 1   # each worker gets its next request while it computes (InferSlots)
         fix_token_check()  # MONAI_LABEL_AUTH_ENABLE: accept valid tokens (lib/auth.py)
         # stale active-learning scores recomputed after every publish, while no inference runs (activelearning/common.py)
         from monailabel_dr.lib.activelearning.common import start_rescoring

@@ -186,6 +186,36 @@ def test_concurrent_saves_keep_the_datastore_consistent(phantom_store, tmp_path)
         assert not [p for p in final.iterdir() if ".tmp" in p.name]
 
 
+@pytest.mark.parametrize("size,handoff", [(1, 0), (1, 1), (2, 1)])
+def test_infer_slots_admit_size_times_one_plus_handoff(size, handoff):
+    """``size`` computing per device, plus ``handoff`` waiting at each worker: the next request is admitted
+    exactly when one leaves, never before."""
+    from monailabel_dr.lib.offload import InferSlots
+
+    slots = InferSlots(size, "cpu", handoff=handoff)
+    capacity = size * (1 + handoff)
+    inside, admitted, release = threading.Semaphore(0), [], threading.Event()
+
+    def one(i):
+        with slots.slot("cpu"):
+            admitted.append(i)
+            inside.release()
+            release.wait(30)
+
+    with ThreadPoolExecutor(capacity + 1) as ex:
+        futures = [ex.submit(one, i) for i in range(capacity + 1)]
+        for _ in range(capacity):
+            assert inside.acquire(timeout=30)
+        assert not inside.acquire(timeout=0.3), "admitted more than size x (1 + handoff)"
+        assert slots.info()["busy"] == {"cpu": capacity} and slots.info()["pending"] == capacity + 1
+        assert not slots.idle()
+        release.set()
+        assert inside.acquire(timeout=30)   # the last one, once a place was free
+        for f in futures:
+            f.result(timeout=30)
+    assert len(admitted) == capacity + 1 and slots.idle() and slots.info()["busy"] == {"cpu": 0}
+
+
 @pytest.mark.parametrize("value,ok", [("auto", True), ("2", True), ("0", False), ("x", False)])
 def test_infer_concurrency_conf(tmp_path, value, ok):
     from monailabel_dr.config import ConfError, parse_conf
@@ -225,6 +255,8 @@ def test_inference_in_a_worker_process_over_http(phantom_store, tmp_path):
                         log_path=tmp_path / "server.log") as url:
         info = requests.get(f"{url}/info/", timeout=60).json()
         assert info["inference_slots"]["worker_processes"] == 1
+        # one computing, one handed to the worker beside it (InferSlots.handoff)
+        assert info["inference_slots"]["per_device"] == {"cpu": 1} and info["inference_slots"]["handoff_per_slot"] == 1
         image = sorted(requests.get(f"{url}/datastore/?output=all", timeout=60).json()["objects"])[0]
         r = requests.post(f"{url}/infer/grading", params={"image": image}, timeout=300)
         assert r.status_code == 409 and "no trained weights" in r.json()["detail"]          # raised in the worker

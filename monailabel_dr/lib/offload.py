@@ -66,11 +66,19 @@ def default_infer_concurrency(device: str) -> int:
 
 
 class InferSlots:
-    """A bounded number of concurrent inferences per device (one semaphore per device string)."""
+    """A bounded number of concurrent inferences per device (one semaphore per device string).
 
-    def __init__(self, per_device: int | None, default_device: str):
+    ``handoff``: requests admitted per slot beyond the one computing. 0 for inference in this process (the
+    slot is the computation). With worker processes (lib/infer_workers.py) it is 1: each worker gets its next
+    request while it computes the current one, so it starts it the moment it is done instead of waiting for
+    this process (busy with label saves, HTTP and the previous answer, under one GIL) to release the slot
+    and hand the next one over. The worker runs one at a time, so at most ``size`` inferences compute per
+    device either way; the load test measured the gain (docs/benchmarks.md, 2026-12-07)."""
+
+    def __init__(self, per_device: int | None, default_device: str, handoff: int = 0):
         self.per_device = per_device
         self.default_device = str(default_device)
+        self.handoff = int(handoff)
         self._sems: dict[str, threading.BoundedSemaphore] = {}
         self._lock = threading.Lock()
         self._busy: dict[str, int] = {}
@@ -81,6 +89,7 @@ class InferSlots:
         return "cuda:0" if d == "cuda" else d
 
     def size(self, device=None) -> int:
+        """Inferences computing at once on ``device``."""
         d = self._normal(device)
         return int(self.per_device or default_infer_concurrency(d))
 
@@ -90,7 +99,7 @@ class InferSlots:
         with self._lock:
             sem = self._sems.get(d)
             if sem is None:
-                sem = self._sems[d] = threading.BoundedSemaphore(self.size(d))
+                sem = self._sems[d] = threading.BoundedSemaphore(self.size(d) * (1 + self.handoff))
             self._pending += 1
         try:
             with sem:
@@ -111,9 +120,11 @@ class InferSlots:
             return self._pending == 0
 
     def info(self) -> dict:
+        """``per_device``: inferences computing at once; ``busy``: requests admitted (computing, or handed to a
+        worker that computes another); ``pending``: admitted or waiting, all devices."""
         with self._lock:
             return {"per_device": {d: self.size(d) for d in (self._sems or {self._normal(None): None})},
-                    "busy": dict(self._busy), "pending": self._pending}
+                    "handoff_per_slot": self.handoff, "busy": dict(self._busy), "pending": self._pending}
 
 
 def _pool(name: str) -> ThreadPoolExecutor:
