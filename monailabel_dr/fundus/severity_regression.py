@@ -68,6 +68,30 @@ class Regression:
     score: np.ndarray | None = None   # (4, S, S) float: the weak masks as a ranking (see severity_regression)
 
 
+def _salient_region(sal: np.ndarray, active: list[int], threshold: float, kernel) -> np.ndarray:
+    """The union of the active lesions' saliency maps at ``threshold``, each dilated by ``kernel`` (or not)."""
+    region = np.zeros(sal.shape[1:], bool)
+    for k in active:
+        m = (sal[k] >= threshold).astype(np.uint8)
+        if kernel is not None:
+            m = cv2.dilate(m, kernel)
+        region |= m.astype(bool)
+    return region
+
+
+def _credit(new: np.ndarray, owner: np.ndarray, active: list[int], sal: np.ndarray, t: int, t_max: int,
+            weak: np.ndarray, score: np.ndarray) -> np.ndarray:
+    """Credit step ``t``'s removed region to the lesion owning each pixel: adds it to ``weak`` and
+    ``score`` (in place, see :func:`severity_regression`) and returns the step's label map (lesion k -> k + 1)."""
+    label = np.zeros(new.shape, np.uint8)
+    for k in active:
+        part = new & (owner == k)
+        weak[k] |= part
+        label[part] = k + 1
+        score[k][part] = 0.5 + 0.5 * (t_max - t + np.maximum(sal[k][part], 0.01)) / t_max
+    return label
+
+
 def severity_regression(grade_fn: GradeFn, image: np.ndarray, fov: np.ndarray,
                         inpaint: Callable[[np.ndarray, np.ndarray], np.ndarray],
                         settings: RegressionSettings) -> Regression:
@@ -122,13 +146,7 @@ def severity_regression(grade_fn: GradeFn, image: np.ndarray, fov: np.ndarray,
         if not active:
             reason = "no_lesion_above_tau"
             break
-        region = np.zeros((s, s), bool)
-        for k in active:
-            m = (sal[k] >= settings.threshold).astype(np.uint8)
-            if kernel is not None:
-                m = cv2.dilate(m, kernel)
-            region |= m.astype(bool)
-        new = region & fov & ~removed
+        new = _salient_region(sal, active, settings.threshold, kernel) & fov & ~removed
         if new.sum() < settings.min_new_fraction * fov_area:
             reason = "tiny_region"
             break
@@ -138,12 +156,7 @@ def severity_regression(grade_fn: GradeFn, image: np.ndarray, fov: np.ndarray,
         if next_step.grade > step.grade:
             reason = "grade_increased"
             break
-        label = np.zeros((s, s), np.uint8)
-        for k in active:
-            part = new & (owner == k)
-            weak[k] |= part
-            label[part] = k + 1
-            score[k][part] = 0.5 + 0.5 * (settings.t_max - t + np.maximum(sal[k][part], 0.01)) / settings.t_max
+        label = _credit(new, owner, active, sal, t, settings.t_max, weak, score)
         next_step.new_area = int(new.sum())
         next_step.new_area_per_lesion = {LESIONS[k]: int((label == k + 1).sum()) for k in active}
         removed |= new
