@@ -128,6 +128,22 @@ def cmd_serve(args) -> int:
     return _serve(args.studies, args.conf or [], args.host, args.port)
 
 
+def cmd_ohif(args) -> int:
+    """The current OHIF viewer (npm's @ohif/app, pinned) in front of a DICOMweb server (lib/ohif_viewer.py)."""
+    from monailabel_dr.lib.ohif_viewer import OHIFUnavailable, ensure_dist, serve
+
+    if not str(args.dicomweb).startswith(("http://", "https://")):
+        raise SystemExit(f"ohif: --dicomweb must be a DICOMweb URL (e.g. http://127.0.0.1:8042/dicom-web), got {args.dicomweb!r}")
+    try:
+        if args.fetch_only:
+            print(ensure_dist(args.cache))
+            return 0
+        serve(args.dicomweb, host=args.host, port=args.port, cache_dir=args.cache)
+    except OHIFUnavailable as e:
+        raise SystemExit(f"ohif: {e}") from e
+    return 0
+
+
 def cmd_import(args) -> int:
     from monailabel_dr.lib.importers import import_grades, import_idrid
 
@@ -711,6 +727,19 @@ def _add_rationale(sub) -> None:
     ra.set_defaults(func=cmd_rationale)
 
 
+def _add_ohif(sub) -> None:
+    from monailabel_dr.lib.ohif_viewer import OHIF_VERSION
+
+    o = sub.add_parser("ohif", help=f"start OHIF {OHIF_VERSION} (npm's @ohif/app) on a DICOMweb server: "
+                                     "photographs, model proposals and corrections as DICOM SEG")
+    o.add_argument("--dicomweb", required=True, help="the DICOMweb root, e.g. http://127.0.0.1:8042/dicom-web (Orthanc)")
+    o.add_argument("--host", default="127.0.0.1")
+    o.add_argument("--port", type=int, default=3000)
+    o.add_argument("--cache", default=None, help="where the viewer's files are kept (default ~/.cache/monailabel-dr/ohif)")
+    o.add_argument("--fetch-only", action="store_true", help="fetch the viewer's files, print their folder and exit")
+    o.set_defaults(func=cmd_ohif)
+
+
 def _add_conf(sub) -> None:
     c = sub.add_parser("conf", help="print the --conf options as a table")
     c.set_defaults(func=cmd_conf)
@@ -718,7 +747,7 @@ def _add_conf(sub) -> None:
 
 # the subcommands, in the order `monailabel-dr --help` lists them
 _COMMANDS = (_add_demo, _add_serve, _add_import, _add_train, _add_infer, _add_preannotate, _add_evaluate,
-             _add_twlr_pseudolabels, _add_to_dicom, _add_rationale, _add_conf)
+             _add_twlr_pseudolabels, _add_to_dicom, _add_ohif, _add_rationale, _add_conf)
 
 
 def build_parser() -> argparse.ArgumentParser:
