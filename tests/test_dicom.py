@@ -195,7 +195,13 @@ def test_op_and_seg_pass_dciodvfy(tmp_path, capsys):
     path = tmp_path / "dcm" / f"S23_{ph.info['laterality']}.dcm"
     seg_path = tmp_path / "seg.dcm"
     dseg.label_map_to_seg(phantom_label_map(ph), source).save_as(seg_path)
-    for p, iod in ((path, "OphthalmicPhotography8BitImage"), (seg_path, "Segmentation")):
+    proposal_path = tmp_path / "proposal.dcm"   # a model's answer: AUTOMATIC segments (issue 20)
+    dseg.label_map_to_seg(phantom_label_map(ph), source, proposal=dseg.Proposal("lesion_seg", "lesion_seg.pt")).save_as(proposal_path)
+    # OHIF 3 opens a SEG only with a shared Pixel Measures item; an uncalibrated photograph gives an empty one
+    for p in (seg_path, proposal_path):
+        shared = pydicom.dcmread(p).SharedFunctionalGroupsSequence
+        assert len(shared) == 1 and len(shared[0].PixelMeasuresSequence) == 1
+    for p, iod in ((path, "OphthalmicPhotography8BitImage"), (seg_path, "Segmentation"), (proposal_path, "Segmentation")):
         res = subprocess.run(["dciodvfy", str(p)], capture_output=True, text=True)
         text = res.stdout + res.stderr
         assert iod in text, text

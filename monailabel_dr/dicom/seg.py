@@ -178,6 +178,25 @@ def label_map_to_seg(label: np.ndarray, source: Dataset, *, series_uid: str | No
         omit_empty_frames=False,
     )
     seg.PatientOrientation = source.get("PatientOrientation", "")
+    if not seg.get("SharedFunctionalGroupsSequence"):
+        seg.SharedFunctionalGroupsSequence = [Dataset()]
+    shared = seg.SharedFunctionalGroupsSequence[0]
+    if not shared.get("PixelMeasuresSequence"):
+        # A photograph without calibration (no Pixel Spacing) gives highdicom no pixel measures to share, and
+        # the shared functional group item stays empty. OHIF 3 (3.13.2 checked) reads
+        # SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0] of every SEG it opens and fails without
+        # it, so the SEG carries a Pixel Measures item whose Pixel Spacing is present but empty: no spacing is
+        # claimed. (An item with no attribute at all is dropped by Orthanc's DICOMweb metadata.)
+        shared.PixelMeasuresSequence = [Dataset()]
+    if not shared.get("PlaneOrientationSequence") and "ImageOrientationPatient" not in source:
+        # Cornerstone's SEG reader (OHIF 3) compares the SEG's Image Orientation (Patient) with the one it gives
+        # the source image, which for an image without one (a photograph) is rows along x, columns along y;
+        # without it in the SEG it stops. The same identity here: it states the SEG's frames lie on the
+        # photograph's own pixel grid, which they do (Spatial Locations Preserved: YES), and no Frame of
+        # Reference is claimed.
+        orientation = Dataset()
+        orientation.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        shared.PlaneOrientationSequence = [orientation]
     seg.ContentDate = now.strftime("%Y%m%d")
     seg.ContentTime = now.strftime("%H%M%S.%f")
     return seg

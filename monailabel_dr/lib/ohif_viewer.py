@@ -135,6 +135,37 @@ def app_config(dicomweb_root: str = DICOMWEB_PREFIX, name: str = "PACS") -> str:
     return "/** written by monailabel_dr.lib.ohif_viewer */\nwindow.config = " + json.dumps(config, indent=2) + ";\n"
 
 
+def seg_metadata_for_ohif(body: bytes) -> bytes:
+    """DICOMweb metadata (JSON) as OHIF 3 can open it: every SEG instance gets a Pixel Measures item in its shared
+    functional group when it has none.
+
+    Why: a SEG of an uncalibrated photograph has nothing to put in Pixel Measures (no Pixel Spacing), so
+    :func:`monailabel_dr.dicom.seg.label_map_to_seg` writes an empty item, which is valid DICOM; Orthanc's DICOMweb
+    JSON drops empty sequence items, and OHIF 3.13.2 reads ``SharedFunctionalGroupsSequence[0]
+    .PixelMeasuresSequence[0]`` of every SEG and stops without it. Adding the empty item back claims nothing,
+    and the SEG files themselves are left as they are. Anything that is not a JSON list passes unchanged."""
+    try:
+        instances = json.loads(body)
+    except ValueError:
+        return body
+    if not isinstance(instances, list):
+        return body
+    changed = False
+    for inst in instances:
+        if not isinstance(inst, dict) or (inst.get("00080060") or {}).get("Value") != ["SEG"]:
+            continue
+        shared = inst.setdefault("52009229", {"vr": "SQ", "Value": [{}]})
+        items = shared.setdefault("Value", [{}]) or [{}]
+        shared["Value"] = items
+        if not isinstance(items[0], dict):
+            continue
+        measures = items[0].get("00289110") or {}
+        if not measures.get("Value"):
+            items[0]["00289110"] = {"vr": "SQ", "Value": [{}]}
+            changed = True
+    return json.dumps(instances).encode() if changed else body
+
+
 def make_app(dist: str | os.PathLike, dicomweb_url: str, timeout: float = 120.0):
     """The Starlette app: OHIF's files, its configuration and the DICOMweb proxy to ``dicomweb_url``."""
     import requests
@@ -166,7 +197,10 @@ def make_app(dist: str | os.PathLike, dicomweb_url: str, timeout: float = 120.0)
         except requests.RequestException as e:
             return PlainTextResponse(f"the DICOMweb server at {upstream} did not answer: {e}", status_code=502)
         out = {k: v for k, v in r.headers.items() if k.lower() in _PASS_RESPONSE}
-        return Response(r.content, status_code=r.status_code, headers=out)
+        content = r.content
+        if request.method == "GET" and path.endswith("/metadata") and r.status_code == 200:
+            content = seg_metadata_for_ohif(content)
+        return Response(content, status_code=r.status_code, headers=out)
 
     async def files(request: Request) -> Response:
         rel = request.path_params.get("path", "")
