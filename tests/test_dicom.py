@@ -188,6 +188,39 @@ def test_seg_reader_maps_other_tools_segments_by_name(tmp_path, capsys):
         dseg.seg_to_label_map(unknown)
 
 
+def test_seg_reader_reads_label_map_segs_as_ohif_saves_them(tmp_path, capsys):
+    """OHIF 3 saves a segmentation drawn on a photograph as a Label Map SEG (SOP class 1.2.840.10008.5.1.4.1.1.66.7,
+    SegmentationType LABELMAP: one 8-bit frame whose values are segment numbers), with segments named as the
+    annotator left them ("Segment 1" unless renamed)."""
+    import io as _io
+
+    _, source = _source(tmp_path, capsys, seed=24)
+    buf = _io.BytesIO()
+    dseg.label_map_to_seg(np.zeros((240, 320), np.uint8), source).save_as(buf)   # its segment descriptions, reused
+    seg = pydicom.dcmread(_io.BytesIO(buf.getvalue()))
+    seg.SOPClassUID = dseg.LABELMAP_SEG_SOP_CLASS
+    seg.SegmentationType = "LABELMAP"
+    seg.NumberOfFrames = 1
+    seg.BitsAllocated, seg.BitsStored, seg.HighBit = 8, 8, 7
+    seg.PhotometricInterpretation = "MONOCHROME2"
+    seg.SegmentSequence = seg.SegmentSequence[:2]   # MA (1), HE (2)
+    seg.SegmentSequence[1].SegmentLabel = "Segment 1"
+    code = seg.SegmentSequence[1].SegmentedPropertyTypeCodeSequence[0]   # OHIF's default: SCT Tissue
+    code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = "85756007", "SCT", "Tissue"
+    seg.PerFrameFunctionalGroupsSequence = seg.PerFrameFunctionalGroupsSequence[:1]
+    del seg.PerFrameFunctionalGroupsSequence[0].SegmentIdentificationSequence
+    values = np.zeros((240, 320), np.uint8)
+    values[10:20, 10:30] = 1
+    values[100:140, 150:200] = 2
+    seg.PixelData = values.tobytes()
+    with pytest.raises(dseg.SegError, match="Segment 1.*names no lesion"):
+        dseg.seg_to_label_map(seg, shape=(240, 320))
+    lab = dseg.seg_to_label_map(seg, shape=(240, 320), names=dseg.parse_segment_names("Segment 1=SE"))
+    assert np.array_equal(lab == LESION_VALUES["MA"], values == 1)
+    assert np.array_equal(lab == LESION_VALUES["SE"], values == 2)
+    assert set(np.unique(lab).tolist()) == {0, LESION_VALUES["MA"], LESION_VALUES["SE"]}
+
+
 def test_op_and_seg_pass_dciodvfy(tmp_path, capsys):
     """dicom3tools' IOD validator: no errors for an OP with known laterality, nor for its SEG."""
     require_debs(("dicom3tools",), ("dciodvfy",))

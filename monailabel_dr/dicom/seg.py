@@ -39,6 +39,9 @@ logger = logging.getLogger(__name__)
 
 CODING_SCHEME = "99MLDR"
 SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
+# Label Map Segmentation Storage (DICOM 2024, Supplement 243): one frame whose values are segment numbers; what
+# OHIF 3 (3.13.2 checked) stores when an annotator saves a segmentation drawn on a photograph
+LABELMAP_SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.7"
 SERIES_DESCRIPTION = "monailabel-dr lesions"
 
 
@@ -265,7 +268,8 @@ def seg_to_label_map(seg: Dataset, shape: tuple[int, int] | None = None,
                      names: Mapping[str, str] | None = None) -> np.ndarray:
     """(H, W) uint8 label map (0-4) of a 2-D SEG; segments that name no lesion (built-in names or ``names``)
     and hold pixels raise SegError."""
-    if str(seg.get("SOPClassUID", "")) != SEG_SOP_CLASS:
+    sop_class = str(seg.get("SOPClassUID", ""))
+    if sop_class not in (SEG_SOP_CLASS, LABELMAP_SEG_SOP_CLASS):
         raise SegError(f"not a DICOM SEG (SOP class {seg.get('SOPClassUID', '?')})")
     rows, cols = int(seg.Rows), int(seg.Columns)
     if shape is not None and (rows, cols) != tuple(shape):
@@ -281,11 +285,13 @@ def seg_to_label_map(seg: Dataset, shape: tuple[int, int] | None = None,
     frames = seg.pixel_array
     n = int(getattr(seg, "NumberOfFrames", 1) or 1)
     frames = frames.reshape(n, rows, cols)
+    seg_type = str(seg.get("SegmentationType", "BINARY")).upper()
+    if sop_class == LABELMAP_SEG_SOP_CLASS or seg_type == "LABELMAP":
+        return _labelmap_frames_to_label_map(frames, lesion_of, unknown, (rows, cols))
     per_frame = seg.get("PerFrameFunctionalGroupsSequence") or []
     if len(per_frame) != n:
         raise SegError(f"SEG has {n} frames but {len(per_frame)} per-frame functional groups")
     masks: dict[str, np.ndarray] = {}
-    seg_type = str(seg.get("SegmentationType", "BINARY")).upper()
     threshold = 0.5 * float(seg.get("MaximumFractionalValue", 255) or 255) if seg_type == "FRACTIONAL" else 0.5
     for i, fg in enumerate(per_frame):
         number = int(fg.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
@@ -299,6 +305,24 @@ def seg_to_label_map(seg: Dataset, shape: tuple[int, int] | None = None,
         m = frames[i] > threshold
         masks[code] = masks[code] | m if code in masks else m
     return label_map_from_masks(masks, shape=(rows, cols))
+
+
+def _labelmap_frames_to_label_map(frames: np.ndarray, lesion_of: Mapping[int, str], unknown: list[str],
+                                  shape: tuple[int, int]) -> np.ndarray:
+    """A label map SEG's frames (values = segment numbers, 0 = none) as the app's lesion label map; the frames of
+    a 2-D photograph's SEG all lie on its one image, so they are combined."""
+    masks: dict[str, np.ndarray] = {}
+    present = set(np.unique(frames).tolist()) - {0}
+    stray = sorted(v for v in present if v not in lesion_of)
+    if stray:
+        raise SegError(f"segment {stray[0]} ({', '.join(unknown) or '?'}) names no lesion; segments must be "
+                       f"MA/HE/EX/SE (Microaneurysms, Haemorrhages, Hard exudates, Soft exudates), or be mapped by "
+                       f"--conf seg_segment_names NAME=LESION")
+    for number, code in lesion_of.items():
+        if number in present:
+            m = (frames == number).any(axis=0)
+            masks[code] = masks[code] | m if code in masks else m
+    return label_map_from_masks(masks, shape=shape)
 
 
 def seg_timestamp(seg: Dataset) -> str:
