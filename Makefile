@@ -9,7 +9,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8000
 DEMO   ?= demo_data
 
-.PHONY: install lock demo test test-slow clean dicom-deps orthanc-start orthanc-stop ohif-screenshot
+.PHONY: install lock demo test test-slow clean dicom-deps orthanc-start orthanc-stop ohif ohif-screenshot
 
 $(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -50,8 +50,14 @@ orthanc-start: $(STAMP)
 orthanc-stop: $(STAMP)
 	$(BIN)/python -m monailabel_dr.dicom.orthanc stop --dir $(ORTHANC_DIR)
 
+# the current OHIF viewer (npm's @ohif/app, pinned in lib/ohif_viewer.py) on the loopback Orthanc, on $(OHIF_PORT)
+OHIF_PORT ?= 3000
+ohif: $(STAMP)
+	$(BIN)/monailabel-dr ohif --dicomweb http://127.0.0.1:$(ORTHANC_PORT)/dicom-web --port $(OHIF_PORT)
+
 ohif-screenshot: $(STAMP)
 	MLDR_OHIF_SCREENSHOT=docs/ohif_fundus.png $(BIN)/python -m pytest -q tests/test_ohif.py
+	MLDR_OHIF3_SCREENSHOTS=docs $(BIN)/python -m pytest -q tests/test_ohif3.py
 
 clean:
 	rm -rf $(DEMO) monailabel_dr/model monailabel_dr/logs monailabel_dr/bin
