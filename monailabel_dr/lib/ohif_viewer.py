@@ -76,10 +76,14 @@ def ensure_dist(cache_dir: str | os.PathLike | None = None, version: str = OHIF_
             raise OHIFUnavailable(f"npm pack {OHIF_PACKAGE}@{version} left {len(tarballs)} tarballs")
         unpacked = Path(tmp) / "unpacked"
         with tarfile.open(tarballs[0]) as tar:
-            members = [m for m in tar.getmembers() if m.name.startswith("package/dist/") and (m.isfile() or m.isdir())]
+            members = [m for m in tar.getmembers() if m.name.startswith("package/dist/") and (m.isfile() or m.isdir())
+                       and ".." not in Path(m.name).parts]
             if not members:
                 raise OHIFUnavailable(f"{OHIF_PACKAGE}@{version} has no dist/ folder")
-            tar.extractall(unpacked, members=members, filter="data")   # 'data': no links, nothing outside
+            if hasattr(tarfile, "data_filter"):   # Python >= 3.10.12: no links, nothing outside, no odd modes
+                tar.extractall(unpacked, members=members, filter="data")
+            else:   # older: the members are plain files and folders under package/dist/ (checked above)
+                tar.extractall(unpacked, members=members)
         if not (unpacked / "package" / "dist" / "index.html").is_file():
             raise OHIFUnavailable(f"{OHIF_PACKAGE}@{version}: dist/index.html is missing")
         target.parent.mkdir(parents=True, exist_ok=True)
