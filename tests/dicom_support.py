@@ -76,3 +76,40 @@ def write_phantom_photos(folder: Path, seeds: list[int], size=(240, 320)) -> dic
         fio.write_image(folder / f"{stem}.png", ph.image)
         out[stem] = ph
     return out
+
+
+@contextlib.contextmanager
+def headless_chromium(user_data_dir: Path, page_load_timeout: float = 120):
+    """Debian's Chromium driven by Selenium (chromium-driver), headless, software WebGL, loopback only (other hosts
+    fail at once, so OHIF's web-font requests do not wait on the network), with its console log readable."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    require_debs(("chromium", "chromium-driver"), ("chromium", "chromedriver"))
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = shutil.which("chromium")
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,900",
+                "--use-angle=swiftshader", "--enable-unsafe-swiftshader", "--ignore-gpu-blocklist", "--no-first-run",
+                "--disable-features=Translate,MediaRouter", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync", f"--user-data-dir={user_data_dir}",
+                "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1"):
+        opts.add_argument(arg)
+    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    d = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=opts)
+    d.set_page_load_timeout(page_load_timeout)
+    try:
+        yield d
+    finally:
+        d.quit()
+
+
+def wait_in_browser(d, what, fn, timeout=90):
+    """``fn(driver)`` once truthy (its value), or an AssertionError with the page text and the browser's log."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    try:
+        return WebDriverWait(d, timeout, poll_frequency=0.5).until(lambda drv: fn(drv))
+    except Exception as e:
+        logs = "\n".join(f"{x['level']} {x['message'][:200]}" for x in d.get_log("browser")[-15:])
+        raise AssertionError(f"OHIF: {what} did not happen within {timeout} s; page text: "
+                             f"{d.find_element('tag name', 'body').text[:800]!r}\nbrowser log:\n{logs}") from e

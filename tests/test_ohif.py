@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import requests
 
-from dicom_support import require_debs, running_orthanc
+from dicom_support import headless_chromium, wait_in_browser, require_debs, running_orthanc
 from monailabel_dr import cli
 from monailabel_dr.fundus import io as fio
 from monailabel_dr.fundus.phantoms import make_phantom
@@ -54,36 +54,12 @@ def ohif_server(tmp_path_factory):
 
 
 @pytest.fixture()
-def chrome(ohif_server):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = ohif_server["browser"]
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,900",
-                "--use-angle=swiftshader", "--enable-unsafe-swiftshader", "--ignore-gpu-blocklist",
-                "--disable-features=Translate,MediaRouter", "--no-first-run",
-                # loopback only: OHIF's web-font requests fail at once instead of waiting on the network
-                "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1"):
-        opts.add_argument(arg)
-    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    d = webdriver.Chrome(service=Service(ohif_server["driver"]), options=opts)
-    d.set_page_load_timeout(90)
-    try:
+def chrome(ohif_server, tmp_path):
+    with headless_chromium(tmp_path / "chrome", page_load_timeout=90) as d:
         yield d
-    finally:
-        d.quit()
 
 
-def _wait(d, what, fn, timeout=90):
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    try:
-        return WebDriverWait(d, timeout, poll_frequency=0.5).until(lambda drv: fn(drv))
-    except Exception as e:
-        logs = "\n".join(f"{x['level']} {x['message'][:200]}" for x in d.get_log("browser")[-15:])
-        raise AssertionError(f"OHIF: {what} did not happen within {timeout} s; page text: "
-                             f"{d.find_element('tag name', 'body').text[:800]!r}\nbrowser log:\n{logs}") from e
+_wait = wait_in_browser
 
 
 def _viewport_pixels(d, png: bytes) -> np.ndarray:

@@ -35,7 +35,7 @@ import pydicom
 import pytest
 import requests
 
-from dicom_support import phantom_label_map, require_debs, running_orthanc, write_phantom_photos
+from dicom_support import headless_chromium, wait_in_browser, phantom_label_map, require_debs, running_orthanc, write_phantom_photos
 from monailabel_dr import cli
 from monailabel_dr.dicom import seg as dseg
 from monailabel_dr.fundus import io as fio
@@ -117,35 +117,11 @@ def loop(tmp_path_factory):
 
 @pytest.fixture()
 def chrome(tmp_path):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = shutil.which("chromium")
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,900",
-                "--use-angle=swiftshader", "--enable-unsafe-swiftshader", "--ignore-gpu-blocklist", "--no-first-run",
-                "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                f"--user-data-dir={tmp_path / 'chrome'}",
-                "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1"):
-        opts.add_argument(arg)
-    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    d = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=opts)
-    d.set_page_load_timeout(120)
-    try:
+    with headless_chromium(tmp_path / "chrome") as d:
         yield d
-    finally:
-        d.quit()
 
 
-def _wait(d, what, fn, timeout=90):
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    try:
-        return WebDriverWait(d, timeout, poll_frequency=0.5).until(lambda drv: fn(drv))
-    except Exception as e:
-        logs = "\n".join(f"{x['level']} {x['message'][:200]}" for x in d.get_log("browser")[-15:])
-        raise AssertionError(f"OHIF: {what} did not happen within {timeout} s; page text: "
-                             f"{d.find_element('tag name', 'body').text[:800]!r}\nbrowser log:\n{logs}") from e
+_wait = wait_in_browser
 
 
 def _viewport(d) -> tuple[np.ndarray, dict]:
