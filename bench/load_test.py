@@ -13,12 +13,14 @@ trains a tiny `lesion_seg` and `grading` so /infer has models to serve, and meas
    `PUT /datastore/label` saves released at once (each save on its own image), while one
    client polls `GET /info/` every 0.25 s. Afterwards every accepted label is checked on disk
    (file content), in the server's listing and in `datastore_v2.json` once training ended, and
-   `/info/` must still answer.
+   `/info/` must still answer. Each N is measured in ``--repeats`` such bursts (3 by default),
+   each during its own training job; the table pools their requests and says in how many bursts
+   the inference p95 held its bound (see :func:`targets` for the bound).
 
 Prints a table (p50 / p95 per endpoint, errors, lost labels; the stock / offload ratio and the
 issue's targets) and one JSON object. Asserts nothing (tests/test_load.py does, at small N).
 
-    .venv/bin/python bench/load_test.py                          # both modes, N = 20 and 40
+    .venv/bin/python bench/load_test.py                          # three modes, N = 20 and 40, 3 bursts each
     .venv/bin/python bench/load_test.py --modes offload --loads 20 --json load.json
 """
 
@@ -299,21 +301,51 @@ def _load_phase(url: str, store: Path, ids: list[str], label_ids: list[str], n_i
         "trained_model_after": info.json().get("train_stats", {}).get("grading", {}).get("epoch")
         if info.status_code == 200 else None,
         "inference_slots": info.json().get("inference_slots") if info.status_code == 200 else None,
+        # raw latencies, so that repeated bursts can be pooled (run_mode)
+        "latencies_s": {"infer": [[r["what"], round(r["latency_s"], 4), r["ok"]] for r in rows if r["endpoint"] == "/infer"],
+                        "label": [[r["what"], round(r["latency_s"], 4), r["ok"]] for r in rows
+                                  if r["endpoint"] == "/datastore/label"],
+                        "info": [["info", round(r["latency_s"], 4), r["ok"]] for r in info_rows]},
     })
     return result
 
 
+def _pooled(phases: list[dict]) -> dict:
+    """The figures of repeated bursts of one N together: percentiles over all their requests, and each
+    burst's own inference p95 (one burst's p95 of 20 requests is its 19th answer, a noisy figure)."""
+    def summ(kind, what=None):
+        rows = [{"latency_s": lat, "ok": ok, "status": 200 if ok else "error"} for ph in phases
+                for w, lat, ok in ph["latencies_s"][kind] if what is None or w == what]
+        return _summary(rows)
+
+    first = phases[0]
+    return {
+        "n_infer": first["n_infer"], "n_labels": first["n_labels"], "bursts": len(phases),
+        "infer": summ("infer"), "infer_by_model": {m: summ("infer", m) for m in MODELS},
+        "label": summ("label"), "info": summ("info"),
+        "infer_p95_per_burst_s": [ph["infer"]["p95_s"] for ph in phases],
+        "errors": sum(ph["errors"] for ph in phases), "lost_labels": sum(ph["lost_labels"] for ph in phases),
+        "labels_accepted": sum(ph["labels_accepted"] for ph in phases),
+        "server_alive": all(ph["server_alive"] for ph in phases),
+        "load_wall_s": round(float(np.median([ph["load_wall_s"] for ph in phases])), 2),
+        "training_nice": sorted({str(ph.get("training_nice")) for ph in phases}),
+        "inference_slots": phases[-1].get("inference_slots"),
+    }
+
+
 def run_mode(offload: bool = True, loads=(20,), n_labels: int | None = None, workers: int | None = None,
              train_epochs: int = 40, seed: int = 0, workdir: str | None = None, keep: bool = False,
-             singles: bool = True, conf: dict | None = None, log=print) -> dict:
-    """One server in one serving mode: single-request latencies, then one load phase per N in ``loads``
-    (N infers + ``n_labels`` or N label saves, on images no earlier phase saved on)."""
+             singles: bool = True, conf: dict | None = None, repeats: int = 1, log=print) -> dict:
+    """One server in one serving mode: single-request latencies, then ``repeats`` load phases (bursts, each
+    during its own training job) per N in ``loads`` (N infers + ``n_labels`` or N label saves, on images no
+    earlier phase saved on). ``phases``: one per burst; ``pooled``: one per N, the bursts together."""
     from monailabel_dr.demo import write_demo
 
     t_start = time.time()
     base = Path(workdir or tempfile.mkdtemp(prefix="mldr_load_"))
     base.mkdir(parents=True, exist_ok=True)
     size = (240, 320)
+    loads = [n for n in loads for _ in range(max(1, int(repeats)))]
     label_counts = [n_labels if n_labels is not None else n for n in loads]
     n_images = 8 + 6 + sum(label_counts) + 4
     store = base / "store"
@@ -341,6 +373,7 @@ def run_mode(offload: bool = True, loads=(20,), n_labels: int | None = None, wor
             phase = _load_phase(url, store, ids, ids[offset:offset + nl], n, size, seed + n, train_epochs, workers, log)
             offset += nl
             result["phases"].append(phase)
+    result["pooled"] = [_pooled([ph for ph in result["phases"] if ph["n_infer"] == n]) for n in dict.fromkeys(loads)]
     result["total_wall_s"] = round(time.time() - t_start, 1)
     if not keep and not workdir:
         shutil.rmtree(base, ignore_errors=True)
@@ -360,29 +393,46 @@ def run(n_infer: int = 20, n_labels: int = 20, workers: int | None = None, train
 
 
 def targets(mode: dict, slots: int) -> list[dict]:
-    """The issue's targets for each load phase of one mode: label save and /info p95 <= 1 s at N = 20;
-    inference p95 <= (N / slots + 1) x the mean single-request inference latency; no errors, no lost labels."""
+    """The issue's targets for each N of one mode (bursts pooled): label save and /info p95 <= 1 s at N = 20;
+    inference p95 <= (N / slots + 1) x the single-request latency; no errors, no lost labels.
+
+    The bursts mix three models whose single latencies differ 15-fold (lesion_seg 0.22 s, grading 0.015 s
+    here), and N = 20 cannot hold them in equal numbers (7 / 7 / 6). "The single-request latency" is
+    therefore the mean over the requests the bursts actually sent, each at its model's latency alone
+    (``infer_p95_bound_s``), so that N x it is the bursts' own serial work. The unweighted mean of the three
+    models (what the 2026-12-07 table used) is kept beside it as ``infer_p95_bound_unweighted_s``."""
     single = mode.get("single_s") or {}
-    mean_infer = float(np.mean([single[f"infer {m}"] for m in MODELS])) if single else None
     rows = []
-    for ph in mode["phases"]:
+    for ph in mode.get("pooled") or mode["phases"]:
         n = ph["n_infer"]
-        bound = (n / slots + 1) * mean_infer if mean_infer else None
+        bound = unweighted = None
+        if single:
+            counts = {m: ph["infer_by_model"][m]["n"] for m in MODELS}
+            mean_req = sum(counts[m] * single[f"infer {m}"] for m in MODELS) / max(1, sum(counts.values()))
+            bound = (n / slots + 1) * mean_req
+            unweighted = (n / slots + 1) * float(np.mean([single[f"infer {m}"] for m in MODELS]))
+        per_burst = ph.get("infer_p95_per_burst_s") or [ph["infer"]["p95_s"]]
         rows.append({
             "N": n, "label_p95_le_1s": ph["label"]["p95_s"] <= 1.0, "info_p95_le_1s": (ph["info"]["p95_s"] or 0) <= 1.0,
-            "infer_p95_bound_s": round(bound, 2) if bound else None,
+            "infer_p95_bound_s": round(bound, 3) if bound else None,
             "infer_p95_within": bool(bound and ph["infer"]["p95_s"] <= bound),
+            "bursts_within_bound": f"{sum(p <= bound for p in per_burst)} of {len(per_burst)}" if bound else None,
+            "infer_p95_bound_unweighted_s": round(unweighted, 3) if unweighted else None,
+            "infer_p95_within_unweighted": bool(unweighted and ph["infer"]["p95_s"] <= unweighted),
             "no_errors": ph["errors"] == 0, "no_lost": ph["lost_labels"] == 0, "alive": ph["server_alive"],
         })
     return rows
 
 
 def table(modes: list[dict]) -> str:
-    lines = ["| mode | N infers + N saves | /infer p50 / p95 s | /datastore/label p50 / p95 s | /info p50 / p95 s "
+    lines = ["| mode | N infers + N saves x bursts | /infer p50 / p95 s | /datastore/label p50 / p95 s | /info p50 / p95 s "
              "| errors | lost labels | load wall s |", "|---|---|---|---|---|---|---|---|"]
     for m in modes:
-        for ph in m["phases"]:
-            lines.append(f"| {m['mode']} | {ph['n_infer']} + {ph['n_labels']} | {ph['infer']['p50_s']} / {ph['infer']['p95_s']} "
+        for ph, t in zip(m.get("pooled") or m["phases"], m.get("targets") or [{}] * len(m["phases"])):
+            bound = f" (bound {t['infer_p95_bound_s']}; bursts within: {t['bursts_within_bound']})" \
+                if t.get("infer_p95_bound_s") else ""
+            lines.append(f"| {m['mode']} | {ph['n_infer']} + {ph['n_labels']} x {ph.get('bursts', 1)} "
+                         f"| {ph['infer']['p50_s']} / {ph['infer']['p95_s']}{bound} "
                          f"| {ph['label']['p50_s']} / {ph['label']['p95_s']} | {ph['info']['p50_s']} / {ph['info']['p95_s']} "
                          f"| {ph['errors']} | {ph['lost_labels']} | {ph['load_wall_s']} |")
     by = {m["mode"]: m for m in modes}
@@ -390,7 +440,7 @@ def table(modes: list[dict]) -> str:
         if "stock" not in by or other not in by:
             continue
         lines += ["", f"| N | stock / {other} p95: /infer | /datastore/label | /info |", "|---|---|---|---|"]
-        for a, b in zip(by["stock"]["phases"], by[other]["phases"]):
+        for a, b in zip(by["stock"].get("pooled") or by["stock"]["phases"], by[other].get("pooled") or by[other]["phases"]):
             r = [round(a[k]["p95_s"] / b[k]["p95_s"], 1) if b[k]["p95_s"] else None for k in ("infer", "label", "info")]
             lines.append(f"| {a['n_infer']} | {r[0]}x | {r[1]}x | {r[2]}x |")
     singles = [m for m in modes if m.get("single_s")]
@@ -411,6 +461,8 @@ def main(argv=None) -> int:
     p.add_argument("--loads", default="20,40", help="comma list of N: N parallel /infer + N parallel label saves")
     p.add_argument("--workers", type=int, default=None, help="client threads (default: all requests at once)")
     p.add_argument("--train-epochs", type=int, default=40, help="epochs of each background grading job")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="bursts per N and mode, each during its own training job; percentiles pool them")
     p.add_argument("--infer-concurrency", default="auto", help="--conf infer_concurrency of the offload server")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", default=None, help="keep the datastores and server logs here")
@@ -437,7 +489,8 @@ def main(argv=None) -> int:
             conf = {"infer_workers": "1"}
         conf = {**(conf or {}), **extra}
         modes.append(run_mode(offload=mode != "stock", loads=loads, workers=a.workers, train_epochs=a.train_epochs,
-                              seed=a.seed, workdir=wd, conf=conf, log=lambda m: print(m, file=sys.stderr, flush=True)))
+                              seed=a.seed, workdir=wd, conf=conf, repeats=a.repeats,
+                              log=lambda m: print(m, file=sys.stderr, flush=True)))
     for m in modes:
         slots = 1
         if m["phases"] and m["phases"][0].get("inference_slots"):
