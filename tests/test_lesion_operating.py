@@ -91,6 +91,55 @@ def test_label_map_with_per_lesion_thresholds():
         per_lesion([0.5, 0.5], 4)
 
 
+# ---------------------------------------------------------------- minimum component peak (hysteresis)
+def _blobs():
+    """Lesion 0 (MA): a faint speck (peak 0.55) and a confident blob (peak 0.95), both above 0.5."""
+    probs = np.zeros((4, 40, 60), np.float32)
+    probs[0, 5:8, 5:8] = 0.55
+    probs[0, 20:30, 30:45] = 0.6
+    probs[0, 24:26, 36:38] = 0.95
+    probs[2, 10:14, 50:55] = 0.7            # EX: one component, peak 0.7
+    return probs
+
+
+def test_confident_components_keep_only_components_with_a_confident_core():
+    from skimage.filters import apply_hysteresis_threshold
+
+    from monailabel_dr.fundus.components import confident_components
+
+    p = _blobs()[0]
+    kept = confident_components(p, 0.5, 0.9).astype(bool)
+    assert not kept[5:8, 5:8].any() and kept[20:30, 30:45].all()        # the faint speck goes, the whole blob stays
+    assert np.array_equal(kept, apply_hysteresis_threshold(p, 0.5 - 1e-6, 0.9 - 1e-6))   # the library's rule
+    assert np.array_equal(confident_components(p, 0.5, 0.4), (p >= 0.5).astype(np.uint8))   # peak <= threshold: plain
+    rng = np.random.default_rng(0)   # 8-connected, unlike skimage's default: a diagonal neighbour is one component
+    q = np.zeros((5, 5), np.float32)
+    q[1, 1], q[2, 2] = 0.6, 0.95
+    assert confident_components(q, 0.5, 0.9)[1, 1] == 1
+    r = rng.random((50, 70)).astype(np.float32)
+    assert np.array_equal(confident_components(r, 0.3, 0.99).astype(bool) <= (r >= 0.3), np.ones_like(r, bool))
+
+
+def test_min_peak_drops_faint_components_from_the_label_map_and_the_statistics():
+    from monailabel_dr.fundus.landmarks import quadrant_frame
+    from monailabel_dr.lib.infers.lesion_seg import label_map_from_probs, lesion_stats, served_masks
+
+    probs = _blobs()
+    fov = np.ones(probs.shape[1:], bool)
+    frame = quadrant_frame(None, (30.0, 20.0))
+    assert served_masks(probs, 0.5, None) is None
+    plain = lesion_stats(probs, fov, 0.5, frame)
+    masks = served_masks(probs, 0.5, 0.9)
+    peak = lesion_stats(probs, fov, 0.5, frame, masks=masks)
+    assert plain["MA"]["components"] == 2 and peak["MA"]["components"] == 1
+    assert peak["MA"]["area_px"] == 150 and plain["MA"]["area_px"] == 159
+    assert plain["EX"]["components"] == 1 and peak["EX"]["components"] == 0     # EX's peak 0.7 < 0.9
+    lab = label_map_from_probs(probs, 0.5, bbox=(0, 40, 0, 60), masks=masks)
+    assert (lab == 1).sum() == 150 and not (lab == 3).any()
+    assert np.array_equal(label_map_from_probs(probs, 0.5, masks=served_masks(probs, 0.5, 0.3)),
+                          label_map_from_probs(probs, 0.5))                       # below every threshold: no change
+
+
 # ---------------------------------------------------------------- test-time flips
 class _Asymmetric(torch.nn.Module):
     """A per-pixel logit that is not flip-equivariant (depends on the column and row)."""
@@ -122,8 +171,10 @@ def test_inference_block_is_checked():
     assert InferenceSettings.parse({"tta": "hflip", "thresholds": "validation"}, "x") == \
         InferenceSettings(tta="hflip", thresholds="validation")
     assert InferenceSettings.parse(None, "x") == InferenceSettings()
+    assert InferenceSettings.parse({"min_peak": 0.8}, "x").min_peak == 0.8
+    assert InferenceSettings.parse({"min_peak": 0}, "x").min_peak is None
     for bad, word in (({"tta": "rot"}, "tta"), ({"thresholds": 1.5}, "thresholds"), ({"thresholds": "val"}, "thresholds"),
-                      ({"treshold": 0.5}, "unknown")):
+                      ({"treshold": 0.5}, "unknown"), ({"min_peak": 1.0}, "min_peak"), ({"min_peak": "high"}, "min_peak")):
         with pytest.raises(ConfError, match=word):
             InferenceSettings.parse(bad, "lesion_seg profile 'x'")
 
@@ -165,7 +216,17 @@ def test_trained_checkpoint_stores_thresholds_and_the_server_uses_them(phantom_s
         r = client.post(f"/infer/lesion_seg?image={images[0]}&output=json", data={"params": json.dumps({"threshold": 0.5, "tta": "flips"})})
         assert r.status_code == 200, r.text
         assert r.json()["threshold"] == 0.5 and r.json()["threshold_source"] == "request" and r.json()["tta"] == "flips"
-        for bad in ({"threshold": "val"}, {"tta": "rot90"}):
+        # a minimum component peak: only components whose peak reaches it are counted, and it says so
+        r = client.post(f"/infer/lesion_seg?image={images[0]}&output=json",
+                        data={"params": json.dumps({"threshold": 0.5, "min_peak": 0.75})})
+        assert r.status_code == 200, r.text
+        assert r.json()["min_peak"] == 0.75
+        from monailabel_dr.fundus.components import confident_components
+
+        for les, p in zip(LESIONS, probs):
+            want = int(np.count_nonzero(confident_components(p * fov, 0.5, 0.75)))
+            assert r.json()["lesions"][les]["area_px"] == want
+        for bad in ({"threshold": "val"}, {"tta": "rot90"}, {"min_peak": 1.5}, {"min_peak": "x"}):
             r = client.post(f"/infer/lesion_seg?image={images[0]}&output=json", data={"params": json.dumps(bad)})
             assert r.status_code == 422 and next(iter(bad)) in r.text
 

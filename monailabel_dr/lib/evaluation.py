@@ -306,6 +306,8 @@ def evaluate_lesions(dataset: str, task=None, predictions: str | None = None, sp
     seg = LesionSegAccumulator(threshold=threshold)
     froc = {les: FROCAccumulator(overlap=froc_overlap, mode=froc_mode) for les in LESIONS}
     chance = WeakMaskAccumulator(LESIONS)
+    peak_masks = WeakMaskAccumulator(LESIONS)   # the served masks, when the task has a minimum component peak
+    peak_used = False
     t0 = time.time()
     for image_id in ids:
         img_path = idrid_image_path(folder, image_id)
@@ -313,12 +315,17 @@ def evaluate_lesions(dataset: str, task=None, predictions: str | None = None, sp
             probs_arr, fov = task.predict(img_path, **(params or {}))
             probs = {les: probs_arr[i] for i, les in enumerate(LESIONS)}
             shape = fov.shape
+            masks = task.masks_for(probs_arr, params) if hasattr(task, "masks_for") else None
         else:
             img = io.read_image(img_path)
             fov = geometry.detect_fov(io.to_rgb_float(img))
             shape = fov.shape
             probs = _predicted_masks_folder(predictions, image_id, shape)
+            masks = None
         truth = idrid_masks(folder, image_id, shape=shape)
+        if masks is not None:
+            peak_masks.update({les: masks[i] for i, les in enumerate(LESIONS)}, truth, fov)
+            peak_used = True
         seg.update(image_id, probs, truth, fov)
         chance.update({les: probs[les] >= threshold for les in LESIONS}, truth, fov)
         for les in LESIONS:
@@ -349,6 +356,13 @@ def evaluate_lesions(dataset: str, task=None, predictions: str | None = None, sp
         report["params"] = params or {}
         if served is not None:
             report["served_thresholds"] = {"thresholds": served, "source": served_source}
+        if peak_used:
+            # what the label map and the statistics count with a minimum component peak: pooled Dice of those masks
+            computed = peak_masks.compute()
+            report["served_masks"] = {"min_peak": task.min_peak((params or {}).get("min_peak")),
+                                      "dice_pooled": {les: computed[les]["dice"] for les in LESIONS},
+                                      "mean_dice": float(np.mean([computed[les]["dice"] for les in LESIONS
+                                                                  if computed[les]["dice"] is not None]))}
     else:
         report["predictions"] = os.path.realpath(predictions)
     return report
@@ -386,6 +400,10 @@ def lesion_summary(report: dict) -> str:
                     f"{served}")
     if "any" in chance:
         rows.append(f"any     {f(chance['any']['dice'])}  (random mask of the same area: {f(chance['any']['random_dice'])})")
+    if "served_masks" in report:
+        sm = report["served_masks"]
+        rows.append(f"served masks (min_peak {sm['min_peak']}): pooled Dice "
+                    + ", ".join(f"{les} {f(sm['dice_pooled'][les])}" for les in LESIONS) + f", mean {f(sm['mean_dice'])}")
     return "\n".join(rows)
 
 

@@ -28,7 +28,7 @@ from monailabel.interfaces.tasks.infer_v2 import InferType
 
 from monailabel_dr.config import AppSettings, ConfError, ModelSettings
 from monailabel_dr.fundus import io
-from monailabel_dr.fundus.components import connected_components
+from monailabel_dr.fundus.components import confident_components, connected_components
 from monailabel_dr.fundus.landmarks import QuadrantFrame, quadrant_frame
 from monailabel_dr.fundus.lesions import LESION_VALUES, LESIONS
 from monailabel_dr.lib.checkpoints import operating_thresholds, read_record
@@ -49,11 +49,14 @@ def per_lesion(threshold, m: int) -> list[float]:
     return t
 
 
-def label_map_from_probs(probs: np.ndarray, threshold, bbox: tuple[int, int, int, int] | None = None) -> np.ndarray:
+def label_map_from_probs(probs: np.ndarray, threshold, bbox: tuple[int, int, int, int] | None = None,
+                         masks: list[np.ndarray] | None = None) -> np.ndarray:
     """(m, H, W) probabilities -> label map: the most probable lesion among those >= their threshold (ties:
     the first lesion), 0 where none is. ``threshold``: one number, or one per lesion (``per_lesion``).
     ``bbox`` (y0, y1, x0, x1): the probabilities are 0 outside it (the field of view's box), so with
-    thresholds > 0 only the box is computed.
+    thresholds > 0 only the box is computed. ``masks``: the served masks per lesion (:func:`served_masks`)
+    where they are more than ``probs >= threshold`` (a minimum component peak); a lesion is only taken
+    inside its mask.
 
     One pass per lesion with a running maximum: the same map as ``argmax(where(p >= t, p, -1), axis=0)``
     (first index on ties), but ``np.argmax`` over the first axis of a 4 x 12 MP array is a strided scan
@@ -63,21 +66,34 @@ def label_map_from_probs(probs: np.ndarray, threshold, bbox: tuple[int, int, int
     if bbox is not None and min(thr) > 0:
         y0, y1, x0, x1 = bbox
         lab = np.zeros(probs.shape[1:], np.uint8)
-        lab[y0:y1, x0:x1] = label_map_from_probs(probs[:, y0:y1, x0:x1], thr)
+        lab[y0:y1, x0:x1] = label_map_from_probs(
+            probs[:, y0:y1, x0:x1], thr, masks=None if masks is None else [m[y0:y1, x0:x1] for m in masks])
         return lab
     lab = np.zeros(probs.shape[1:], np.uint8)
     best = np.full(probs.shape[1:], -1.0, np.float32 if probs.dtype == np.float32 else np.float64)
     for i in range(probs.shape[0]):
         p = probs[i]
-        take = p >= thr[i]
+        take = p >= thr[i] if masks is None else masks[i].astype(bool)
         np.logical_and(take, p > best, out=take)   # strictly greater: an earlier lesion keeps a tie
         lab[take] = i + 1
         np.copyto(best, p, where=take)
     return lab
 
 
+def served_masks(probs: np.ndarray, threshold, min_peak: float | None) -> list[np.ndarray] | None:
+    """The lesion masks the label map and the statistics count when a minimum component peak is set:
+    per lesion, the components of ``p >= threshold`` whose highest probability reaches ``min_peak``
+    (:func:`monailabel_dr.fundus.components.confident_components`), in parallel threads; None without
+    one (every component above the threshold counts)."""
+    if not min_peak:
+        return None
+    thr = per_lesion(threshold, probs.shape[0])
+    return list(channel_pool().map(lambda i: confident_components(probs[i], thr[i], float(min_peak)),
+                                   range(probs.shape[0])))
+
+
 def lesion_stats(probs: np.ndarray, fov: np.ndarray, threshold, frame: QuadrantFrame,
-                 fov_radius: float | None = None) -> dict:
+                 fov_radius: float | None = None, masks: list[np.ndarray] | None = None) -> dict:
     """Presence, area, component count and per-quadrant counts per lesion (input pixels), at ``threshold``
     (one number, or one per lesion).
 
@@ -85,7 +101,7 @@ def lesion_stats(probs: np.ndarray, fov: np.ndarray, threshold, frame: QuadrantF
     (OpenCV's labelling, which also gives the centroids, ~3x faster than scipy on 12 MP).
     With ``fov_radius`` (px), also ``nearest_to_centre``: the distance of the closest component's
     centroid to the quadrants' centre (the fovea when it was found), in field-of-view radii (None
-    without components).
+    without components). ``masks``: the served masks (:func:`served_masks`) instead of ``p >= threshold``.
     """
     thr = per_lesion(threshold, len(LESIONS))
 
@@ -94,7 +110,10 @@ def lesion_stats(probs: np.ndarray, fov: np.ndarray, threshold, frame: QuadrantF
         p = probs[i]
         t = thr[i]
         # p is 0 outside the field of view, so for a threshold > 0 the FOV test is implied (one pass, no copy)
-        mask = (p >= t).view(np.uint8) if t > 0 else ((p >= t) & fov).view(np.uint8)
+        if masks is not None:
+            mask = masks[i] if t > 0 else masks[i] & fov.view(np.uint8)
+        else:
+            mask = (p >= t).view(np.uint8) if t > 0 else ((p >= t) & fov).view(np.uint8)
         comps = connected_components(mask)
         cents = comps.centroids
         quads = dict.fromkeys(frame.names, 0)
@@ -132,31 +151,41 @@ class InferenceSettings:
       ``threshold``: ``validation`` = the per-lesion thresholds the trainer chose on its validation
       images for the served weights (stored in the checkpoint's record; 0.5 where the checkpoint has
       none), or one number for every lesion.
+    - ``min_peak``: a minimum component peak (hysteresis thresholding; off by default): a component of
+      ``p >= threshold`` counts, in the label map and the statistics, only when its highest probability
+      reaches ``max(threshold, min_peak)``: fewer components reported on healthy eyes for a little lesion
+      Dice (the trade-off, measured: docs/results.md, bench/min_peak_sweep.py). A request's ``min_peak``
+      overrides it (0: off).
     """
 
     tta: str = "none"
     thresholds: str | float = 0.5
+    min_peak: float | None = None
 
     @classmethod
     def parse(cls, block: dict | None, where: str) -> "InferenceSettings":
         from monailabel_dr.networks.lesion_net import TTA_MODES
 
         block = dict(block or {})
-        unknown = sorted(set(block) - {"tta", "thresholds"})
+        unknown = sorted(set(block) - {"tta", "thresholds", "min_peak"})
         if unknown:
-            raise ConfError(f"{where}: unknown inference key(s) {unknown}; accepted: ['thresholds', 'tta']")
+            raise ConfError(f"{where}: unknown inference key(s) {unknown}; accepted: ['min_peak', 'thresholds', 'tta']")
         tta = str(block.get("tta", cls.tta)).lower()
         if tta not in TTA_MODES:
             raise ConfError(f"{where}: inference.tta {tta!r}: use one of {sorted(TTA_MODES)}")
         thr = block.get("thresholds", cls.thresholds)
         if not (thr == "validation" or (isinstance(thr, (int, float)) and not isinstance(thr, bool) and 0 < thr < 1)):
             raise ConfError(f"{where}: inference.thresholds {thr!r}: use 'validation' or a number in (0, 1)")
-        return cls(tta=tta, thresholds=thr if thr == "validation" else float(thr))
+        peak = block.get("min_peak", cls.min_peak)
+        if peak is not None and not (isinstance(peak, (int, float)) and not isinstance(peak, bool) and 0 <= peak < 1):
+            raise ConfError(f"{where}: inference.min_peak {peak!r}: use a number in [0, 1) (0 or null: off)")
+        return cls(tta=tta, thresholds=thr if thr == "validation" else float(thr),
+                   min_peak=float(peak) if peak else None)
 
 
 class LesionSegInfer(FundusInferTask):
     detect_landmarks = True
-    params = {"threshold": Param.number(0, 1, words=("validation",)),
+    params = {"threshold": Param.number(0, 1, words=("validation",)), "min_peak": Param.number(0, 1, high_open=True),
               "output": Param.choice("label", "probabilities"), "tta": Param.choice(*sorted(TTA_MODES))}
 
     def __init__(self, name: str, model: ModelSettings, app: AppSettings):
@@ -189,6 +218,19 @@ class LesionSegInfer(FundusInferTask):
             return per_lesion(0.5, len(LESIONS)), "0.5 (the served checkpoint stores no validation thresholds)"
         return [stored[les] for les in LESIONS], "validation (per-lesion, chosen by the trainer on its validation images)"
 
+    def min_peak(self, requested=None) -> float | None:
+        """The minimum component peak of a request (0: off), else the profile's (InferenceSettings)."""
+        if requested is None or requested == "":
+            return self.inference.min_peak
+        return float(requested) or None
+
+    def masks_for(self, probs: np.ndarray, params: dict | None = None) -> list[np.ndarray] | None:
+        """What the label map and the statistics of a request with ``params`` count per lesion (None: every
+        component of ``p >= threshold``); evaluation scores these masks (lib/evaluation.py)."""
+        params = params or {}
+        thr, _ = self.thresholds(params.get("threshold"))
+        return served_masks(probs, thr, self.min_peak(params.get("min_peak")))
+
     full_resolution = staticmethod(probabilities_at_input)
 
     def predict(self, image_path: str, **params) -> tuple[np.ndarray, np.ndarray]:
@@ -209,6 +251,7 @@ class LesionSegInfer(FundusInferTask):
     def writer(self, data, extension=None, dtype=None):
         probs, fov, geom = self.full_resolution(data)
         thr, source = self.thresholds(data.get("threshold"))
+        masks = served_masks(probs, thr, peak := self.min_peak(data.get("min_peak")))
         kind = str(data.get("output", "label")).lower()
         path = self.result_path(data)
         if kind == "probabilities":
@@ -216,18 +259,19 @@ class LesionSegInfer(FundusInferTask):
                 raise BadInput("probability maps are written as .nrrd or .nii.gz: set result_extension")
             io.write_multichannel(path, probs, list(LESIONS))
         elif kind == "label":
-            io.write_label(path, label_map_from_probs(probs, thr, geom.bbox))
+            io.write_label(path, label_map_from_probs(probs, thr, geom.bbox, masks=masks))
         else:
             raise BadInput(f"output must be 'label' or 'probabilities', got {kind!r}")
         fov_centre = ((geom.bbox[2] + geom.bbox[3] - 1) / 2.0, (geom.bbox[0] + geom.bbox[1] - 1) / 2.0)
         landmarks = landmarks_of(data)
         frame = quadrant_frame(landmarks, fov_centre)
         result = {
-            "lesions": lesion_stats(probs, fov, thr, frame, fov_radius=fov_radius(geom)),
+            "lesions": lesion_stats(probs, fov, thr, frame, fov_radius=fov_radius(geom), masks=masks),
             "fov_area_px": int(fov.sum()),
             # one number when every lesion has the same, else per lesion
             "threshold": thr[0] if len(set(thr)) == 1 else dict(zip(LESIONS, thr)),
             "threshold_source": source,
+            "min_peak": peak,
             "tta": str(data.get("tta") or self.inference.tta),
             "output": kind,
             "overlap_rule": "highest probability among lesions >= threshold",
