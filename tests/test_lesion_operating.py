@@ -102,22 +102,29 @@ def _blobs():
     return probs
 
 
-def test_confident_components_keep_only_components_with_a_confident_core():
+def test_kept_components_keep_only_components_with_a_confident_core():
     from skimage.filters import apply_hysteresis_threshold
 
-    from monailabel_dr.fundus.components import confident_components
+    from monailabel_dr.fundus.components import kept_components
 
     p = _blobs()[0]
-    kept = confident_components(p, 0.5, 0.9).astype(bool)
+    kept = kept_components(p, 0.5, 0.9).astype(bool)
     assert not kept[5:8, 5:8].any() and kept[20:30, 30:45].all()        # the faint speck goes, the whole blob stays
     assert np.array_equal(kept, apply_hysteresis_threshold(p, 0.5 - 1e-6, 0.9 - 1e-6))   # the library's rule
-    assert np.array_equal(confident_components(p, 0.5, 0.4), (p >= 0.5).astype(np.uint8))   # peak <= threshold: plain
+    assert np.array_equal(kept_components(p, 0.5, 0.4), (p >= 0.5).astype(np.uint8))   # peak <= threshold: plain
     rng = np.random.default_rng(0)   # 8-connected, unlike skimage's default: a diagonal neighbour is one component
     q = np.zeros((5, 5), np.float32)
     q[1, 1], q[2, 2] = 0.6, 0.95
-    assert confident_components(q, 0.5, 0.9)[1, 1] == 1
+    assert kept_components(q, 0.5, 0.9)[1, 1] == 1
     r = rng.random((50, 70)).astype(np.float32)
-    assert np.array_equal(confident_components(r, 0.3, 0.99).astype(bool) <= (r >= 0.3), np.ones_like(r, bool))
+    assert np.array_equal(kept_components(r, 0.3, 0.99).astype(bool) <= (r >= 0.3), np.ones_like(r, bool))
+    # a minimum area: the 9-pixel speck goes, the 150-pixel blob stays; with skimage's rule for the same thing
+    from skimage.morphology import remove_small_objects
+
+    by_area = kept_components(p, 0.5, 0, min_area=10).astype(bool)
+    assert not by_area[5:8, 5:8].any() and by_area[20:30, 30:45].all()
+    assert np.array_equal(by_area, remove_small_objects(p >= 0.5, min_size=10, connectivity=2))
+    assert kept_components(p, 0.5, 0, min_area=151).sum() == 0 and kept_components(p, 0.5, 0, min_area=150).sum() == 150
 
 
 def test_min_peak_drops_faint_components_from_the_label_map_and_the_statistics():
@@ -138,6 +145,17 @@ def test_min_peak_drops_faint_components_from_the_label_map_and_the_statistics()
     assert (lab == 1).sum() == 150 and not (lab == 3).any()
     assert np.array_equal(label_map_from_probs(probs, 0.5, masks=served_masks(probs, 0.5, 0.3)),
                           label_map_from_probs(probs, 0.5))                       # below every threshold: no change
+    # a minimum area instead: MA's 9-pixel speck goes, EX's 20-pixel component stays
+    by_area = lesion_stats(probs, fov, 0.5, frame, masks=served_masks(probs, 0.5, None, 10))
+    assert by_area["MA"]["components"] == 1 and by_area["EX"]["components"] == 1
+
+
+def test_min_area_is_parts_per_million_of_the_field_of_view():
+    from monailabel_dr.lib.infers.lesion_seg import min_area_px
+
+    assert min_area_px(3, 9_300_000) == 28          # an IDRiD field of view
+    assert min_area_px(3, 9_300_000 // 4) == 7      # the same photograph at half the size: the same rule
+    assert min_area_px(None, 9_300_000) == 1 and min_area_px(0, 100) == 1
 
 
 # ---------------------------------------------------------------- test-time flips
@@ -173,8 +191,10 @@ def test_inference_block_is_checked():
     assert InferenceSettings.parse(None, "x") == InferenceSettings()
     assert InferenceSettings.parse({"min_peak": 0.8}, "x").min_peak == 0.8
     assert InferenceSettings.parse({"min_peak": 0}, "x").min_peak is None
+    assert InferenceSettings.parse({"min_area_ppm": 3}, "x").min_area_ppm == 3.0
     for bad, word in (({"tta": "rot"}, "tta"), ({"thresholds": 1.5}, "thresholds"), ({"thresholds": "val"}, "thresholds"),
-                      ({"treshold": 0.5}, "unknown"), ({"min_peak": 1.0}, "min_peak"), ({"min_peak": "high"}, "min_peak")):
+                      ({"treshold": 0.5}, "unknown"), ({"min_peak": 1.0}, "min_peak"), ({"min_peak": "high"}, "min_peak"),
+                      ({"min_area_ppm": -1}, "min_area_ppm"), ({"min_area_ppm": 5000}, "min_area_ppm")):
         with pytest.raises(ConfError, match=word):
             InferenceSettings.parse(bad, "lesion_seg profile 'x'")
 
@@ -221,12 +241,21 @@ def test_trained_checkpoint_stores_thresholds_and_the_server_uses_them(phantom_s
                         data={"params": json.dumps({"threshold": 0.5, "min_peak": 0.75})})
         assert r.status_code == 200, r.text
         assert r.json()["min_peak"] == 0.75
-        from monailabel_dr.fundus.components import confident_components
+        from monailabel_dr.fundus.components import kept_components
 
         for les, p in zip(LESIONS, probs):
-            want = int(np.count_nonzero(confident_components(p * fov, 0.5, 0.75)))
+            want = int(np.count_nonzero(kept_components(p * fov, 0.5, 0.75)))
             assert r.json()["lesions"][les]["area_px"] == want
-        for bad in ({"threshold": "val"}, {"tta": "rot90"}, {"min_peak": 1.5}, {"min_peak": "x"}):
+        # and a minimum area, in ppm of the field of view: the answer gives it in pixels too
+        r = client.post(f"/infer/lesion_seg?image={images[0]}&output=json",
+                        data={"params": json.dumps({"threshold": 0.5, "min_area_ppm": 2000 / 3})})
+        assert r.status_code == 200, r.text
+        area = r.json()["min_area_px"]
+        assert area == int(np.ceil(2000 / 3 * 1e-6 * fov.sum()))
+        for les, p in zip(LESIONS, probs):
+            want = int(np.count_nonzero(kept_components(p * fov, 0.5, 0, area)))
+            assert r.json()["lesions"][les]["area_px"] == want
+        for bad in ({"threshold": "val"}, {"tta": "rot90"}, {"min_peak": 1.5}, {"min_peak": "x"}, {"min_area_ppm": 1e9}):
             r = client.post(f"/infer/lesion_seg?image={images[0]}&output=json", data={"params": json.dumps(bad)})
             assert r.status_code == 422 and next(iter(bad)) in r.text
 

@@ -46,24 +46,30 @@ def connected_components(mask: np.ndarray, raster_order: bool = False) -> Compon
     return Components(int(n - 1), labels.astype(np.int32, copy=False), areas, cents)
 
 
-def confident_components(prob: np.ndarray, threshold: float, peak: float) -> np.ndarray:
+def kept_components(prob: np.ndarray, threshold: float, peak: float = 0.0, min_area: int = 0) -> np.ndarray:
     """The mask ``prob >= threshold`` keeping only the components whose highest probability reaches ``peak``
-    (hysteresis thresholding: a component needs a confident core; its extent is the threshold's). A uint8
-    mask (0/1). With ``peak <= threshold`` it is the plain threshold mask.
+    (hysteresis thresholding: a component needs a confident core; its extent is the threshold's) and whose
+    area is at least ``min_area`` pixels. A uint8 mask (0/1). With ``peak <= threshold`` and ``min_area <= 1``
+    it is the plain threshold mask.
 
-    ``skimage.filters.apply_hysteresis_threshold`` does the same with ``scipy.ndimage.label`` (4-connected
-    by default, and 3-5x slower on a 12 MP map); this is the app's 8-connected rule (module docstring),
-    and the maximum per component is taken over the foreground pixels only (a lesion map is ~1 % foreground)."""
+    ``skimage.filters.apply_hysteresis_threshold`` does the peak part with ``scipy.ndimage.label`` (4-connected
+    by default, and 3-5x slower on a 12 MP map) and ``skimage.morphology.remove_small_objects`` the area part
+    with a second labelling; this is the app's 8-connected rule (module docstring) in one labelling, and the
+    maximum per component is taken over the foreground pixels only (a lesion map is ~1 % foreground)."""
     p = np.asarray(prob)
     mask = (p >= threshold).view(np.uint8) if threshold > 0 else (p >= threshold).astype(np.uint8)
-    if peak <= threshold or not mask.any():
+    if (peak <= threshold and min_area <= 1) or not mask.any():
         return mask
     comps = connected_components(mask)
     fg = comps.labels > 0
     lab = comps.labels[fg]
-    best = np.zeros(comps.n + 1, np.float64)
-    np.maximum.at(best, lab, p[fg])
-    keep = best >= peak
+    keep = np.ones(comps.n + 1, bool)
+    if peak > threshold:
+        best = np.zeros(comps.n + 1, np.float64)
+        np.maximum.at(best, lab, p[fg])
+        keep &= best >= peak
+    if min_area > 1:
+        keep[1:] &= comps.areas >= min_area
     keep[0] = False
     out = np.zeros_like(mask)
     out[fg] = keep[lab]

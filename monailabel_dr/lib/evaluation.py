@@ -315,7 +315,7 @@ def evaluate_lesions(dataset: str, task=None, predictions: str | None = None, sp
             probs_arr, fov = task.predict(img_path, **(params or {}))
             probs = {les: probs_arr[i] for i, les in enumerate(LESIONS)}
             shape = fov.shape
-            masks = task.masks_for(probs_arr, params) if hasattr(task, "masks_for") else None
+            masks = task.masks_for(probs_arr, fov, params) if hasattr(task, "masks_for") else None
         else:
             img = io.read_image(img_path)
             fov = geometry.detect_fov(io.to_rgb_float(img))
@@ -360,6 +360,7 @@ def evaluate_lesions(dataset: str, task=None, predictions: str | None = None, sp
             # what the label map and the statistics count with a minimum component peak: pooled Dice of those masks
             computed = peak_masks.compute()
             report["served_masks"] = {"min_peak": task.min_peak((params or {}).get("min_peak")),
+                                      "min_area_ppm": task.min_area_ppm((params or {}).get("min_area_ppm")),
                                       "dice_pooled": {les: computed[les]["dice"] for les in LESIONS},
                                       "mean_dice": float(np.mean([computed[les]["dice"] for les in LESIONS
                                                                   if computed[les]["dice"] is not None]))}
@@ -402,7 +403,7 @@ def lesion_summary(report: dict) -> str:
         rows.append(f"any     {f(chance['any']['dice'])}  (random mask of the same area: {f(chance['any']['random_dice'])})")
     if "served_masks" in report:
         sm = report["served_masks"]
-        rows.append(f"served masks (min_peak {sm['min_peak']}): pooled Dice "
+        rows.append(f"served masks (min_peak {sm['min_peak']}, min_area_ppm {sm.get('min_area_ppm')}): pooled Dice "
                     + ", ".join(f"{les} {f(sm['dice_pooled'][les])}" for les in LESIONS) + f", mean {f(sm['mean_dice'])}")
     return "\n".join(rows)
 

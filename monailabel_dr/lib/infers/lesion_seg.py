@@ -28,7 +28,7 @@ from monailabel.interfaces.tasks.infer_v2 import InferType
 
 from monailabel_dr.config import AppSettings, ConfError, ModelSettings
 from monailabel_dr.fundus import io
-from monailabel_dr.fundus.components import confident_components, connected_components
+from monailabel_dr.fundus.components import connected_components, kept_components
 from monailabel_dr.fundus.landmarks import QuadrantFrame, quadrant_frame
 from monailabel_dr.fundus.lesions import LESION_VALUES, LESIONS
 from monailabel_dr.lib.checkpoints import operating_thresholds, read_record
@@ -80,15 +80,21 @@ def label_map_from_probs(probs: np.ndarray, threshold, bbox: tuple[int, int, int
     return lab
 
 
-def served_masks(probs: np.ndarray, threshold, min_peak: float | None) -> list[np.ndarray] | None:
-    """The lesion masks the label map and the statistics count when a minimum component peak is set:
-    per lesion, the components of ``p >= threshold`` whose highest probability reaches ``min_peak``
-    (:func:`monailabel_dr.fundus.components.confident_components`), in parallel threads; None without
-    one (every component above the threshold counts)."""
-    if not min_peak:
+def min_area_px(min_area_ppm: float | None, fov_area_px: int) -> int:
+    """A minimum component area given in parts per million of the field of view, in pixels of this image (at
+    least 1): the same rule at every resolution (3 ppm is 28 px on a 4288 x 2848 IDRiD photograph)."""
+    return max(1, int(np.ceil(float(min_area_ppm or 0) * 1e-6 * float(fov_area_px))))
+
+
+def served_masks(probs: np.ndarray, threshold, min_peak: float | None, min_area: int = 0) -> list[np.ndarray] | None:
+    """The lesion masks the label map and the statistics count when a minimum component peak or area is set:
+    per lesion, the components of ``p >= threshold`` whose highest probability reaches ``min_peak`` and that
+    have at least ``min_area`` pixels (:func:`monailabel_dr.fundus.components.kept_components`), in parallel
+    threads; None without either (every component above the threshold counts)."""
+    if not min_peak and min_area <= 1:
         return None
     thr = per_lesion(threshold, probs.shape[0])
-    return list(channel_pool().map(lambda i: confident_components(probs[i], thr[i], float(min_peak)),
+    return list(channel_pool().map(lambda i: kept_components(probs[i], thr[i], float(min_peak or 0), int(min_area)),
                                    range(probs.shape[0])))
 
 
@@ -154,22 +160,27 @@ class InferenceSettings:
     - ``min_peak``: a minimum component peak (hysteresis thresholding; off by default): a component of
       ``p >= threshold`` counts, in the label map and the statistics, only when its highest probability
       reaches ``max(threshold, min_peak)``: fewer components reported on healthy eyes for a little lesion
-      Dice (the trade-off, measured: docs/results.md, bench/min_peak_sweep.py). A request's ``min_peak``
+      Dice (the trade-off, measured: docs/results.md, bench/component_rules_sweep.py). A request's ``min_peak``
       overrides it (0: off).
+    - ``min_area_ppm``: a minimum component area in parts per million of the field of view (off by
+      default; :func:`min_area_px`): smaller components are not counted, in the label map and the
+      statistics. A request's ``min_area_ppm`` overrides it (0: off).
     """
 
     tta: str = "none"
     thresholds: str | float = 0.5
     min_peak: float | None = None
+    min_area_ppm: float | None = None
 
     @classmethod
     def parse(cls, block: dict | None, where: str) -> "InferenceSettings":
         from monailabel_dr.networks.lesion_net import TTA_MODES
 
         block = dict(block or {})
-        unknown = sorted(set(block) - {"tta", "thresholds", "min_peak"})
+        unknown = sorted(set(block) - {"tta", "thresholds", "min_peak", "min_area_ppm"})
         if unknown:
-            raise ConfError(f"{where}: unknown inference key(s) {unknown}; accepted: ['min_peak', 'thresholds', 'tta']")
+            raise ConfError(f"{where}: unknown inference key(s) {unknown}; "
+                            "accepted: ['min_area_ppm', 'min_peak', 'thresholds', 'tta']")
         tta = str(block.get("tta", cls.tta)).lower()
         if tta not in TTA_MODES:
             raise ConfError(f"{where}: inference.tta {tta!r}: use one of {sorted(TTA_MODES)}")
@@ -179,13 +190,17 @@ class InferenceSettings:
         peak = block.get("min_peak", cls.min_peak)
         if peak is not None and not (isinstance(peak, (int, float)) and not isinstance(peak, bool) and 0 <= peak < 1):
             raise ConfError(f"{where}: inference.min_peak {peak!r}: use a number in [0, 1) (0 or null: off)")
+        area = block.get("min_area_ppm", cls.min_area_ppm)
+        if area is not None and not (isinstance(area, (int, float)) and not isinstance(area, bool) and 0 <= area <= 1000):
+            raise ConfError(f"{where}: inference.min_area_ppm {area!r}: use a number in [0, 1000] (0 or null: off)")
         return cls(tta=tta, thresholds=thr if thr == "validation" else float(thr),
-                   min_peak=float(peak) if peak else None)
+                   min_peak=float(peak) if peak else None, min_area_ppm=float(area) if area else None)
 
 
 class LesionSegInfer(FundusInferTask):
     detect_landmarks = True
     params = {"threshold": Param.number(0, 1, words=("validation",)), "min_peak": Param.number(0, 1, high_open=True),
+              "min_area_ppm": Param.number(0, 1000),
               "output": Param.choice("label", "probabilities"), "tta": Param.choice(*sorted(TTA_MODES))}
 
     def __init__(self, name: str, model: ModelSettings, app: AppSettings):
@@ -224,12 +239,20 @@ class LesionSegInfer(FundusInferTask):
             return self.inference.min_peak
         return float(requested) or None
 
-    def masks_for(self, probs: np.ndarray, params: dict | None = None) -> list[np.ndarray] | None:
+    def min_area_ppm(self, requested=None) -> float | None:
+        """The minimum component area (ppm of the field of view) of a request (0: off), else the profile's."""
+        if requested is None or requested == "":
+            return self.inference.min_area_ppm
+        return float(requested) or None
+
+    def masks_for(self, probs: np.ndarray, fov: np.ndarray, params: dict | None = None) -> list[np.ndarray] | None:
         """What the label map and the statistics of a request with ``params`` count per lesion (None: every
         component of ``p >= threshold``); evaluation scores these masks (lib/evaluation.py)."""
         params = params or {}
         thr, _ = self.thresholds(params.get("threshold"))
-        return served_masks(probs, thr, self.min_peak(params.get("min_peak")))
+        ppm = self.min_area_ppm(params.get("min_area_ppm"))
+        area = min_area_px(ppm, int(np.count_nonzero(fov))) if ppm else 0
+        return served_masks(probs, thr, self.min_peak(params.get("min_peak")), area)
 
     full_resolution = staticmethod(probabilities_at_input)
 
@@ -251,7 +274,9 @@ class LesionSegInfer(FundusInferTask):
     def writer(self, data, extension=None, dtype=None):
         probs, fov, geom = self.full_resolution(data)
         thr, source = self.thresholds(data.get("threshold"))
-        masks = served_masks(probs, thr, peak := self.min_peak(data.get("min_peak")))
+        peak, ppm = self.min_peak(data.get("min_peak")), self.min_area_ppm(data.get("min_area_ppm"))
+        area = min_area_px(ppm, int(np.count_nonzero(fov))) if ppm else 0
+        masks = served_masks(probs, thr, peak, area)
         kind = str(data.get("output", "label")).lower()
         path = self.result_path(data)
         if kind == "probabilities":
@@ -272,6 +297,8 @@ class LesionSegInfer(FundusInferTask):
             "threshold": thr[0] if len(set(thr)) == 1 else dict(zip(LESIONS, thr)),
             "threshold_source": source,
             "min_peak": peak,
+            "min_area_ppm": ppm,
+            "min_area_px": area if ppm else None,
             "tta": str(data.get("tta") or self.inference.tta),
             "output": kind,
             "overlap_rule": "highest probability among lesions >= threshold",

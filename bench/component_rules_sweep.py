@@ -1,11 +1,13 @@
-"""The minimum component peak (`inference.min_peak`, hysteresis) of the served `lesion_seg`, swept: what it
-costs on lesions and what it removes on healthy eyes. Prints numbers; asserts nothing.
+"""The served `lesion_seg`'s component rules, swept: a minimum component peak (`inference.min_peak`,
+hysteresis) and a minimum component area (`inference.min_area_ppm`, parts per million of the field of
+view), each alone: what they cost on lesions and what they remove on healthy eyes. Prints numbers;
+asserts nothing.
 
-    .venv/bin/python bench/min_peak_sweep.py --checkpoint runs/X/lesion_seg.pt --profile cpu_negatives \
-        --peaks 0,0.6,0.7,0.8,0.9 --json sweep.json
+    .venv/bin/python bench/component_rules_sweep.py --checkpoint runs/X/lesion_seg.pt --profile cpu_negatives \
+        --peaks 0.6,0.7,0.8,0.9 --areas 1,2,3,5,10 --json sweep.json
 
 Each photograph goes once through the served inference path (`task.predict`, as `/infer/lesion_seg`);
-for every peak the served masks (`lib/infers/lesion_seg.py served_masks`, at the thresholds the task
+for every rule the served masks (`lib/infers/lesion_seg.py served_masks`, at the thresholds the task
 serves) are then scored:
 
 - IDRiD validation split (`--dataset`, ids ending in 0 or 5): pooled Dice per lesion inside the field
@@ -13,8 +15,8 @@ serves) are then scored:
 - grade-0 photographs of the graded_dr validation patients (`--graded`): the fraction with any lesion
   component, components per eye, predicted area as a fraction of the field of view.
 
-`--rule`: the peak the rule picks from the IDRiD columns alone (the largest whose mean Dice is within
-`--tolerance` of no peak); the healthy-eye columns never choose.
+The rule: for each kind, the largest value whose IDRiD mean Dice is within `--tolerance` of no rule; it
+reads the IDRiD columns alone, the healthy-eye columns never choose.
 """
 
 from __future__ import annotations
@@ -40,7 +42,8 @@ def main() -> int:
     p.add_argument("--set", help="profile overrides as --conf lesion_seg_set takes them, e.g. image_size=1536")
     p.add_argument("--dataset", default="idrid:" + os.path.join(ROOT, "..", "shared", "data", "idrid_train"))
     p.add_argument("--graded", default=os.path.join(ROOT, "..", "shared", "data", "graded_dr"))
-    p.add_argument("--peaks", default="0,0.6,0.7,0.8,0.9")
+    p.add_argument("--peaks", default="0.6,0.7,0.8,0.9", help="minimum peaks to try (each with no area rule)")
+    p.add_argument("--areas", default="1,2,3,5,10", help="minimum areas to try, ppm of the FOV (each with no peak rule)")
     p.add_argument("--tolerance", type=float, default=0.01, help="mean Dice the rule may give up on IDRiD validation")
     p.add_argument("--json")
     a = p.parse_args()
@@ -51,10 +54,12 @@ def main() -> int:
     from monailabel_dr.fundus.lesions import LESIONS
     from monailabel_dr.fundus.patients import patient_split
     from monailabel_dr.lib.evaluation import idrid_ids
-    from monailabel_dr.lib.infers.lesion_seg import served_masks
+    from monailabel_dr.lib.infers.lesion_seg import min_area_px, served_masks
     from monailabel_dr.metrics.regression import WeakMaskAccumulator
 
-    peaks = [float(x) for x in a.peaks.split(",")]
+    rules = [("off", 0.0, 0.0)] + [("min_peak", float(x), 0.0) for x in a.peaks.split(",") if x.strip()] \
+        + [("min_area_ppm", 0.0, float(x)) for x in a.areas.split(",") if x.strip()]
+    names = [f"{kind} {pk if kind == 'min_peak' else ar:g}" if kind != "off" else "off" for kind, pk, ar in rules]
     conf = {"models": "lesion_seg", "lesion_seg_profile": a.profile, "model_dir": tempfile.mkdtemp(prefix="mldr_mp_"),
             "device": "cpu", "lesion_seg_checkpoint": os.path.realpath(a.checkpoint)}
     if a.set:
@@ -63,23 +68,24 @@ def main() -> int:
     thr, source = task.thresholds()
     t0 = time.time()
 
-    def masks_at(probs, peak):
-        m = served_masks(probs, thr, peak)
+    def masks_at(probs, fov, rule):
+        _, peak, ppm = rule
+        m = served_masks(probs, thr, peak, min_area_px(ppm, int(np.count_nonzero(fov))) if ppm else 0)
         return m if m is not None else [(probs[i] >= thr[i]).astype(np.uint8) for i in range(len(LESIONS))]
 
     folder, ids = idrid_ids(a.dataset, "val")
-    acc = {pk: WeakMaskAccumulator(LESIONS) for pk in peaks}
+    acc = {n: WeakMaskAccumulator(LESIONS) for n in names}
     for image_id in ids:
         probs, fov = task.predict(idrid_image_path(folder, image_id))
         truth = idrid_masks(folder, image_id, shape=fov.shape)
-        for pk in peaks:
-            m = masks_at(probs, pk)
-            acc[pk].update({les: m[i] for i, les in enumerate(LESIONS)}, truth, fov)
+        for n, rule in zip(names, rules):
+            m = masks_at(probs, fov, rule)
+            acc[n].update({les: m[i] for i, les in enumerate(LESIONS)}, truth, fov)
     idrid = {}
-    for pk in peaks:
-        c = acc[pk].compute()
-        idrid[pk] = {les: c[les]["dice"] for les in LESIONS}
-        idrid[pk]["mean"] = float(np.mean([c[les]["dice"] for les in LESIONS]))
+    for n in names:
+        c = acc[n].compute()
+        idrid[n] = {les: c[les]["dice"] for les in LESIONS}
+        idrid[n]["mean"] = float(np.mean([c[les]["dice"] for les in LESIONS]))
 
     with open(os.path.join(a.graded, "grades.csv")) as f:
         grades = {r["image"]: int(r["grade"]) for r in csv.DictReader(f)}
@@ -87,33 +93,38 @@ def main() -> int:
     _, val = patient_split(gids, [grades[i] for i in gids], val_fraction=0.2)
     healthy = [i for i in sorted(val) if grades[i] == 0]
     files = {os.path.splitext(n)[0]: os.path.join(a.graded, "images", n) for n in os.listdir(os.path.join(a.graded, "images"))}
-    rows = {pk: [] for pk in peaks}
+    rows = {n: [] for n in names}
     for image_id in healthy:
         probs, fov = task.predict(files[image_id])
         area = float(fov.sum())
-        for pk in peaks:
-            m = masks_at(probs, pk)
+        for n, rule in zip(names, rules):
+            m = masks_at(probs, fov, rule)
             comps = [connected_components(m[i] & fov.view(np.uint8)).n for i in range(len(LESIONS))]
-            rows[pk].append({"components": dict(zip(LESIONS, comps)),
+            rows[n].append({"components": dict(zip(LESIONS, comps)),
                              "area_fraction": float(sum(int((m[i] & fov.view(np.uint8)).sum()) for i in range(len(LESIONS))) / area)})
-    g0 = {pk: {"images_with_any_component": float(np.mean([sum(r["components"].values()) > 0 for r in rows[pk]])),
-               "components_per_eye": {les: float(np.mean([r["components"][les] for r in rows[pk]])) for les in LESIONS},
-               "mean_area_fraction_of_fov": float(np.mean([r["area_fraction"] for r in rows[pk]]))} for pk in peaks}
+    g0 = {n: {"images_with_any_component": float(np.mean([sum(r["components"].values()) > 0 for r in rows[n]])),
+              "components_per_eye": {les: float(np.mean([r["components"][les] for r in rows[n]])) for les in LESIONS},
+              "mean_area_fraction_of_fov": float(np.mean([r["area_fraction"] for r in rows[n]]))} for n in names}
 
-    base = idrid[peaks[0]]["mean"]
-    chosen = max([pk for pk in peaks if idrid[pk]["mean"] >= base - a.tolerance], default=peaks[0])
+    base = idrid["off"]["mean"]
+    chosen = {}
+    for kind in ("min_peak", "min_area_ppm"):
+        ok = [(pk if kind == "min_peak" else ar) for (k, pk, ar), n in zip(rules, names)
+              if k == kind and idrid[n]["mean"] >= base - a.tolerance]
+        chosen[kind] = max(ok) if ok else None
     report = {"checkpoint": os.path.realpath(a.checkpoint), "profile": a.profile, "set": a.set,
               "thresholds": dict(zip(LESIONS, thr)), "threshold_source": source,
               "idrid_val_images": len(ids), "grade0_val_images": len(healthy),
               "idrid_val_dice": idrid, "grade0": g0,
-              "rule": f"largest peak with IDRiD validation mean Dice >= {base:.4f} - {a.tolerance}", "rule_picks": chosen,
+              "rule": f"for each kind, the largest value with IDRiD validation mean Dice >= {base:.4f} - {a.tolerance}",
+              "rule_picks": chosen,
               "seconds": round(time.time() - t0, 1)}
-    print("| min_peak | IDRiD val Dice MA / HE / EX / SE | mean | grade-0 eyes with any component | "
+    print("| rule | IDRiD val Dice MA / HE / EX / SE | mean | grade-0 eyes with any component | "
           "components per eye MA / HE / EX / SE | area, % of FOV |")
     print("|---|---|---|---|---|---|")
-    for pk in peaks:
-        d, g = idrid[pk], g0[pk]
-        print(f"| {pk:g} | " + " / ".join(f"{d[les]:.3f}" for les in LESIONS) + f" | {d['mean']:.3f} | "
+    for n in names:
+        d, g = idrid[n], g0[n]
+        print(f"| {n} | " + " / ".join(f"{d[les]:.3f}" for les in LESIONS) + f" | {d['mean']:.3f} | "
               f"{100 * g['images_with_any_component']:.0f} % | "
               + " / ".join(f"{g['components_per_eye'][les]:.2f}" for les in LESIONS)
               + f" | {100 * g['mean_area_fraction_of_fov']:.3f} % |")
