@@ -153,9 +153,9 @@ def test_min_peak_drops_faint_components_from_the_label_map_and_the_statistics()
 def test_min_area_is_parts_per_million_of_the_field_of_view():
     from monailabel_dr.lib.infers.lesion_seg import min_area_px
 
-    assert min_area_px(3, 9_300_000) == 28          # an IDRiD field of view
-    assert min_area_px(3, 9_300_000 // 4) == 7      # the same photograph at half the size: the same rule
-    assert min_area_px(None, 9_300_000) == 1 and min_area_px(0, 100) == 1
+    assert min_area_px(3, 8_450_000) == 26          # an IDRiD field of view (IDRiD_05: 8.46 M px)
+    assert min_area_px(3, 8_450_000 // 4) == 7      # the same photograph at half the size: the same rule
+    assert min_area_px(None, 8_450_000) == 1 and min_area_px(0, 100) == 1
 
 
 # ---------------------------------------------------------------- test-time flips

@@ -82,7 +82,7 @@ def label_map_from_probs(probs: np.ndarray, threshold, bbox: tuple[int, int, int
 
 def min_area_px(min_area_ppm: float | None, fov_area_px: int) -> int:
     """A minimum component area given in parts per million of the field of view, in pixels of this image (at
-    least 1): the same rule at every resolution (3 ppm is 28 px on a 4288 x 2848 IDRiD photograph)."""
+    least 1): the same rule at every resolution (3 ppm is 26 px on a 4288 x 2848 IDRiD photograph)."""
     return max(1, int(np.ceil(float(min_area_ppm or 0) * 1e-6 * float(fov_area_px))))
 
 
