@@ -22,37 +22,31 @@ reads the IDRiD columns alone, the healthy-eye columns never choose.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import sys
-import tempfile
 import time
 
 import numpy as np
 
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from healthy_eyes import GRADED, ROOT, add_task_args, grade0_images, lesion_task  # noqa: E402
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--profile", default="cpu_negatives")
-    p.add_argument("--set", help="profile overrides as --conf lesion_seg_set takes them, e.g. image_size=1536")
+    add_task_args(p)
     p.add_argument("--dataset", default="idrid:" + os.path.join(ROOT, "..", "shared", "data", "idrid_train"))
-    p.add_argument("--graded", default=os.path.join(ROOT, "..", "shared", "data", "graded_dr"))
+    p.add_argument("--graded", default=GRADED)
     p.add_argument("--peaks", default="0.6,0.7,0.8,0.9", help="minimum peaks to try (each with no area rule)")
     p.add_argument("--areas", default="1,2,3,5,10", help="minimum areas to try, ppm of the FOV (each with no peak rule)")
     p.add_argument("--tolerance", type=float, default=0.01, help="mean Dice the rule may give up on IDRiD validation")
     p.add_argument("--json")
     a = p.parse_args()
 
-    from monailabel_dr.cli import make_app
     from monailabel_dr.fundus.components import connected_components
     from monailabel_dr.fundus.idrid import idrid_image_path, idrid_masks
     from monailabel_dr.fundus.lesions import LESIONS
-    from monailabel_dr.fundus.patients import patient_split
     from monailabel_dr.lib.evaluation import idrid_ids
     from monailabel_dr.lib.infers.lesion_seg import min_area_px, served_masks
     from monailabel_dr.metrics.regression import WeakMaskAccumulator
@@ -60,11 +54,7 @@ def main() -> int:
     rules = [("off", 0.0, 0.0)] + [("min_peak", float(x), 0.0) for x in a.peaks.split(",") if x.strip()] \
         + [("min_area_ppm", 0.0, float(x)) for x in a.areas.split(",") if x.strip()]
     names = [f"{kind} {pk if kind == 'min_peak' else ar:g}" if kind != "off" else "off" for kind, pk, ar in rules]
-    conf = {"models": "lesion_seg", "lesion_seg_profile": a.profile, "model_dir": tempfile.mkdtemp(prefix="mldr_mp_"),
-            "device": "cpu", "lesion_seg_checkpoint": os.path.realpath(a.checkpoint)}
-    if a.set:
-        conf["lesion_seg_set"] = a.set
-    task = make_app(tempfile.mkdtemp(prefix="mldr_mp_store_"), conf)._infers["lesion_seg"]
+    task = lesion_task(a)
     thr, source = task.thresholds()
     t0 = time.time()
 
@@ -87,15 +77,10 @@ def main() -> int:
         idrid[n] = {les: c[les]["dice"] for les in LESIONS}
         idrid[n]["mean"] = float(np.mean([c[les]["dice"] for les in LESIONS]))
 
-    with open(os.path.join(a.graded, "grades.csv")) as f:
-        grades = {r["image"]: int(r["grade"]) for r in csv.DictReader(f)}
-    gids = sorted(grades)
-    _, val = patient_split(gids, [grades[i] for i in gids], val_fraction=0.2)
-    healthy = [i for i in sorted(val) if grades[i] == 0]
-    files = {os.path.splitext(n)[0]: os.path.join(a.graded, "images", n) for n in os.listdir(os.path.join(a.graded, "images"))}
+    healthy = grade0_images(a.graded)
     rows = {n: [] for n in names}
-    for image_id in healthy:
-        probs, fov = task.predict(files[image_id])
+    for _, path in healthy:
+        probs, fov = task.predict(path)
         area = float(fov.sum())
         for n, rule in zip(names, rules):
             m = masks_at(probs, fov, rule)

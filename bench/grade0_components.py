@@ -13,51 +13,36 @@ task serves); the disc is `fundus/landmarks.py`'s, as the served answer reports 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import sys
-import tempfile
 
 import numpy as np
 
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from healthy_eyes import GRADED, add_task_args, grade0_images, lesion_task  # noqa: E402
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--profile", default="cpu_negatives")
-    p.add_argument("--set", help="profile overrides as --conf lesion_seg_set takes them")
-    p.add_argument("--graded", default=os.path.join(ROOT, "..", "shared", "data", "graded_dr"))
+    add_task_args(p)
+    p.add_argument("--graded", default=GRADED)
     p.add_argument("--json")
     a = p.parse_args()
 
-    from monailabel_dr.cli import make_app
     from monailabel_dr.fundus import geometry, io, landmarks
     from monailabel_dr.fundus.components import connected_components
     from monailabel_dr.fundus.lesions import LESIONS
-    from monailabel_dr.fundus.patients import patient_split
     from monailabel_dr.lib.infers.lesion_seg import served_masks
 
-    with open(os.path.join(a.graded, "grades.csv")) as f:
-        grades = {r["image"]: int(r["grade"]) for r in csv.DictReader(f)}
-    ids = sorted(grades)
-    _, val = patient_split(ids, [grades[i] for i in ids], val_fraction=0.2)
-    healthy = [i for i in sorted(val) if grades[i] == 0]
-    files = {os.path.splitext(n)[0]: os.path.join(a.graded, "images", n) for n in os.listdir(os.path.join(a.graded, "images"))}
-    conf = {"models": "lesion_seg", "lesion_seg_profile": a.profile, "model_dir": tempfile.mkdtemp(prefix="mldr_g0c_"),
-            "device": "cpu", "lesion_seg_checkpoint": os.path.realpath(a.checkpoint)}
-    if a.set:
-        conf["lesion_seg_set"] = a.set
-    task = make_app(tempfile.mkdtemp(prefix="mldr_g0c_store_"), conf)._infers["lesion_seg"]
+    healthy = grade0_images(a.graded)
+    task = lesion_task(a)
     thr, _ = task.thresholds()
     comps: dict[str, list] = {les: [] for les in LESIONS}
     no_disc = 0
-    for image_id in healthy:
-        probs, fov = task.predict(files[image_id])
-        rgb = io.read_image(files[image_id])
+    for image_id, path in healthy:
+        probs, fov = task.predict(path)
+        rgb = io.read_image(path)
         found = landmarks.detect_landmarks(rgb, geometry.detect_fov(io.to_rgb_float(rgb)))
         masks = served_masks(probs, thr, task.min_peak())
         for k, les in enumerate(LESIONS):

@@ -12,53 +12,37 @@ mean and median number of components, and the mean predicted area, per lesion an
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import sys
-import tempfile
 import time
 
 import numpy as np
 
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from healthy_eyes import GRADED, add_task_args, grade0_images, lesion_task  # noqa: E402
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--folder", default=os.path.join(ROOT, "..", "shared", "data", "graded_dr"))
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--profile", default="cpu")
+    p.add_argument("--folder", default=GRADED)
+    add_task_args(p, profile="cpu")
     p.add_argument("--split", default="val", choices=["val", "train", "all"])
     p.add_argument("--max-images", type=int, default=0)
-    p.add_argument("--set", help="profile overrides as --conf lesion_seg_set takes them, e.g. inference.tta=hflip")
     p.add_argument("--json")
     a = p.parse_args()
 
-    from monailabel_dr.cli import make_app
     from monailabel_dr.fundus.lesions import LESIONS
-    from monailabel_dr.fundus.patients import patient_split
 
-    with open(os.path.join(a.folder, "grades.csv")) as f:
-        rows = {r["image"]: int(r["grade"]) for r in csv.DictReader(f)}
-    ids = sorted(rows)
-    train, val = patient_split(ids, [rows[i] for i in ids], val_fraction=0.2)
-    chosen = {"val": val, "train": train, "all": ids}[a.split]
-    healthy = [i for i in sorted(chosen) if rows[i] == 0]
+    found = grade0_images(a.folder, a.split)
     if a.max_images:
-        healthy = healthy[:a.max_images]
-    images = {os.path.splitext(n)[0]: os.path.join(a.folder, "images", n) for n in os.listdir(os.path.join(a.folder, "images"))}
-
-    conf = {"models": "lesion_seg", "lesion_seg_profile": a.profile, "model_dir": tempfile.mkdtemp(prefix="mldr_g0_"),
-            "device": "cpu", "lesion_seg_checkpoint": os.path.realpath(a.checkpoint)}
-    if a.set:
-        conf["lesion_seg_set"] = a.set
-    task = make_app(tempfile.mkdtemp(prefix="mldr_g0_store_"), conf)._infers["lesion_seg"]
+        found = found[:a.max_images]
+    healthy = [i for i, _ in found]
+    task = lesion_task(a)
     per_image = []
     t0 = time.time()
-    for image_id in healthy:
-        ans = task.answer(images[image_id])
+    for image_id, path in found:
+        ans = task.answer(path)
         fov = float(ans["fov_area_px"])
         les = ans["lesions"]
         per_image.append({"image": image_id,
