@@ -118,6 +118,13 @@ def test_checkpoint_of_a_tiny_model_and_the_val_split(idrid_folder, tmp_path):
         assert set(m) >= {"dice_pooled", "dice_per_image_mean", "iou_pooled", "auc_pr", "auc_roc", "image_auc", "ci"}
         assert m["auc_roc"] is None or 0.0 <= m["auc_roc"] <= 1.0
         assert set(report["froc"][les]) >= {"froc_score", "sensitivity", "fp_rates"}
+    assert "served_masks" not in report   # no component rule: the served masks are the thresholded maps
+    # with component rules the report scores the masks the label map would hold (the same function as /infer)
+    ruled = _evaluate(idrid_folder, tmp_path / "rules.json", "--checkpoint", str(ckpt), "--split", "val",
+                      "--conf", "profile", "tiny", "--conf", "lesion_seg_set", "inference.min_peak=0.9,inference.min_area_ppm=50")
+    sm = ruled["served_masks"]
+    assert sm["min_peak"] == 0.9 and sm["min_area_ppm"] == 50.0 and set(sm["dice_pooled"]) == set(LESIONS)
+    assert ruled["segmentation"] == report["segmentation"]   # probability metrics do not depend on the rules
 
 
 def test_lesion_sam_ablations_train_and_evaluate(idrid_folder, tmp_path):

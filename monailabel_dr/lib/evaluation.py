@@ -306,8 +306,8 @@ def evaluate_lesions(dataset: str, task=None, predictions: str | None = None, sp
     seg = LesionSegAccumulator(threshold=threshold)
     froc = {les: FROCAccumulator(overlap=froc_overlap, mode=froc_mode) for les in LESIONS}
     chance = WeakMaskAccumulator(LESIONS)
-    peak_masks = WeakMaskAccumulator(LESIONS)   # the served masks, when the task has a minimum component peak
-    peak_used = False
+    served_acc = WeakMaskAccumulator(LESIONS)   # the served masks, when the task applies component rules
+    rules_used = False
     t0 = time.time()
     for image_id in ids:
         img_path = idrid_image_path(folder, image_id)
@@ -324,8 +324,8 @@ def evaluate_lesions(dataset: str, task=None, predictions: str | None = None, sp
             masks = None
         truth = idrid_masks(folder, image_id, shape=shape)
         if masks is not None:
-            peak_masks.update({les: masks[i] for i, les in enumerate(LESIONS)}, truth, fov)
-            peak_used = True
+            served_acc.update({les: masks[i] for i, les in enumerate(LESIONS)}, truth, fov)
+            rules_used = True
         seg.update(image_id, probs, truth, fov)
         chance.update({les: probs[les] >= threshold for les in LESIONS}, truth, fov)
         for les in LESIONS:
@@ -356,9 +356,9 @@ def evaluate_lesions(dataset: str, task=None, predictions: str | None = None, sp
         report["params"] = params or {}
         if served is not None:
             report["served_thresholds"] = {"thresholds": served, "source": served_source}
-        if peak_used:
-            # what the label map and the statistics count with a minimum component peak: pooled Dice of those masks
-            computed = peak_masks.compute()
+        if rules_used:
+            # what the label map and the statistics count under the component rules: pooled Dice of those masks
+            computed = served_acc.compute()
             report["served_masks"] = {"min_peak": task.min_peak((params or {}).get("min_peak")),
                                       "min_area_ppm": task.min_area_ppm((params or {}).get("min_area_ppm")),
                                       "dice_pooled": {les: computed[les]["dice"] for les in LESIONS},

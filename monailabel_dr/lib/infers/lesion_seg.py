@@ -55,8 +55,8 @@ def label_map_from_probs(probs: np.ndarray, threshold, bbox: tuple[int, int, int
     the first lesion), 0 where none is. ``threshold``: one number, or one per lesion (``per_lesion``).
     ``bbox`` (y0, y1, x0, x1): the probabilities are 0 outside it (the field of view's box), so with
     thresholds > 0 only the box is computed. ``masks``: the served masks per lesion (:func:`served_masks`)
-    where they are more than ``probs >= threshold`` (a minimum component peak); a lesion is only taken
-    inside its mask.
+    where they are less than ``probs >= threshold`` (a minimum component peak or area); a lesion is only
+    taken inside its mask.
 
     One pass per lesion with a running maximum: the same map as ``argmax(where(p >= t, p, -1), axis=0)``
     (first index on ties), but ``np.argmax`` over the first axis of a 4 x 12 MP array is a strided scan
