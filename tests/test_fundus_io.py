@@ -25,6 +25,7 @@ from monailabel_dr.fundus.io import (
     FundusIOError,
     file_extension,
     is_grey,
+    label_values,
     read_image,
     read_label,
     read_multichannel,
@@ -602,3 +603,21 @@ def test_multichannel_round_trip(tmp_path: Path, ext: str) -> None:
         write_multichannel(tmp_path / "p.png", maps, names)
     with pytest.raises(ValueError, match="names"):
         write_multichannel(tmp_path / f"q{ext}", maps, names[:2])
+
+
+# --------------------------------------------------------------------------- label values
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int8, np.uint16, np.int16, np.int32, np.int64, bool, np.float32])
+def test_label_values_is_np_unique(dtype) -> None:
+    """io.label_values (a one-pass table for integer maps) answers what np.unique does, negative values,
+    a single value, an empty map and wide ranges (np.unique's fallback) included."""
+    rng = np.random.default_rng(3)
+    cases = [rng.integers(0, 5, (40, 60)), rng.integers(-7, 3, (40, 60)), np.full((5, 4), 3), np.zeros((0, 4)),
+             np.array([[0, 1 << 21], [5, 5]])]
+    for arr in cases:
+        a = arr.astype(dtype)
+        if np.dtype(dtype).kind in "iu" and not np.array_equal(a, arr):
+            continue   # the case does not fit the type (a negative in uint8, 2^21 in int16...)
+        got = label_values(a)
+        assert got.tolist() == np.unique(a).tolist(), (dtype, arr)

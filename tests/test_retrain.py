@@ -135,3 +135,17 @@ def test_saved_corrections_fine_tune_the_served_model_and_labels_saved_meanwhile
             assert g["labels_pending"] == 1 and g["labels_since_last_model"] == 1
         else:
             assert during["counted"] == "in_queued_job" and g["last_done"]["labels"] == 3
+
+
+def test_info_writes_the_state_file_only_when_it_changes(tmp_path):
+    """/info reads the bookkeeping on every poll: the state file is rewritten when its content changes, not per call."""
+    r, _ = _scheduler(tmp_path, after=5)
+    state = tmp_path / "state.json"
+    r.on_saved("a", "final", "grade")
+    assert json.loads(state.read_text())["grading"]["pending"] == ["a"]
+    state.write_text("sentinel")          # any rewrite would replace it
+    for _ in range(3):
+        r.info()
+    assert state.read_text() == "sentinel"
+    r.on_saved("b", "final", "grade")     # a change is written
+    assert json.loads(state.read_text())["grading"]["pending"] == ["a", "b"]

@@ -601,6 +601,33 @@ def write_image(path: PathLike, rgb_uint8: np.ndarray) -> str:
 # --------------------------------------------------------------------------- public: labels
 
 
+def label_values(label: np.ndarray) -> np.ndarray:
+    """The distinct values of a label map, sorted (what ``np.unique(label)`` returns, as int64).
+
+    Not ``np.unique``: it sorts every pixel, ~0.5 s for a 12 MP int16 map (3D Slicer's label type), and a
+    label save asks for the values several times. Label maps hold few small integers, so flagging them in
+    a table of the value range is one pass (~0.02 s). ``np.unique`` stays for float maps and for
+    integers spread over more than 2^20 values."""
+    arr = np.asarray(label)
+    if arr.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    if arr.dtype == bool:
+        arr = arr.view(np.uint8)   # a bool index would be a mask, not positions
+    if arr.dtype.kind not in "iu":
+        return np.unique(arr)
+    lo, hi = int(arr.min()), int(arr.max())
+    if hi - lo > 1 << 20:
+        return np.unique(arr).astype(np.int64)
+    seen = np.zeros(hi - lo + 1, dtype=bool)
+    flat = arr.ravel()
+    if lo < 0:
+        flat = flat.astype(np.int64) - lo   # in the array's own type the shift could overflow
+    elif lo > 0:
+        flat = flat - lo
+    seen[flat] = True
+    return np.flatnonzero(seen) + lo
+
+
 def _label_dtype(label: np.ndarray) -> np.dtype:
     if label.size and int(label.min()) < 0:
         raise ValueError("label values must be >= 0")
@@ -638,7 +665,7 @@ def _segment_fields(
         if colors is None:
             colors = {LESION_VALUES[c]: LESION_COLORS[c] for c in LESIONS}
     names = {int(v): str(n) for v, n in label_names.items() if int(v) != 0}
-    present = [int(v) for v in np.unique(label) if v != 0]
+    present = [int(v) for v in label_values(label) if v != 0]
     for v in present:
         names.setdefault(v, f"Label {v}")
     fields: dict[str, str] = {}
@@ -774,7 +801,7 @@ def _merge_layers(stack: np.ndarray, name: str) -> np.ndarray:
     """(H, W, L) Slicer layers -> (H, W): refuse overlaps that one label map cannot hold."""
     if stack.shape[2] == 1:
         return stack[..., 0]
-    values = [set(np.unique(stack[..., i]).tolist()) - {0} for i in range(stack.shape[2])]
+    values = [set(label_values(stack[..., i]).tolist()) - {0} for i in range(stack.shape[2])]
     for i in range(len(values)):
         for j in range(i + 1, len(values)):
             if values[i] & values[j]:

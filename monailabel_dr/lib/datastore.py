@@ -173,11 +173,11 @@ class FundusDatastore(LocalDatastore):
             if lab.shape != (h, w):
                 raise BadInput(f"label map is {lab.shape[1]}x{lab.shape[0]} but image '{image_id}' is {w}x{h} (width x height)")
             # 3D Slicer numbers exported segments by position: translate by segment name (lib/slicer.py)
-            named = slicer.lesion_value_map(label_filename, ext, label_info,
-                                            present={int(v) for v in np.unique(lab) if v != 0})
+            values = io.label_values(lab)
+            named = slicer.lesion_value_map(label_filename, ext, label_info, present={int(v) for v in values if v != 0})
             if named is not None:
-                lab = slicer.to_lesion_values(lab, *named)
-            values = np.unique(lab)
+                lab = slicer.to_lesion_values(lab, *named, values=values)
+                values = io.label_values(lab)
             if values.min() < 0 or values.max() > len(LESIONS):
                 raise BadInput(
                     f"label map values must be 0 (background) or 1-{len(LESIONS)} "

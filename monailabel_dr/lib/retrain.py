@@ -67,6 +67,7 @@ class RetrainOnCorrection:
         self.learns_from = {name: tuple(m.spec.learns_from) for name, m in settings.models.items() if name in set(trainers)}
         self.submit = submit
         self.state_path = state_path
+        self._written: dict | None = None   # what the state file holds (written again only when it changes)
         self._lock = threading.RLock()   # AsyncTask.run (called under it) asks the app for info(), which reads this state
         self._state = {name: _ModelState() for name in self.learns_from}
         self._load()
@@ -94,10 +95,13 @@ class RetrainOnCorrection:
         # labels of jobs that have not finished are written as pending: after a restart they count again
         data = {name: {"pending": [*(st.job_labels if st.job and st.job.get("status") in ACTIVE else []), *st.pending]}
                 for name, st in self._state.items()}
+        if data == self._written:   # /info calls this on every poll: no write when nothing changed
+            return
         tmp = f"{self.state_path}.tmp{os.getpid()}"
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(data, f, indent=1)
         os.replace(tmp, self.state_path)
+        self._written = data
 
     # ------------------------------------------------------------------ bookkeeping
     def _reconcile(self, st: _ModelState) -> None:

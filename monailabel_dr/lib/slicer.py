@@ -29,6 +29,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from monailabel_dr.fundus.io import label_values
 from monailabel_dr.fundus.lesions import LESION_COLORS, LESION_NAMES, LESION_VALUES, LESIONS
 from monailabel_dr.lib.errors import BadInput
 
@@ -138,13 +139,15 @@ def lesion_value_map(label_path: str, ext: str, label_info: Mapping[str, Any] | 
     return _names_from_label_info((label_info or {}).get("label_info"), present)
 
 
-def to_lesion_values(label: np.ndarray, names: Mapping[int, str], source: str) -> np.ndarray:
+def to_lesion_values(label: np.ndarray, names: Mapping[int, str], source: str,
+                     values: np.ndarray | None = None) -> np.ndarray:
     """Translate a label map's values to lesion values (MA 1, HE 2, EX 3, SE 4) by segment name.
 
     Values without a name, or named something that is not a lesion, are refused (422) when
     they occur in the map; unused segments (e.g. empty ones Slicer exports too) are ignored.
+    ``values``: the map's distinct values when the caller has them already (``io.label_values``).
     """
-    present = [int(v) for v in np.unique(label) if v != 0]
+    present = [int(v) for v in (label_values(label) if values is None else values) if v != 0]
     lut: dict[int, int] = {}
     bad = []
     for v in present:
