@@ -1,8 +1,10 @@
 """Concurrent load on a real `monailabel start_server` while a training job runs, new vs stock.
 
-For each serving mode (``offload``: this app's requests in worker threads, lib/offload.py;
-``stock``: ``--conf offload false``, MONAI Label's own handling, every request on the event
-loop) the script starts the app (uvicorn, one worker, loopback port) on a phantom datastore,
+For each serving mode (``stock``: ``--conf offload false``, MONAI Label's own handling, every
+request on the event loop; ``offload``: this app's requests in worker threads, lib/offload.py,
+inference in the server process; ``workers``: the default, inference in a worker process, waiting
+inferences admitted by response ratio; ``workers_arrival``: the same, first come first served)
+the script starts the app (uvicorn, one worker, loopback port) on a phantom datastore,
 trains a tiny `lesion_seg` and `grading` so /infer has models to serve, and measures:
 
 1. single-request latency of each endpoint alone (server idle; median of 3): `/infer` of
@@ -17,10 +19,10 @@ trains a tiny `lesion_seg` and `grading` so /infer has models to serve, and meas
    each during its own training job; the table pools their requests and says in how many bursts
    the inference p95 held its bound (see :func:`targets` for the bound).
 
-Prints a table (p50 / p95 per endpoint, errors, lost labels; the stock / offload ratio and the
-issue's targets) and one JSON object. Asserts nothing (tests/test_load.py does, at small N).
+Prints a table (p50 / p95 per endpoint, errors, lost labels; the stock / new ratios, the
+issue's targets, and /infer per model) and one JSON object. Asserts nothing (tests/test_load.py does, at small N).
 
-    .venv/bin/python bench/load_test.py                          # three modes, N = 20 and 40, 3 bursts each
+    .venv/bin/python bench/load_test.py                          # four modes, N = 20 and 40, 3 bursts each
     .venv/bin/python bench/load_test.py --modes offload --loads 20 --json load.json
 """
 
@@ -335,7 +337,8 @@ def _pooled(phases: list[dict]) -> dict:
 
 def run_mode(offload: bool = True, loads=(20,), n_labels: int | None = None, workers: int | None = None,
              train_epochs: int = 40, seed: int = 0, workdir: str | None = None, keep: bool = False,
-             singles: bool = True, conf: dict | None = None, repeats: int = 1, log=print) -> dict:
+             singles: bool = True, conf: dict | None = None, repeats: int = 1, log=print,
+             mode_name: str | None = None) -> dict:
     """One server in one serving mode: single-request latencies, then ``repeats`` load phases (bursts, each
     during its own training job) per N in ``loads`` (N infers + ``n_labels`` or N label saves, on images no
     earlier phase saved on). ``phases``: one per burst; ``pooled``: one per N, the bursts together."""
@@ -355,7 +358,7 @@ def run_mode(offload: bool = True, loads=(20,), n_labels: int | None = None, wor
     spare = ids[8:14]                             # single-request label saves
     c = {"models": "grading,lesion_seg", "offload": "true" if offload else "false"}
     c.update(conf or {})
-    mode = "stock" if not offload else ("workers" if int(c.get("infer_workers", 0) or 0) > 0 else "offload")
+    mode = mode_name or ("stock" if not offload else ("workers" if int(c.get("infer_workers", 0) or 0) > 0 else "offload"))
     result: dict = {"mode": mode, "conf": c, "images": n_images, "image_size": list(size), "phases": []}
     with running_server(store, base / "model", conf=c, log_path=base / "server.log") as url:
         log(f"[{result['mode']}] server up at {url} ({time.time() - t_start:.1f} s)")
@@ -436,13 +439,20 @@ def table(modes: list[dict]) -> str:
                          f"| {ph['label']['p50_s']} / {ph['label']['p95_s']} | {ph['info']['p50_s']} / {ph['info']['p95_s']} "
                          f"| {ph['errors']} | {ph['lost_labels']} | {ph['load_wall_s']} |")
     by = {m["mode"]: m for m in modes}
-    for other in ("offload", "workers"):
+    for other in ("offload", "workers", "workers_arrival"):
         if "stock" not in by or other not in by:
             continue
         lines += ["", f"| N | stock / {other} p95: /infer | /datastore/label | /info |", "|---|---|---|---|"]
         for a, b in zip(by["stock"].get("pooled") or by["stock"]["phases"], by[other].get("pooled") or by[other]["phases"]):
             r = [round(a[k]["p95_s"] / b[k]["p95_s"], 1) if b[k]["p95_s"] else None for k in ("infer", "label", "info")]
             lines.append(f"| {a['n_infer']} | {r[0]}x | {r[1]}x | {r[2]}x |")
+    lines += ["", "| mode | N | /infer p50 / p95 / max s: " + " | ".join(MODELS) + " |", "|---|---|" + "---|" * len(MODELS)]
+    for m in modes:
+        for ph in m.get("pooled") or m["phases"]:
+            by_model = ph.get("infer_by_model") or {}
+            cells = [f"{by_model[k]['p50_s']} / {by_model[k]['p95_s']} / {by_model[k]['max_s']}" if k in by_model else ""
+                     for k in MODELS]
+            lines.append(f"| {m['mode']} | {ph['n_infer']} | " + " | ".join(cells) + " |")
     singles = [m for m in modes if m.get("single_s")]
     if singles:
         keys = list(singles[0]["single_s"])
@@ -455,9 +465,11 @@ def table(modes: list[dict]) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--modes", default="stock,offload,workers",
+    p.add_argument("--modes", default="stock,offload,workers,workers_arrival",
                    help="comma list of serving modes: stock (--conf offload false), offload (worker threads), "
-                        "workers (worker threads and --conf infer_workers 1: inference in a worker process)")
+                        "workers (worker threads and --conf infer_workers 1: inference in a worker process; waiting "
+                        "inferences admitted by response ratio, the default --conf infer_order), workers_arrival "
+                        "(the same, first come first served: --conf infer_order arrival)")
     p.add_argument("--loads", default="20,40", help="comma list of N: N parallel /infer + N parallel label saves")
     p.add_argument("--workers", type=int, default=None, help="client threads (default: all requests at once)")
     p.add_argument("--train-epochs", type=int, default=40, help="epochs of each background grading job")
@@ -479,17 +491,19 @@ def main(argv=None) -> int:
     loads = [int(x) for x in a.loads.split(",") if x.strip()]
     modes = []
     for mode in [m.strip() for m in a.modes.split(",") if m.strip()]:
-        if mode not in ("stock", "offload", "workers"):
-            p.error(f"unknown mode {mode!r}; use stock, offload, workers")
+        if mode not in ("stock", "offload", "workers", "workers_arrival"):
+            p.error(f"unknown mode {mode!r}; use stock, offload, workers, workers_arrival")
         wd = str(Path(a.workdir) / mode) if a.workdir else None
         conf = None
         if mode == "offload":
             conf = {"infer_concurrency": a.infer_concurrency}
         elif mode == "workers":
             conf = {"infer_workers": "1"}
+        elif mode == "workers_arrival":
+            conf = {"infer_workers": "1", "infer_order": "arrival"}
         conf = {**(conf or {}), **extra}
         modes.append(run_mode(offload=mode != "stock", loads=loads, workers=a.workers, train_epochs=a.train_epochs,
-                              seed=a.seed, workdir=wd, conf=conf, repeats=a.repeats,
+                              seed=a.seed, workdir=wd, conf=conf, repeats=a.repeats, mode_name=mode,
                               log=lambda m: print(m, file=sys.stderr, flush=True)))
     for m in modes:
         slots = 1

@@ -22,6 +22,9 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 # Every --conf key the app understands, with its default and meaning (the README table
 # is generated from the same text; `monailabel-dr conf` prints it).
+# the admission orders of waiting inferences (lib/offload.InferSlots), the first the default
+INFER_ORDERS = ("response_ratio", "arrival")
+
 CONF_OPTIONS: dict[str, tuple[str, str]] = {
     "models": ("all", "Models to serve: `all` or a comma list of rows of configs/models.yaml (e.g. `grading`)."),
     "device": ("auto", "`auto` (CUDA when available, else CPU), `cpu`, `cuda` or `cuda:N`."),
@@ -37,6 +40,9 @@ CONF_OPTIONS: dict[str, tuple[str, str]] = {
                              "before anything is read or written; 0 = no limit."),
     "infer_concurrency": ("auto", "Inferences computed at once per device (more wait their turn; label saves, /info and the datastore never wait "
                                   "for them). `auto`: one per two CPU cores on a CPU, 2 per GPU."),
+    "infer_order": ("response_ratio", "Which waiting inference a freed slot starts: `response_ratio` (highest (waited + expected) / expected "
+                                      "first, expected = the model's recent service time: a quick grade is not queued behind long "
+                                      "segmentations, and a long job's turn comes as it waits) or `arrival` (first come, first served). lib/offload.py."),
     "offload": ("true", "`true`: requests run in worker threads, off the event loop (lib/offload.py); `false`: MONAI Label's stock "
                         "handling, one request at a time on the event loop (for bench/load_test.py's comparison)."),
     "rescore_interval": ("10", "Seconds between checks for stale active-learning scores (after a retrain published a new model); "
@@ -168,6 +174,7 @@ class AppSettings:
     retrain_epochs: int = 5
     max_upload_bytes: int = 100 * 2**20
     infer_concurrency: int | None = None   # None: lib/offload.default_infer_concurrency per device
+    infer_order: str = "response_ratio"     # lib/offload.INFER_ORDERS
     offload: bool = True
     rescore_interval: float = 10.0
     train_nice: int | str = "idle"          # a nice level 0-19, or "idle" (lib/priority.py)
@@ -297,6 +304,9 @@ def parse_conf(conf: dict[str, Any] | None, app_dir: str, table: dict[str, Model
             raise ConfError(f"--conf infer_concurrency must be `auto` or an integer 1..64, got {ic!r}") from e
         if not 1 <= infer_concurrency <= 64:
             raise ConfError(f"--conf infer_concurrency must be `auto` or an integer 1..64, got {infer_concurrency}")
+    infer_order = str(conf.get("infer_order", CONF_OPTIONS["infer_order"][0])).strip().lower()
+    if infer_order not in INFER_ORDERS:
+        raise ConfError(f"--conf infer_order must be one of {', '.join(INFER_ORDERS)}, got {infer_order!r}")
     offload = str(conf.get("offload", "true")).strip().lower()
     if offload not in ("true", "false", "1", "0", "yes", "no"):
         raise ConfError(f"--conf offload must be true or false, got {offload!r}")
@@ -312,6 +322,7 @@ def parse_conf(conf: dict[str, Any] | None, app_dir: str, table: dict[str, Model
         train_nice=train_nice,
         rescore_interval=rescore_interval,
         infer_concurrency=infer_concurrency,
+        infer_order=infer_order,
         offload=offload in ("true", "1", "yes"),
         max_upload_bytes=int(max_upload * 2**20),
         device=resolve_device(str(conf.get("device", "auto"))),

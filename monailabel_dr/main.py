@@ -64,7 +64,8 @@ class MONAILabelDRApp(MONAILabelApp):
         from monailabel_dr.lib.offload import InferSlots
 
         # at most --conf infer_concurrency inferences compute at once per device (lib/offload.py)
-        self.infer_slots = InferSlots(self.app_settings.infer_concurrency, self.app_settings.device)
+        self.infer_slots = InferSlots(self.app_settings.infer_concurrency, self.app_settings.device,
+                                      order=self.app_settings.infer_order)
         self.retrain = RetrainOnCorrection(
             self.app_settings, set(self._trainers), submit=self._queue_training,
             state_path=os.path.join(next(iter(self.app_settings.models.values())).model_dir, "retrain_state.json")
@@ -238,7 +239,7 @@ class MONAILabelDRApp(MONAILabelApp):
                 if not is_valid_id(image):
                     raise InvalidId(f"invalid image id {image!r} (no paths; ids are file names without extension)")
                 raise NotFound(f"image '{image}' is not in the datastore")
-        with self.infer_slots.slot(request.get("device") or self.app_settings.device):
+        with self.infer_slots.slot(request.get("device") or self.app_settings.device, job=request["model"]):
             return super().infer(request, datastore)
 
     # ------------------------------------------------------------- predictions into the PACS

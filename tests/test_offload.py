@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -59,6 +60,7 @@ def test_info_and_label_save_answer_while_an_inference_runs(phantom_store, tmp_p
             info = client.get("/info/")
             assert info.status_code == 200
             assert info.json()["inference_slots"]["busy"].get("cpu") == 1
+            assert info.json()["inference_slots"]["order"] == "response_ratio"   # --conf infer_order's default
             with open(_grade_file(tmp_path, 3), "rb") as f:
                 saved = client.put("/datastore/label", params={"image": unlabelled, "tag": "final"},
                                    files={"label": ("x.json", f)})
@@ -68,6 +70,16 @@ def test_info_and_label_save_answer_while_an_inference_runs(phantom_store, tmp_p
             r = fut.result(timeout=120)
         assert r.status_code == 200, r.text
         assert r.json()["grade"] in range(5)
+
+
+def test_pool_threads_exist_before_the_first_request(phantom_store, tmp_path):
+    """Both pools' threads are started with the server, so a first burst does not start them from the event loop."""
+    from monailabel_dr.lib import offload
+
+    with serve_in_process(phantom_store, tiny_conf(tmp_path / "model", models="grading")):
+        names = [t.name for t in threading.enumerate()]
+        assert sum(n.startswith("mldr-io_") for n in names) == offload.IO_THREADS
+        assert sum(n.startswith("mldr-infer_") for n in names) == offload.INFER_THREADS
 
 
 def test_stock_mode_answers_one_request_at_a_time(phantom_store, tmp_path):
@@ -214,6 +226,83 @@ def test_infer_slots_admit_size_times_one_plus_handoff(size, handoff):
         for f in futures:
             f.result(timeout=30)
     assert len(admitted) == capacity + 1 and slots.idle() and slots.info()["busy"] == {"cpu": 0}
+
+
+def _admission_order(slots, jobs, clock=None):
+    """Hold the one slot, queue ``jobs`` (in this order, each (name, arrival time)), free the slot: the order
+    in which the waiting ones are admitted."""
+    holder_in, release, order = threading.Event(), threading.Event(), []
+
+    def hold():
+        with slots.slot("cpu", job="holder"):
+            holder_in.set()
+            release.wait(30)
+
+    def one(job):
+        with slots.slot("cpu", job=job):
+            order.append(job)
+
+    with ThreadPoolExecutor(len(jobs) + 1) as ex:
+        futures = [ex.submit(hold)]
+        assert holder_in.wait(30)
+        for job, t in jobs:
+            if clock is not None:
+                clock[0] = t
+            futures.append(ex.submit(one, job))
+            deadline = time.time() + 30
+            while slots.info()["waiting"].get("cpu", 0) < len(futures) - 1 and time.time() < deadline:
+                time.sleep(0.005)
+        if clock is not None:
+            clock[0] = max(t for _, t in jobs) + 0.001
+        release.set()
+        for f in futures:
+            f.result(timeout=30)
+    return order
+
+
+@pytest.mark.parametrize("order", ["response_ratio", "arrival"])
+def test_infer_slots_order_quick_jobs_first_without_starving_long_ones(order, monkeypatch):
+    """response_ratio: a freed slot admits the waiting request with the highest (waited + expected) / expected,
+    so a quick grade queued behind segmentations goes first, but a segmentation that has waited long enough goes
+    before a quick job that has only just arrived; arrival: first come, first served. A fake clock fixes the waits."""
+    from monailabel_dr.lib import offload
+
+    clock = [1000.0]
+    monkeypatch.setattr(offload.time, "monotonic", lambda: clock[0])
+    slots = offload.InferSlots(1, "cpu", order=order)
+    slots.observe("cpu", "seg", 0.5)
+    slots.observe("cpu", "grade", 0.01)
+    got = _admission_order(slots, [("seg", 1000.0), ("grade", 1000.0), ("seg", 1000.0), ("grade", 1000.0)], clock)
+    assert got == (["grade", "grade", "seg", "seg"] if order == "response_ratio" else ["seg", "grade", "seg", "grade"])
+    # a segmentation that has waited ~2 s (ratio (1.971 + 0.5) / 0.5 = 4.9) goes before a grade that has waited 0.03 s (ratio 4)
+    slots = offload.InferSlots(1, "cpu", order=order)
+    slots.observe("cpu", "seg", 0.5)
+    slots.observe("cpu", "grade", 0.01)
+    assert _admission_order(slots, [("seg", 1000.0), ("grade", 1001.941)], clock) == ["seg", "grade"]
+
+
+def test_infer_slots_report_the_estimates():
+    from monailabel_dr.lib.offload import InferSlots
+
+    slots = InferSlots(1, "cpu")
+    for t in (0.2, 9.0, 0.3):   # a first request that loaded the network does not set the estimate
+        slots.observe("cpu", "lesion_seg", t)
+    with slots.slot("cpu", job="grading"):
+        pass
+    info = slots.info()
+    assert info["order"] == "response_ratio" and info["expected_s"]["cpu"]["lesion_seg"] == 0.3
+    assert "grading" in info["expected_s"]["cpu"] and info["waiting"] == {"cpu": 0}
+
+
+@pytest.mark.parametrize("value,ok", [("response_ratio", True), ("arrival", True), ("ARRIVAL", True), ("sjf", False)])
+def test_infer_order_conf(tmp_path, value, ok):
+    from monailabel_dr.config import ConfError, parse_conf
+
+    if ok:
+        assert parse_conf({"infer_order": value, "models": "grading"}, str(tmp_path)).infer_order == value.lower()
+    else:
+        with pytest.raises(ConfError, match="infer_order"):
+            parse_conf({"infer_order": value, "models": "grading"}, str(tmp_path))
 
 
 @pytest.mark.parametrize("value,ok", [("auto", True), ("2", True), ("0", False), ("x", False)])
