@@ -33,6 +33,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from monailabel_dr import __version__
+from monailabel_dr.fundus.io import label_values
 from monailabel_dr.fundus.lesions import LESION_COLORS, LESION_NAMES, LESION_VALUES, LESIONS, label_map_from_masks
 
 logger = logging.getLogger(__name__)
@@ -312,7 +313,7 @@ def _labelmap_frames_to_label_map(frames: np.ndarray, lesion_of: Mapping[int, st
     """A label map SEG's frames (values = segment numbers, 0 = none) as the app's lesion label map; the frames of
     a 2-D photograph's SEG all lie on its one image, so they are combined."""
     masks: dict[str, np.ndarray] = {}
-    present = set(np.unique(frames).tolist()) - {0}
+    present = set(label_values(frames).tolist()) - {0}
     stray = sorted(v for v in present if v not in lesion_of)
     if stray:
         raise SegError(f"segment {stray[0]} ({', '.join(unknown) or '?'}) names no lesion; segments must be "

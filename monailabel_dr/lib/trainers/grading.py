@@ -135,7 +135,7 @@ def targets_from_labels(files: dict[str, str], presence: dict[str, bool] | None 
     if "lesion_map" in files:
         try:
             lab = io.read_label(files["lesion_map"])
-            present = set(np.unique(lab).tolist())
+            present = set(io.label_values(lab).tolist())
             for i, name in enumerate(LESIONS):
                 lesions.setdefault(name, (i + 1) in present)
         except Exception as e:  # an unreadable map must not stop training on the others
