@@ -63,14 +63,11 @@ def main() -> int:
         os.makedirs(store)
         os.symlink(os.path.abspath(image), os.path.join(store, f"{a.image_id}.jpg"))
         ds = FundusDatastore(store)
-        uploads = {}
-        for ext in (".nrrd", ".nii.gz"):
-            path = os.path.join(d, "upload" + ext)
-            img = sitk.GetImageFromArray(label[None])   # Slicer's (W, H, 1) int16, identity geometry
-            sitk.WriteImage(img, path, True)
-            uploads[ext] = path
-        # segment names in the .nrrd, as Slicer writes them (the value -> name map the datastore translates by)
+        uploads = {".nrrd": os.path.join(d, "upload.nrrd"), ".nii.gz": os.path.join(d, "upload.nii.gz")}
+        # .nrrd with Slicer's segment fields (the value -> name map the datastore translates by), by the app's writer
         io.write_label(uploads[".nrrd"], label)
+        # .nii.gz as Slicer's int16 (W, H, 1) with identity geometry
+        sitk.WriteImage(sitk.GetImageFromArray(label[None]), uploads[".nii.gz"], True)
         for ext, path in uploads.items():
             times = []
             for _ in range(a.repeats):
