@@ -34,7 +34,10 @@ from monailabel_dr.fundus.io import (
     write_label,
     write_multichannel,
 )
+from monailabel_dr.fundus import io as io_module
 from monailabel_dr.fundus.lesions import LESION_COLORS, LESION_NAMES, LESIONS
+
+from conftest import IDRID
 
 H, W = 301, 457  # non-square on purpose
 CY, CX, R = 150, 230, 140
@@ -110,6 +113,23 @@ def test_nearest_round_trip_exact_for_large_side() -> None:
     mask = np.zeros((h, w), bool)
     mask[10:1490, 100:1560] = rng.random((1480, 1460)) > 0.5
     np.testing.assert_array_equal(to_original(to_working(mask, geom, "nearest"), geom, "nearest"), mask)
+
+
+@pytest.mark.parametrize("interp", ["linear", "area", "nearest"])
+@pytest.mark.parametrize("dtype,channels", [(np.float32, 0), (np.float32, 3), (np.uint8, 0), (np.float64, 0)])
+def test_to_original_into_an_uninitialised_array(interp: str, dtype, channels: int) -> None:
+    """``out`` may hold anything: the result is the same as a fresh array's, zeros outside the bbox included
+    (the single-channel float32 linear restore is written by OpenCV straight into it)."""
+    geom = compute_geometry(disc_mask(), 96)
+    shape = (96, 96, channels) if channels else (96, 96)
+    work = (np.random.default_rng(1).random(shape) * (200 if dtype == np.uint8 else 1)).astype(dtype)
+    want = to_original(work, geom, interp)
+    out = np.full(want.shape, 77 if dtype == np.uint8 else np.nan, dtype)
+    got = to_original(work, geom, interp, out=out)
+    assert got is out
+    np.testing.assert_array_equal(got, want)
+    with pytest.raises(ValueError, match="out is"):
+        to_original(work, geom, interp, out=np.zeros((H + 1, W) + shape[2:], dtype))
 
 
 @pytest.mark.parametrize("interp", ["linear", "area", "nearest"])
@@ -459,6 +479,57 @@ def test_read_image_jpg(tmp_path: Path) -> None:
     _check_markers(img, 40)
 
 
+def _pil_decode(path: Path) -> np.ndarray:
+    """What read_image returned before JPEGs were decoded with OpenCV: PIL's decode."""
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+@pytest.mark.parametrize("options", [{}, {"subsampling": 0}, {"subsampling": 1}, {"progressive": True},
+                                     {"quality": 60, "optimize": True}])
+def test_jpeg_fast_decode_is_pil_decode(tmp_path: Path, options) -> None:
+    """8-bit colour JPEGs are decoded by OpenCV (io._decode_complete_jpeg) and give PIL's pixels exactly, for every
+    chroma subsampling and progressive files; the EXIF orientation is ignored as PIL's decode ignores it."""
+    rgb = photo()
+    exif = Image.Exif()
+    exif[0x0112] = 6   # "rotate 90": OpenCV would apply it unless told not to
+    Image.fromarray(rgb).save(tmp_path / "a.jpg", exif=exif, **options)
+    with Image.open(tmp_path / "a.jpg") as im:
+        assert io_module._decode_complete_jpeg(tmp_path / "a.jpg", im) is not None   # the fast path ran
+    got = read_image(tmp_path / "a.jpg")
+    assert got.dtype == np.uint8 and got.shape == rgb.shape
+    np.testing.assert_array_equal(got, _pil_decode(tmp_path / "a.jpg"))
+
+
+@pytest.mark.skipif(not IDRID.is_dir(), reason="needs ../shared/data (real IDRiD and graded JPEG photographs)")
+def test_jpeg_fast_decode_is_pil_decode_on_real_photographs() -> None:
+    graded = sorted((IDRID.parent / "graded_dr" / "images").glob("*.jp*g"))
+    files = sorted((IDRID / "images").glob("*.jpg"))[:2] + graded[:: max(1, len(graded) // 4)][:4]
+    assert files
+    for f in files:
+        np.testing.assert_array_equal(read_image(f), _pil_decode(f), err_msg=f.name)
+
+
+def test_truncated_or_padded_jpeg_goes_through_pil(tmp_path: Path) -> None:
+    """OpenCV decodes a truncated JPEG to a grey-filled image; it must still be refused, as PIL refuses it. A JPEG
+    with bytes after its end marker is read through PIL and gives the same pixels."""
+    Image.fromarray(photo()).save(tmp_path / "a.jpg", quality=95)
+    data = (tmp_path / "a.jpg").read_bytes()
+    (tmp_path / "trunc.jpg").write_bytes(data[: len(data) * 2 // 3])
+    with Image.open(tmp_path / "trunc.jpg") as im:
+        assert io_module._decode_complete_jpeg(tmp_path / "trunc.jpg", im) is None
+    with pytest.raises(FundusIOError, match="corrupt or truncated"):
+        read_image(tmp_path / "trunc.jpg")
+    (tmp_path / "tail.jpg").write_bytes(data + b"trailing bytes")
+    with Image.open(tmp_path / "tail.jpg") as im:
+        assert io_module._decode_complete_jpeg(tmp_path / "tail.jpg", im) is None
+    np.testing.assert_array_equal(read_image(tmp_path / "tail.jpg"), read_image(tmp_path / "a.jpg"))
+    Image.fromarray(photo()[..., 1]).save(tmp_path / "grey.jpg")   # grey and CMYK JPEGs stay with PIL
+    with Image.open(tmp_path / "grey.jpg") as im:
+        assert io_module._decode_complete_jpeg(tmp_path / "grey.jpg", im) is None
+    assert read_image(tmp_path / "grey.jpg").shape == (H, W)
+
+
 def test_read_image_16bit_and_grey(tmp_path: Path) -> None:
     grey16 = photo()[..., 1].astype(np.uint16) * 257
     grey16[3, 400] = 65535
@@ -575,6 +646,15 @@ def test_to_rgb_float_and_is_grey() -> None:
     np.testing.assert_allclose(to_rgb_float(inside)[0, :, 1], [0.25, 0.5])
     assert is_grey(g8) and is_grey(g8[..., None]) and is_grey(np.dstack([g8] * 3))
     assert not is_grey(photo())
+    # every 8-bit value gives exactly float32(v) / 255 (to_rgb_float looks it up in a table)
+    every = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    assert np.array_equal(to_rgb_float(np.dstack([every, every[::-1], every.T]))[..., 0], every.astype(np.float32) / 255.0)
+    assert np.array_equal(to_rgb_float(every)[..., 2], every.astype(np.float32) / 255.0)
+    # is_grey checks a sparse grid first: a colour difference off the grid is still found
+    big = np.dstack([np.full((64, 64), 7, np.uint8)] * 3)
+    assert is_grey(big)
+    big[33, 17, 2] = 8
+    assert not is_grey(big)
 
 
 # --------------------------------------------------------------------------- probability maps

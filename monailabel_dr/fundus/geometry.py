@@ -289,7 +289,10 @@ def to_original(arr: np.ndarray, geom: FundusGeometry, interpolation: str = "lin
                 out: np.ndarray | None = None) -> np.ndarray:
     """(S, S[, C]) working -> (H, W[, C]) original via the exact inverse affine; zeros outside the bbox.
 
-    ``out``: a zero-filled (H, W[, C]) array of the result's dtype to write into (returned)."""
+    ``out``: an (H, W[, C]) array of the result's dtype to write into (returned); it need not be zero-filled,
+    the part outside the bbox is set to 0 here. A single-channel float32 linear restore is then written by
+    OpenCV straight into ``out``'s bbox (no bbox-size intermediate and copy: on a 12 MP photograph these were
+    a third of the restore's time)."""
     _check_interpolation(interpolation)
     work = np.asarray(arr)
     size = geom.out_size
@@ -298,6 +301,18 @@ def to_original(arr: np.ndarray, geom: FundusGeometry, interpolation: str = "lin
     y0, y1, x0, x1 = geom.bbox
     bh, bw = y1 - y0, x1 - x0
     pad_y, pad_x = geom.pad
+    if out is not None:
+        if out.shape != (geom.height, geom.width) + work.shape[2:]:
+            raise ValueError(f"out is {out.shape}, expected {(geom.height, geom.width) + work.shape[2:]}")
+        out[:y0] = 0
+        out[y1:] = 0
+        out[y0:y1, :x0] = 0
+        out[y0:y1, x1:] = 0
+        if interpolation == "linear" and work.ndim == 2 and work.dtype == np.float32 == out.dtype:
+            cv2.warpAffine(work, geom._crop_matrix(), (bw, bh), dst=out[y0:y1, x0:x1],
+                           flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP, borderMode=cv2.BORDER_CONSTANT,
+                           borderValue=(0, 0, 0, 0))
+            return out
     if interpolation == "nearest":
         # crop pixel k is square pixel k + pad, which samples working pixel floor((k + pad + 0.5) * S / side)
         rows = _nearest_index(np.arange(bh) + pad_y, size, geom.side)
@@ -325,8 +340,6 @@ def to_original(arr: np.ndarray, geom: FundusGeometry, interpolation: str = "lin
         )
     if out is None:
         out = np.zeros((geom.height, geom.width) + work.shape[2:], dtype=crop.dtype)
-    elif out.shape != (geom.height, geom.width) + work.shape[2:]:
-        raise ValueError(f"out is {out.shape}, expected {(geom.height, geom.width) + work.shape[2:]}")
     out[y0:y1, x0:x1] = crop
     return out
 

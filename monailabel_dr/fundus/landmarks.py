@@ -130,8 +130,9 @@ class _AnalysisCopy:
         s = WORK_DIAMETER / diameter
         size = (max(8, round((x1 - x0) * s)), max(8, round((y1 - y0) * s)))
         # Resize first, convert after: this runs on every lesion_seg request, and converting the
-        # 12 MP crop to float before shrinking it cost most of the time.
-        crop = np.ascontiguousarray(np.asarray(rgb)[y0:y1, x0:x1])
+        # 12 MP crop to float before shrinking it cost most of the time. The crop is a view: OpenCV reads rows
+        # with a stride, and a contiguous copy of a 12 MP float crop cost more than the resize.
+        crop = np.asarray(rgb)[y0:y1, x0:x1]
         if crop.dtype not in (np.uint8, np.uint16, np.float32, np.float64):
             crop = to_rgb_float(crop)
         small = to_rgb_float(cv2.resize(crop, size, interpolation=cv2.INTER_AREA if s < 1 else cv2.INTER_LINEAR))

@@ -260,16 +260,17 @@ def restore_channels(work: np.ndarray, geom: geometry.FundusGeometry, fov: np.nd
     field of view ``fov`` (H, W) bool.
 
     What every infer task that answers full-size maps runs: each channel is restored straight into one
-    array (no per-channel full-size copy, no stack), the channels in parallel threads (OpenCV and numpy
-    release the GIL), and the field of view applied by a multiplication inside its bounding box, which for
-    values >= 0 is the same as setting them to 0 outside it (nothing outside the box is non-zero)."""
-    out = np.zeros((work.shape[0], geom.height, geom.width), np.float32)
+    uninitialised array (no per-channel full-size copy, no stack, no zero-fill of the whole array: to_original
+    zeroes what lies outside the field of view's bounding box), the channels in parallel threads (OpenCV and
+    numpy release the GIL), and the pixels of the box outside the field of view set to 0."""
+    out = np.empty((work.shape[0], geom.height, geom.width), np.float32)
     y0, y1, x0, x1 = geom.bbox
+    outside = ~fov[y0:y1, x0:x1]
 
     def restore(c: int) -> None:
         geometry.to_original(np.asarray(work[c]).astype(np.float32, copy=False), geom, interpolation=interpolation,
                              out=out[c])
-        out[c, y0:y1, x0:x1] *= fov[y0:y1, x0:x1]
+        np.copyto(out[c, y0:y1, x0:x1], 0, where=outside)
 
     list(channel_pool().map(restore, range(work.shape[0])))
     return out
