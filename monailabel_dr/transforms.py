@@ -90,12 +90,12 @@ class LoadFundusd(MapTransform):
                     "(e.g. red-free), which the model was not trained on"
                 )
             rgb = io.to_rgb_float(raw)
-            source_fov = geometry.detect_fov(rgb)
+            source_fov = geometry.detect_fov(rgb, unit_rgb=True)   # rgb: to_rgb_float's output
             if self.landmarks:  # on the full-resolution photograph, before it is resized
                 # in a worker thread (OpenCV releases the GIL), while the image is resized and the network runs;
                 # read it with landmarks_of(data)
                 d[LANDMARKS_KEY] = _landmark_pool().submit(detect_landmarks, rgb, source_fov)
-            work, geom, fov = geometry.prepare(rgb, self.size, fov=source_fov)
+            work, geom, fov = geometry.prepare(rgb, self.size, fov=source_fov, unit_rgb=True)
             if self.keep_source_fov:  # inference: outputs are masked with the exact input-resolution FOV
                 d[SOURCE_FOV_KEY] = source_fov
             d[key] = torch.from_numpy(np.ascontiguousarray(work.transpose(2, 0, 1), dtype=np.float32))

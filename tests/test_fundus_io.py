@@ -650,6 +650,14 @@ def test_to_rgb_float_and_is_grey() -> None:
     every = np.arange(256, dtype=np.uint8).reshape(16, 16)
     assert np.array_equal(to_rgb_float(np.dstack([every, every[::-1], every.T]))[..., 0], every.astype(np.float32) / 255.0)
     assert np.array_equal(to_rgb_float(every)[..., 2], every.astype(np.float32) / 255.0)
+    # the FOV's brightness of to_rgb_float's output (OpenCV transform) is (R + G) * 0.5 exactly, for every pair of
+    # 8-bit values
+    from monailabel_dr.fundus.geometry import _brightness
+
+    r, g = np.meshgrid(np.arange(256, dtype=np.uint8), np.arange(256, dtype=np.uint8))
+    unit = to_rgb_float(np.dstack([r, g, g[::-1]]))
+    assert np.array_equal(_brightness(unit, unit_rgb=True), (unit[..., 0] + unit[..., 1]) * np.float32(0.5))
+    assert np.array_equal(_brightness(unit), _brightness(unit, unit_rgb=True))
     # is_grey checks a sparse grid first: a colour difference off the grid is still found
     big = np.dstack([np.full((64, 64), 7, np.uint8)] * 3)
     assert is_grey(big)

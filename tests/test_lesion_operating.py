@@ -148,6 +148,12 @@ def test_min_peak_drops_faint_components_from_the_label_map_and_the_statistics()
     # a minimum area instead: MA's 9-pixel speck goes, EX's 20-pixel component stays
     by_area = lesion_stats(probs, fov, 0.5, frame, masks=served_masks(probs, 0.5, None, 10))
     assert by_area["MA"]["components"] == 1 and by_area["EX"]["components"] == 1
+    # labelled inside a box that holds every non-zero probability: the same statistics, centroids included
+    ys, xs = np.nonzero(probs.max(axis=0))
+    box = (int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1)
+    assert box != (0, probs.shape[1], 0, probs.shape[2])
+    for m in (None, masks):
+        assert lesion_stats(probs, fov, 0.5, frame, 10.0, masks=m, bbox=box) == lesion_stats(probs, fov, 0.5, frame, 10.0, masks=m)
 
 
 def test_min_area_is_parts_per_million_of_the_field_of_view():

@@ -109,7 +109,8 @@ def served_masks(probs: np.ndarray, threshold, min_peak: float | None, min_area:
 
 
 def lesion_stats(probs: np.ndarray, fov: np.ndarray, threshold, frame: QuadrantFrame,
-                 fov_radius: float | None = None, masks: list[np.ndarray] | None = None) -> dict:
+                 fov_radius: float | None = None, masks: list[np.ndarray] | None = None,
+                 bbox: tuple[int, int, int, int] | None = None) -> dict:
     """Presence, area, component count and per-quadrant counts per lesion (input pixels), at ``threshold``
     (one number, or one per lesion).
 
@@ -118,6 +119,9 @@ def lesion_stats(probs: np.ndarray, fov: np.ndarray, threshold, frame: QuadrantF
     With ``fov_radius`` (px), also ``nearest_to_centre``: the distance of the closest component's
     centroid to the quadrants' centre (the fovea when it was found), in field-of-view radii (None
     without components). ``masks``: the served masks (:func:`served_masks`) instead of ``p >= threshold``.
+    ``bbox`` (y0, y1, x0, x1): the probabilities are 0 outside it (the field of view's box), so for a
+    threshold > 0 only the box is labelled (a fifth fewer pixels on a 4288 x 2848 photograph) and the
+    centroids are shifted back to the input's pixel grid.
     """
     thr = per_lesion(threshold, len(LESIONS))
 
@@ -125,13 +129,17 @@ def lesion_stats(probs: np.ndarray, fov: np.ndarray, threshold, frame: QuadrantF
         les = LESIONS[i]
         p = probs[i]
         t = thr[i]
+        y0, x0 = 0, 0
+        if bbox is not None and t > 0:
+            y0, y1, x0, x1 = bbox
+            p = p[y0:y1, x0:x1]
         # p is 0 outside the field of view, so for a threshold > 0 the FOV test is implied (one pass, no copy)
         if masks is not None:
-            mask = masks[i] if t > 0 else masks[i] & fov.view(np.uint8)
+            mask = masks[i][y0:y0 + p.shape[0], x0:x0 + p.shape[1]] if t > 0 else masks[i] & fov.view(np.uint8)
         else:
             mask = (p >= t).view(np.uint8) if t > 0 else ((p >= t) & fov).view(np.uint8)
         comps = connected_components(mask)
-        cents = comps.centroids
+        cents = comps.centroids + np.array([x0, y0], np.float64)
         quads = dict.fromkeys(frame.names, 0)
         for q in frame.classify(cents[:, 0], cents[:, 1]) if comps.n else []:
             quads[q] += 1
@@ -301,7 +309,7 @@ class LesionSegInfer(FundusInferTask):
         landmarks = landmarks_of(data)
         frame = quadrant_frame(landmarks, fov_centre)
         result = {
-            "lesions": lesion_stats(probs, fov, thr, frame, fov_radius=fov_radius(geom), masks=masks),
+            "lesions": lesion_stats(probs, fov, thr, frame, fov_radius=fov_radius(geom), masks=masks, bbox=geom.bbox),
             "fov_area_px": int(fov.sum()),
             # one number when every lesion has the same, else per lesion
             "threshold": thr[0] if len(set(thr)) == 1 else dict(zip(LESIONS, thr)),
