@@ -285,3 +285,29 @@ def test_a_profile_with_negatives_needs_their_source():
     assert src._negatives({}) == []
     src.model = SimpleNamespace(train=LesionSamTrain.from_dict({}))   # settings without negatives
     assert src._negatives({}) == []
+
+
+def test_map_components_inside_the_box_are_the_full_image_components():
+    """map_components (lesion_seg's statistics and lesion_sam's prompts) labels only the FOV's box when the
+    threshold is > 0: the same components, areas and centroids (in input pixels) as labelling everything."""
+    import cv2
+
+    from monailabel_dr.lib.infers.lesion_seg import map_components
+
+    rng = np.random.default_rng(3)
+    p = np.zeros((90, 140), np.float32)
+    p[12:80, 25:120] = rng.random((68, 95)).astype(np.float32) ** 4
+    fov = np.zeros(p.shape, bool)
+    fov[10:82, 20:125] = True
+    box = (10, 82, 20, 125)
+    mask = (p >= 0.3).astype(np.uint8)
+    mask[40:60] = 0
+    for t, m in ((0.5, None), (0.3, None), (0.3, mask), (0.0, None)):
+        ref = (p >= t) & fov if m is None else m.astype(bool) & fov
+        n, _, st, cents = cv2.connectedComponentsWithStats(ref.astype(np.uint8), connectivity=8)
+        got = map_components(p, t, fov, box, m)
+        assert got.n == n - 1 > 0, t
+        order = np.lexsort(cents[1:].T)
+        got_order = np.lexsort(got.centroids.T)
+        np.testing.assert_allclose(got.centroids[got_order], cents[1:][order])
+        assert np.array_equal(got.areas[got_order], st[1:, cv2.CC_STAT_AREA][order])

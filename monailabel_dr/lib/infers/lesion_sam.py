@@ -40,12 +40,11 @@ from monailabel.interfaces.tasks.infer_v2 import InferType
 
 from monailabel_dr.config import AppSettings, ModelSettings
 from monailabel_dr.fundus import geometry, io
-from monailabel_dr.fundus.components import connected_components
 from monailabel_dr.fundus.lesions import LESION_VALUES, LESIONS
 from monailabel_dr.lib.errors import BadInput, ModelNotTrained
-from monailabel_dr.lib.infers.base import FundusInferTask, probabilities_at_input
+from monailabel_dr.lib.infers.base import FundusInferTask, channel_pool, probabilities_at_input
 from monailabel_dr.lib.params import Param
-from monailabel_dr.lib.infers.lesion_seg import label_map_from_probs
+from monailabel_dr.lib.infers.lesion_seg import label_map_from_probs, map_components
 from monailabel_dr.networks.tp_drseg import TPDRSegConfig, WeightsUnavailable, build_tp_drseg
 from monailabel_dr.transforms import LoadFundusd
 
@@ -247,8 +246,11 @@ class LesionSamInfer(FundusInferTask):
             lut = np.array([0] + values, dtype=np.uint8)
             io.write_label(path, lut[best])
         prompts = []
+        # the prompts' components in parallel threads (OpenCV's labelling releases the GIL), inside the FOV's box
+        all_comps = list(channel_pool().map(lambda i: map_components(probs[i], threshold, fov, geom.bbox),
+                                            range(len(names))))
         for i, name in enumerate(names):
-            comps = connected_components((probs[i] >= threshold) & fov)
+            comps = all_comps[i]
             prompts.append({
                 "name": name,
                 "label_value": values[i],

@@ -28,7 +28,7 @@ from monailabel.interfaces.tasks.infer_v2 import InferType
 
 from monailabel_dr.config import AppSettings, ConfError, ModelSettings
 from monailabel_dr.fundus import io
-from monailabel_dr.fundus.components import connected_components, kept_components
+from monailabel_dr.fundus.components import Components, connected_components, kept_components
 from monailabel_dr.fundus.landmarks import QuadrantFrame, quadrant_frame
 from monailabel_dr.fundus.lesions import LESION_VALUES, LESIONS
 from monailabel_dr.lib.checkpoints import operating_thresholds, read_record
@@ -108,6 +108,24 @@ def served_masks(probs: np.ndarray, threshold, min_peak: float | None, min_area:
                                    range(probs.shape[0])))
 
 
+def map_components(p: np.ndarray, threshold: float, fov: np.ndarray, bbox: tuple[int, int, int, int] | None = None,
+                   mask: np.ndarray | None = None) -> Components:
+    """The components of ``p >= threshold`` inside the field of view ``fov`` (or of ``mask``, a served mask,
+    inside it), centroids in the input's pixel grid. ``p`` must be 0 outside the field of view, so for a
+    threshold > 0 the FOV test is implied (one pass, no copy); ``bbox`` (y0, y1, x0, x1), the box outside
+    which ``p`` is 0: then only the box is labelled (a fifth fewer pixels on a 4288 x 2848 photograph)."""
+    y0 = x0 = 0
+    if threshold > 0:
+        if bbox is not None:
+            y0, y1, x0, x1 = bbox
+            p = p[y0:y1, x0:x1]
+        m = (p >= threshold).view(np.uint8) if mask is None else mask[y0:y0 + p.shape[0], x0:x0 + p.shape[1]]
+    else:
+        m = ((p >= threshold) & fov).view(np.uint8) if mask is None else mask & fov.view(np.uint8)
+    comps = connected_components(m)
+    return comps if not (y0 or x0) else comps._replace(centroids=comps.centroids + np.array([x0, y0], np.float64))
+
+
 def lesion_stats(probs: np.ndarray, fov: np.ndarray, threshold, frame: QuadrantFrame,
                  fov_radius: float | None = None, masks: list[np.ndarray] | None = None,
                  bbox: tuple[int, int, int, int] | None = None) -> dict:
@@ -119,27 +137,15 @@ def lesion_stats(probs: np.ndarray, fov: np.ndarray, threshold, frame: QuadrantF
     With ``fov_radius`` (px), also ``nearest_to_centre``: the distance of the closest component's
     centroid to the quadrants' centre (the fovea when it was found), in field-of-view radii (None
     without components). ``masks``: the served masks (:func:`served_masks`) instead of ``p >= threshold``.
-    ``bbox`` (y0, y1, x0, x1): the probabilities are 0 outside it (the field of view's box), so for a
-    threshold > 0 only the box is labelled (a fifth fewer pixels on a 4288 x 2848 photograph) and the
-    centroids are shifted back to the input's pixel grid.
+    ``bbox``: the field of view's box, outside which the probabilities are 0 (:func:`map_components`).
     """
     thr = per_lesion(threshold, len(LESIONS))
 
     def one(i: int) -> tuple[str, dict]:
         les = LESIONS[i]
         p = probs[i]
-        t = thr[i]
-        y0, x0 = 0, 0
-        if bbox is not None and t > 0:
-            y0, y1, x0, x1 = bbox
-            p = p[y0:y1, x0:x1]
-        # p is 0 outside the field of view, so for a threshold > 0 the FOV test is implied (one pass, no copy)
-        if masks is not None:
-            mask = masks[i][y0:y0 + p.shape[0], x0:x0 + p.shape[1]] if t > 0 else masks[i] & fov.view(np.uint8)
-        else:
-            mask = (p >= t).view(np.uint8) if t > 0 else ((p >= t) & fov).view(np.uint8)
-        comps = connected_components(mask)
-        cents = comps.centroids + np.array([x0, y0], np.float64)
+        comps = map_components(p, thr[i], fov, bbox, None if masks is None else masks[i])
+        cents = comps.centroids
         quads = dict.fromkeys(frame.names, 0)
         for q in frame.classify(cents[:, 0], cents[:, 1]) if comps.n else []:
             quads[q] += 1
