@@ -87,3 +87,31 @@ def test_fast_restore_is_identical_on_a_real_photograph(tmp_path):
         # full-image statistics of the reference maps give it: the served ones label only the FOV's box
         assert answer["lesions"] == lesion_stats(ref_probs, ref_fov, threshold, frame, fov_radius(geom))
     assert lesion_stats(probs, fov, 0.5, frame, fov_radius(geom)) == lesion_stats(ref_probs, ref_fov, 0.5, frame, fov_radius(geom))
+
+
+@pytest.mark.skipif(not (IDRID / "images" / "IDRiD_05.jpg").is_file(),
+                    reason="needs ../shared/data/idrid_train (the real 4288x2848 IDRiD photographs)")
+def test_fast_preprocessing_is_identical_on_a_real_photograph(monkeypatch):
+    """The served pre-processing (OpenCV JPEG decode, table 8-bit -> float, OpenCV brightness, no re-checks) gives
+    the working image, FOV masks, geometry and landmarks of the straightforward path bit for bit: PIL's decode,
+    astype / 255, (R + G) * 0.5 for the FOV's brightness."""
+    from PIL import Image
+
+    from monailabel_dr.fundus import geometry
+    from monailabel_dr.fundus.landmarks import detect_landmarks
+    from monailabel_dr.transforms import LoadFundusd, landmarks_of
+
+    image = IDRID / "images" / "IDRiD_05.jpg"
+    served = LoadFundusd(keys="image", size=1024, keep_source_fov=True, landmarks=True)({"image": str(image)})
+
+    with Image.open(image) as im:
+        rgb = np.asarray(im.convert("RGB")).astype(np.float32) / 255.0
+    with monkeypatch.context() as m:
+        m.setattr(geometry, "_brightness", lambda f, unit_rgb=False: (f[..., 0] + f[..., 1]) * np.float32(0.5))
+        fov = geometry.detect_fov(rgb)
+    work, geom, work_fov = geometry.prepare(rgb, 1024, fov=fov)
+    assert np.array_equal(served["fundus_source_fov"], fov)
+    assert served["fundus_geometry"] == geom.to_dict()
+    assert np.array_equal(served["image"].numpy(), work.transpose(2, 0, 1))
+    assert np.array_equal(served["fov"].numpy()[0], work_fov.astype(np.float32))
+    assert landmarks_of(served).to_dict() == detect_landmarks(rgb, fov).to_dict()
