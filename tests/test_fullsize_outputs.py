@@ -115,3 +115,31 @@ def test_fast_preprocessing_is_identical_on_a_real_photograph(monkeypatch):
     assert np.array_equal(served["image"].numpy(), work.transpose(2, 0, 1))
     assert np.array_equal(served["fov"].numpy()[0], work_fov.astype(np.float32))
     assert landmarks_of(served).to_dict() == detect_landmarks(rgb, fov).to_dict()
+
+
+def test_channel_map_keeps_order_and_runs_inline_inside_the_pool():
+    """Per-channel steps run in a bounded pool; one that splits its own work again (the label map's bands inside
+    a channel step) must not wait on that pool from one of its threads. With every pool thread busy in such a
+    step this would hang; channel_map runs the inner work inline instead."""
+    import threading
+
+    from monailabel_dr.lib.infers import base
+    from monailabel_dr.lib.infers.base import channel_map, channel_pool
+
+    n = channel_pool()._max_workers
+    started = threading.Barrier(n, timeout=10)
+
+    def outer(i):
+        started.wait()          # every pool thread is inside an outer step at once
+        inner = channel_map(lambda j: (threading.current_thread().name, i * 10 + j), range(3))
+        return [v for _, v in inner], {name for name, _ in inner}
+
+    futures = [channel_pool().submit(outer, i) for i in range(n)]
+    try:
+        results = [f.result(timeout=60) for f in futures]
+    except Exception:
+        base._CHANNEL_POOL = None   # a deadlocked pool would hang every later test: give them a fresh one
+        raise
+    assert [r[0] for r in results] == [[i * 10, i * 10 + 1, i * 10 + 2] for i in range(n)]
+    assert all(len(names) == 1 for _, names in results)        # inline: the outer step's own thread
+    assert channel_map(lambda x: x * x, range(7)) == [0, 1, 4, 9, 16, 25, 36]

@@ -272,11 +272,12 @@ def restore_channels(work: np.ndarray, geom: geometry.FundusGeometry, fov: np.nd
                              out=out[c])
         np.copyto(out[c, y0:y1, x0:x1], 0, where=outside)
 
-    list(channel_pool().map(restore, range(work.shape[0])))
+    channel_map(restore, range(work.shape[0]))
     return out
 
 
 _CHANNEL_POOL = None
+_CHANNEL_THREAD_PREFIX = "mldr-channels"
 
 
 def channel_pool():
@@ -286,5 +287,14 @@ def channel_pool():
         from concurrent.futures import ThreadPoolExecutor
 
         _CHANNEL_POOL = ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1)),
-                                           thread_name_prefix="mldr-channels")
+                                           thread_name_prefix=_CHANNEL_THREAD_PREFIX)
     return _CHANNEL_POOL
+
+
+def channel_map(fn: Callable, items) -> list:
+    """``[fn(x) for x in items]`` in the channel pool's threads, in order. Called from one of those threads (a
+    per-channel step that itself splits its work), it runs inline: waiting there on the same bounded pool
+    could leave every thread waiting on work queued behind it."""
+    if threading.current_thread().name.startswith(_CHANNEL_THREAD_PREFIX):
+        return [fn(x) for x in items]
+    return list(channel_pool().map(fn, items))

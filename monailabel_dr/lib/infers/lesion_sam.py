@@ -42,7 +42,7 @@ from monailabel_dr.config import AppSettings, ModelSettings
 from monailabel_dr.fundus import geometry, io
 from monailabel_dr.fundus.lesions import LESION_VALUES, LESIONS
 from monailabel_dr.lib.errors import BadInput, ModelNotTrained
-from monailabel_dr.lib.infers.base import FundusInferTask, channel_pool, probabilities_at_input
+from monailabel_dr.lib.infers.base import FundusInferTask, channel_map, probabilities_at_input
 from monailabel_dr.lib.params import Param
 from monailabel_dr.lib.infers.lesion_seg import label_map_from_probs, map_components
 from monailabel_dr.networks.tp_drseg import TPDRSegConfig, WeightsUnavailable, build_tp_drseg
@@ -247,8 +247,7 @@ class LesionSamInfer(FundusInferTask):
             io.write_label(path, lut[best])
         prompts = []
         # the prompts' components in parallel threads (OpenCV's labelling releases the GIL), inside the FOV's box
-        all_comps = list(channel_pool().map(lambda i: map_components(probs[i], threshold, fov, geom.bbox),
-                                            range(len(names))))
+        all_comps = channel_map(lambda i: map_components(probs[i], threshold, fov, geom.bbox), range(len(names)))
         for i, name in enumerate(names):
             comps = all_comps[i]
             prompts.append({

@@ -33,7 +33,7 @@ from monailabel_dr.fundus.landmarks import QuadrantFrame, quadrant_frame
 from monailabel_dr.fundus.lesions import LESION_VALUES, LESIONS
 from monailabel_dr.lib.checkpoints import operating_thresholds, read_record
 from monailabel_dr.lib.errors import BadInput
-from monailabel_dr.lib.infers.base import FundusInferTask, channel_pool, probabilities_at_input
+from monailabel_dr.lib.infers.base import FundusInferTask, channel_map, probabilities_at_input
 from monailabel_dr.lib.params import Param
 from monailabel_dr.networks.lesion_net import TTA_MODES, FlipTTAInferer, build_lesion_net
 from monailabel_dr.transforms import landmarks_of
@@ -64,8 +64,8 @@ def label_map_from_probs(probs: np.ndarray, threshold, bbox: tuple[int, int, int
     One pass per lesion with a running maximum: the same map as ``argmax(where(p >= t, p, -1), axis=0)``
     (first index on ties), but ``np.argmax`` over the first axis of a 4 x 12 MP array is a strided scan
     that took about 1 s of a full-size request. With ``bbox``, the box is cut into bands of rows computed in
-    parallel threads (numpy releases the GIL; every pixel depends on its own column only, so the map is the
-    same): half the time on 2 cores."""
+    parallel threads (numpy releases the GIL; a pixel's label depends only on the lesions' probabilities at
+    that pixel, so the map is the same): half the time on 2 cores."""
     probs = np.asarray(probs)
     thr = per_lesion(threshold, probs.shape[0])
     if bbox is not None and min(thr) > 0:
@@ -77,7 +77,7 @@ def label_map_from_probs(probs: np.ndarray, threshold, bbox: tuple[int, int, int
             lab[a:b, x0:x1] = label_map_from_probs(
                 probs[:, a:b, x0:x1], thr, masks=None if masks is None else [m[a:b, x0:x1] for m in masks])
 
-        list(channel_pool().map(band, [(a, min(a + _BAND_ROWS, y1)) for a in range(y0, y1, _BAND_ROWS)]))
+        channel_map(band, [(a, min(a + _BAND_ROWS, y1)) for a in range(y0, y1, _BAND_ROWS)])
         return lab
     lab = np.zeros(probs.shape[1:], np.uint8)
     best = np.full(probs.shape[1:], -1.0, np.float32 if probs.dtype == np.float32 else np.float64)
@@ -104,8 +104,8 @@ def served_masks(probs: np.ndarray, threshold, min_peak: float | None, min_area:
     if not min_peak and min_area <= 1:
         return None
     thr = per_lesion(threshold, probs.shape[0])
-    return list(channel_pool().map(lambda i: kept_components(probs[i], thr[i], float(min_peak or 0), int(min_area)),
-                                   range(probs.shape[0])))
+    return channel_map(lambda i: kept_components(probs[i], thr[i], float(min_peak or 0), int(min_area)),
+                       range(probs.shape[0]))
 
 
 def map_components(p: np.ndarray, threshold: float, fov: np.ndarray, bbox: tuple[int, int, int, int] | None = None,
@@ -162,7 +162,7 @@ def lesion_stats(probs: np.ndarray, fov: np.ndarray, threshold, frame: QuadrantF
         return les, stats_les
 
     # the lesions in parallel threads (OpenCV's labelling and numpy release the GIL), in LESIONS order
-    return dict(channel_pool().map(one, range(len(LESIONS))))
+    return dict(channel_map(one, range(len(LESIONS))))
 
 
 def fov_radius(geom) -> float:
