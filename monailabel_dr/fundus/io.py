@@ -534,7 +534,8 @@ def read_image(
     """Read a fundus photograph as (H, W) grey or (H, W, 3) RGB, dtype as stored.
 
     JPEG, PNG and TIFF (8/16 bit) are decoded with PIL (16-bit colour with OpenCV, as
-    PIL truncates it to 8 bits); NIfTI with nibabel, placed like ITK/3D Slicer place it
+    PIL truncates it to 8 bits; complete 8-bit colour JPEGs with OpenCV too, the same pixels
+    faster: ``_decode_complete_jpeg``); NIfTI with nibabel, placed like ITK/3D Slicer place it
     (NIfTI axis 0 = column x, axis 1 = row y; the header's orientation decides the
     flips, so the file written by ``write_image`` -- affine diag(-1, -1, 1) -- needs
     none). RGBA -> RGB, palette -> RGB, grey+alpha -> grey. Sizes are checked from
