@@ -179,3 +179,40 @@ def test_lesion_attention_grading_on_a_trained_lesion_seg(phantom_store, tmp_pat
         cnn = r.json()["grade_probabilities"]
         assert np.allclose(rat["combined_grade_probabilities"],
                            (np.array(cnn) + np.array(rat["learned_grade_probabilities"])) / 2, atol=2e-4)
+
+
+@pytest.mark.parametrize("preprocess", ["none", "local_contrast"])
+def test_trainer_sees_the_image_the_infer_task_serves(tmp_path, preprocess):
+    """The lesion trainer's validation chain and the served pre-transforms give the network the same image,
+    with a profile's `preprocess` (local contrast) applied in both: trained on what is served."""
+    from monai.transforms import Compose
+    from PIL import Image
+    from monailabel.tasks.train.basic_train import Context
+
+    from monailabel_dr.config import parse_conf
+    from monailabel_dr.lib.infers.lesion_seg import LesionSegInfer
+    from monailabel_dr.lib.trainers.lesion_seg import LesionSegTrainer
+
+    ph = make_phantom(7, size=(240, 320))
+    img_path, lab_path = tmp_path / "eye.png", tmp_path / "eye_label.png"
+    fio.write_image(str(img_path), ph.image)
+    Image.fromarray(label_map_from_masks(ph.masks).astype(np.uint8)).save(lab_path)
+    conf = tiny_conf(tmp_path / "model", models="lesion_seg", lesion_seg_image_size=96,
+                     lesion_seg_set=f"preprocess.method={preprocess}")
+    app = parse_conf(conf, str(tmp_path))
+    model = app.models["lesion_seg"]
+    assert model.options["preprocess"]["method"] == preprocess
+    trainer = LesionSegTrainer(model, app)
+    ctx = Context()
+    ctx.request = {}
+    trained = Compose(trainer.val_pre_transforms(ctx))({"image": str(img_path), "label": str(lab_path)})["image"]
+    task = LesionSegInfer("lesion_seg", model, app)
+    served = Compose(task.pre_transforms({"device": "cpu"}))({"image": str(img_path)})["image"]
+    trained, served = np.asarray(trained, np.float32), np.asarray(served, np.float32)
+    assert trained.shape == served.shape == (3, 96, 96)
+    np.testing.assert_allclose(trained, served, atol=1e-6)
+    plain = Compose(LesionSegTrainer(parse_conf(tiny_conf(tmp_path / "m2", models="lesion_seg", lesion_seg_image_size=96),
+                                                str(tmp_path)).models["lesion_seg"], app).val_pre_transforms(ctx))(
+        {"image": str(img_path), "label": str(lab_path)})["image"]
+    # local contrast changes what the network sees (so the equality above is not of two unprocessed images)
+    assert (np.abs(np.asarray(plain, np.float32) - trained).max() > 0.1) == (preprocess == "local_contrast")

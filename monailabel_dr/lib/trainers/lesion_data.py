@@ -43,7 +43,14 @@ from monailabel_dr.metrics.overlap import dice_from_counts
 from monailabel_dr.lib.errors import BadInput, Conflict, check_tag
 from monailabel_dr.lib.trainers.common import stack_pred_label
 from monailabel_dr.lib.trainers.settings import LesionCrops
-from monailabel_dr.transforms import FOV_KEY, GEOMETRY_KEY, SOURCE_INFO_KEY, LoadFundusd, LoadLesionTargetsd
+from monailabel_dr.transforms import (
+    FOV_KEY,
+    GEOMETRY_KEY,
+    SOURCE_INFO_KEY,
+    LoadFundusd,
+    LoadLesionTargetsd,
+    preprocessing_transforms,
+)
 
 
 def idrid_items(folder: str) -> list[dict]:
@@ -128,6 +135,9 @@ class LesionTrainChains:
             LoadFundusd(keys="image", size=self.model.image_size, max_pixels=self.app_settings.max_image_pixels,
                         min_side=self.app_settings.min_image_side),
             LoadLesionTargetsd(keys="label"),
+            # the profile's deterministic preprocessing (e.g. local contrast), as the infer task applies it
+            # (lib/infers/base.py pre_transforms): without it a profile's `preprocess` would be served only
+            *preprocessing_transforms(self.model.options),
             *([NormalizeIntensityd(keys="image")] if self.normalise else []),
         ]
 
