@@ -424,9 +424,17 @@ def _resolve_attention(name: str, att: dict, conf: dict, table: dict[str, ModelS
     if lp not in lesion_profiles:
         raise ConfError(f"{name}: attention.lesion_profile '{lp}' is not a lesion_seg profile ({sorted(lesion_profiles)})")
     ckpt = conf.get(f"{name}_lesion_checkpoint") or os.path.join(model_dir, table["lesion_seg"].checkpoint)
+    from monailabel_dr.fundus.preprocess import parse_preprocess
+
+    try:
+        lesion_preprocess = parse_preprocess(lesion_profiles[lp].get("preprocess"))
+    except ValueError as e:
+        raise ConfError(f"{name}: lesion_seg profile '{lp}': {e}") from e
     return {
         "lesion": dict(lesion_profiles[lp]["network"]),
         "lesion_size": int(lesion_profiles[lp]["image_size"]),
+        # the lesion profile's own preprocessing: the frozen branch sees what its trainer and infer task saw
+        "lesion_preprocess": lesion_preprocess,
         "lesion_profile": lp,
         "lesion_checkpoint": os.path.realpath(os.path.expanduser(str(ckpt))),
         "mode": str(conf.get(f"{name}_attention_mode") or att.get("mode", "FA")),

@@ -223,8 +223,9 @@ class LesionMapsd(MapTransform):
     """Lesion probability maps of a frozen lesion network for a photograph, at a grader's working size.
 
     Runs before :class:`LoadFundusd` on the photograph's path in ``data[key]``: the field of view is cropped
-    and resized to ``lesion_size`` (the lesion model's own working resolution) and standardised exactly as
-    the ``lesion_seg`` infer task does, the network's sigmoid maps (zero outside the field of view) are
+    and resized to ``lesion_size`` (the lesion model's own working resolution), preprocessed as its profile says
+    (``preprocess``: the lesion profile's block, e.g. local contrast) and standardised exactly as the ``lesion_seg``
+    infer task does, the network's sigmoid maps (zero outside the field of view) are
     max-pooled to ``out_size`` (the maps line up with the grader's image: the crop is the same, only the
     scale differs; with ``out_size`` a divisor of ``lesion_size`` the pooling windows nest exactly) and written to ``data[LESION_MAPS_KEY]`` (m, out, out).
     Max rather than mean pooling keeps a 2-pixel microaneurysm visible.
@@ -235,12 +236,14 @@ class LesionMapsd(MapTransform):
 
     def __init__(self, keys: KeysCollection, network, lesion_size: int, out_size: int,
                  max_pixels: int = io.DEFAULT_MAX_PIXELS, min_side: int = io.DEFAULT_MIN_SIDE, device: str = "cpu",
-                 allow_missing_keys: bool = False):
+                 preprocess: Mapping | None = None, allow_missing_keys: bool = False):
         super().__init__(keys, allow_missing_keys)
         self.network = network
         self.lesion_size = int(lesion_size)
         self.out_size = int(out_size)
         self.load = LoadFundusd(keys="image", size=self.lesion_size, max_pixels=max_pixels, min_side=min_side)
+        # the lesion profile's preprocessing (its `preprocess` block), as its infer task applies it
+        self.preprocess = preprocessing_transforms({"preprocess": preprocess})
         self.device = device
 
     def __call__(self, data):
@@ -250,6 +253,8 @@ class LesionMapsd(MapTransform):
         d = dict(data)
         for key in self.key_iterator(d):
             sub = self.load({"image": d[key]})
+            for t in self.preprocess:
+                sub = t(sub)
             x = NormalizeIntensity()(sub["image"])
             x = torch.as_tensor(x, dtype=torch.float32)[None].to(self.device)
             net = self.network()
@@ -270,6 +275,6 @@ def lesion_map_transforms(network_config: Mapping, network, grader_size: int, ma
     from monai.transforms import ConcatItemsd, DeleteItemsd
 
     before = [LesionMapsd(keys="image", network=network, lesion_size=int(att["lesion_size"]), out_size=int(grader_size),
-                          max_pixels=max_pixels, min_side=min_side, device=device)]
+                          max_pixels=max_pixels, min_side=min_side, device=device, preprocess=att.get("lesion_preprocess"))]
     after = [ConcatItemsd(keys=["image", LESION_MAPS_KEY], name="image", dim=0), DeleteItemsd(keys=LESION_MAPS_KEY)]
     return before, after

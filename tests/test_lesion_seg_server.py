@@ -216,3 +216,45 @@ def test_trainer_sees_the_image_the_infer_task_serves(tmp_path, preprocess):
         {"image": str(img_path), "label": str(lab_path)})["image"]
     # local contrast changes what the network sees (so the equality above is not of two unprocessed images)
     assert (np.abs(np.asarray(plain, np.float32) - trained).max() > 0.1) == (preprocess == "local_contrast")
+
+
+def test_attention_branch_sees_its_lesion_profiles_preprocessing(tmp_path, monkeypatch):
+    """A lesion-attention grader's frozen lesion branch gets the lesion profile's preprocessing (here local
+    contrast): its maps equal the served lesion_seg's sigmoid maps of the same photograph, max-pooled."""
+    import torch
+    import torch.nn.functional as F
+    from monai.transforms import Compose
+
+    from monailabel_dr import config
+    from monailabel_dr.lib.infers.lesion_seg import LesionSegInfer
+    from monailabel_dr.networks.lesion_net import build_lesion_net
+    from monailabel_dr.transforms import LESION_MAPS_KEY, lesion_map_transforms
+
+    real = config.ModelSpec.network_profiles
+
+    def with_local_contrast(spec):   # the tiny lesion_seg profile, as if its YAML had `preprocess: local_contrast`
+        profiles = real(spec)
+        if spec.name == "lesion_seg":
+            profiles["profiles"]["tiny"]["preprocess"] = "local_contrast"
+        return profiles
+
+    monkeypatch.setattr(config.ModelSpec, "network_profiles", with_local_contrast)
+    app = config.parse_conf(tiny_conf(tmp_path / "model", models="grading,lesion_seg", grading_profile="tiny_attention",
+                                      grading_image_size=48), str(tmp_path))
+    att = app.models["grading"].network["attention"]
+    assert att["lesion_preprocess"]["method"] == "local_contrast" and att["lesion_size"] == 96
+    lesion = app.models["lesion_seg"]
+    assert lesion.options["preprocess"]["method"] == "local_contrast"
+
+    img_path = tmp_path / "eye.png"
+    fio.write_image(str(img_path), make_phantom(3, size=(240, 320)).image)
+    torch.manual_seed(0)
+    net = build_lesion_net(att["lesion"]).eval()
+    before, _ = lesion_map_transforms(app.models["grading"].network, lambda: net, 48, app.max_image_pixels,
+                                      app.min_image_side)
+    maps = Compose(before)({"image": str(img_path)})[LESION_MAPS_KEY]
+    served = Compose(LesionSegInfer("lesion_seg", lesion, app).pre_transforms({"device": "cpu"}))({"image": str(img_path)})
+    with torch.no_grad():
+        p = torch.sigmoid(net(torch.as_tensor(np.asarray(served["image"]))[None])) * torch.as_tensor(
+            np.asarray(served["fov"]))[None]
+    torch.testing.assert_close(maps, F.adaptive_max_pool2d(p, (48, 48))[0], atol=1e-5, rtol=1e-5)
