@@ -258,3 +258,32 @@ def test_attention_branch_sees_its_lesion_profiles_preprocessing(tmp_path, monke
         p = torch.sigmoid(net(torch.as_tensor(np.asarray(served["image"]))[None])) * torch.as_tensor(
             np.asarray(served["fov"]))[None]
     torch.testing.assert_close(maps, F.adaptive_max_pool2d(p, (48, 48))[0], atol=1e-5, rtol=1e-5)
+
+
+def test_bf16_training_through_the_server(phantom_store, tmp_path, monkeypatch):
+    """`train.cpu_precision=bf16`: a /train run's forward passes go through the bf16 autocast inferer on a CPU
+    with native bf16 (float32 elsewhere), and the published checkpoint is float32 and served."""
+    import torch
+
+    from monailabel_dr.lib.trainers import common
+
+    calls = []
+    real = common.CPUAutocastInferer.__call__
+
+    def spy(self, inputs, network, *args, **kwargs):
+        out = real(self, inputs, network, *args, **kwargs)
+        calls.append(out.dtype)
+        return out
+
+    monkeypatch.setattr(common.CPUAutocastInferer, "__call__", spy)
+    conf = tiny_conf(tmp_path / "model", lesion_seg_image_size=96, lesion_seg_set="train.cpu_precision=bf16")
+    with serve_in_process(phantom_store, conf) as c:
+        for i in range(3):
+            _save(c, f"fundus_{i:04d}", phantom_label_map(i))
+        r = c.post("/train/lesion_seg?run_sync=true", json={"max_epochs": 1})
+        assert r.status_code == 200, r.text
+        assert (len(calls) > 0) == common.native_cpu_bf16() and set(calls) <= {torch.float32}
+        state = torch.load(tmp_path / "model" / "lesion_seg.pt", weights_only=True)
+        state = state.get("model", state)
+        assert all(v.dtype != torch.bfloat16 for v in state.values())
+        assert c.post("/infer/lesion_seg?image=fundus_0005").status_code == 200

@@ -383,6 +383,7 @@ def test_profile_overrides_from_conf():
     ("twlr_inpainter", "train.holes", "{stroke: 3}", r"train.holes: .*stroke"),
     ("lesion_sam", "train.negative_prob", "1.5", r"negative_prob must be in \[0, 1\]"),
     ("lesion_seg", "train.ema_decay", "1.0", r"ema_decay must be in \[0, 1\)"),
+    ("lesion_seg", "train.cpu_precision", "fp16", r"cpu_precision='fp16'; accepted: fp32, bf16"),
 ])
 def test_train_settings_typo_or_bad_value_refused(model, key, value, match):
     """A typo in a train key (YAML or --conf <model>_set) is refused naming the accepted keys; a bad value
@@ -576,3 +577,40 @@ print(json.dumps({"before": sorted(set(before.values())), "after": sorted(set(af
     assert res["n_before"] >= 4 and res["n_after"] == res["n_before"] + 1, res   # main + 3 early, + the late one
     assert res["after"] == ["idle"], res
     assert res["applied"] == f"idle ({res['n_before']} threads)", res
+
+
+def test_cpu_bf16_training_forward_autocasts_and_returns_float32(monkeypatch):
+    """train.cpu_precision=bf16: the training forward runs in bfloat16 on a CPU with native bf16 and the loss
+    sees float32; without native bf16, or on another device, or with fp32, training stays float32."""
+    from monai.inferers import SimpleInferer
+
+    from monailabel_dr.lib.trainers import common
+    from monailabel_dr.lib.trainers.settings import LesionSegTrain
+
+    seen = []
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+
+        def forward(self, x):
+            y = self.conv(x)
+            seen.append(y.dtype)
+            return y
+
+    bf16, fp32 = LesionSegTrain.from_dict({"cpu_precision": "bf16"}), LesionSegTrain.from_dict({})
+    monkeypatch.setattr(common, "native_cpu_bf16", lambda: True)
+    assert common.cpu_bf16(bf16, "cpu") and not common.cpu_bf16(fp32, "cpu") and not common.cpu_bf16(bf16, "cuda:0")
+    monkeypatch.setattr(common, "native_cpu_bf16", lambda: False)
+    assert not common.cpu_bf16(bf16, "cpu")
+
+    torch.manual_seed(0)
+    net, x = Net(), torch.randn(2, 3, 16, 16)
+    out = common.CPUAutocastInferer()(x, net)
+    assert seen[-1] == torch.bfloat16 and out.dtype == torch.float32
+    ref = SimpleInferer()(x, net)
+    assert seen[-1] == torch.float32
+    assert not torch.equal(out, ref) and torch.allclose(out, ref, atol=0.05)   # bf16 rounding, same function
+    out.sum().backward()   # the backward of an autocast forward reaches the float32 weights
+    assert net.conv.weight.grad is not None and net.conv.weight.grad.dtype == torch.float32

@@ -194,6 +194,49 @@ def resume_path(task, output_dir: str, pretrained: bool = True) -> str | None:
     return task._load_path if pretrained else None
 
 
+def cpu_bf16(train, device: str) -> bool:
+    """Whether training forward passes run under bfloat16 autocast: the profile asks for it
+    (``train.cpu_precision: bf16``), training runs on the CPU, and the CPU computes bf16 natively (oneDNN:
+    AVX512-BF16 or AMX). Elsewhere bf16 would be emulated, several times slower than float32, so the run
+    stays float32 and says so in the log."""
+    if getattr(train, "cpu_precision", "fp32") != "bf16" or not str(device).startswith("cpu"):
+        return False
+    if not native_cpu_bf16():
+        logger.warning("train.cpu_precision=bf16 asked, but this CPU has no native bfloat16 (AVX512-BF16 / AMX): "
+                       "training in float32")
+        return False
+    logger.info("training forward passes under bfloat16 autocast (train.cpu_precision=bf16); validation in float32")
+    return True
+
+
+def native_cpu_bf16() -> bool:
+    """The CPU computes bfloat16 natively through oneDNN (AVX512-BF16 or AMX)."""
+    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+class CPUAutocastInferer(SimpleInferer):
+    """The training forward pass under ``torch.autocast("cpu", bfloat16)``, its outputs back in float32 so the
+    loss and the training metrics are computed in float32 (backward follows the autocast graph). MONAI's
+    ``SupervisedTrainer(amp=True)`` autocasts on CUDA only, and this app uses it there."""
+
+    def __call__(self, inputs, network, *args, **kwargs):
+        if not torch.is_tensor(inputs) or inputs.device.type != "cpu":
+            return super().__call__(inputs, network, *args, **kwargs)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = super().__call__(inputs, network, *args, **kwargs)
+        return _to_float32(out)
+
+
+def _to_float32(out):
+    if torch.is_tensor(out):
+        return out.float() if out.is_floating_point() else out
+    if isinstance(out, (list, tuple)):
+        return type(out)(_to_float32(o) for o in out)
+    if isinstance(out, dict):
+        return {k: _to_float32(v) for k, v in out.items()}
+    return out
+
+
 def trainer_config(model, app, **overrides) -> dict:
     """The MONAI Label train config (shown in /info, overridable per request) from a model's typed train
     settings (``model.train``, lib/trainers/settings.py)."""
@@ -268,7 +311,7 @@ class FundusTrainTask(BasicTrainTask):
         return LrScheduleHandler(sched, print_lr=True, epoch_level=True)
 
     def train_inferer(self, context):
-        return SimpleInferer()
+        return CPUAutocastInferer() if cpu_bf16(self.model.train, self.app_settings.device) else SimpleInferer()
 
     def val_inferer(self, context):
         return SimpleInferer()

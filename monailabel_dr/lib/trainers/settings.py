@@ -133,6 +133,9 @@ class SizedCrops(LesionCrops):
         _positive(where, size=self.size)
 
 
+CPU_PRECISIONS = ("fp32", "bf16")
+
+
 @dataclass(frozen=True)
 class TrainSettings(_Typed):
     """What every trainer reads (``common.trainer_config`` and ``FundusTrainTask.optimizer``: AdamW)."""
@@ -145,10 +148,15 @@ class TrainSettings(_Typed):
     val_split: float = 0.2
     val_interval: int = 1                # epochs between validations
     ema_decay: float = 0.0               # > 0: validate and publish an EMA of the weights (common.EMAWeights)
+    # bf16: training forward passes on a CPU under bfloat16 autocast where the CPU has native bf16
+    # (common.CPUAutocastInferer); validation, published weights and serving stay float32
+    cpu_precision: str = "fp32"
 
     def check(self, where: str) -> None:
         _positive(where, max_epochs=self.max_epochs, batch_size=self.batch_size, learning_rate=self.learning_rate,
                   val_interval=self.val_interval)
+        if self.cpu_precision not in CPU_PRECISIONS:
+            raise ValueError(f"{where}: cpu_precision={self.cpu_precision!r}; accepted: {', '.join(CPU_PRECISIONS)}")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"{where}: ema_decay must be in [0, 1) (0: no averaging), got {self.ema_decay}")
         if not 0 <= self.val_split < 1:
