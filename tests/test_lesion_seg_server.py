@@ -259,6 +259,20 @@ def test_attention_branch_sees_its_lesion_profiles_preprocessing(tmp_path, monke
             np.asarray(served["fov"]))[None]
     torch.testing.assert_close(maps, F.adaptive_max_pool2d(p, (48, 48))[0], atol=1e-5, rtol=1e-5)
 
+    # the grader's trainer refuses a lesion checkpoint trained without that preprocessing (409), takes a matching one
+    import os
+
+    from monailabel_dr.lib.errors import Conflict
+    from monailabel_dr.lib.trainers.grading import GradingTrainer
+
+    trainer = GradingTrainer(app.models["grading"], app)
+    os.makedirs(os.path.dirname(att["lesion_checkpoint"]), exist_ok=True)
+    torch.save({"model": net.state_dict()}, att["lesion_checkpoint"])
+    with pytest.raises(Conflict, match="preprocess"):
+        trainer.network(None)
+    torch.save({"model": net.state_dict(), "preprocess": {"method": "local_contrast"}}, att["lesion_checkpoint"])
+    assert trainer.network(None).lesion_net is not None
+
 
 def test_bf16_training_through_the_server(phantom_store, tmp_path, monkeypatch):
     """`train.cpu_precision=bf16`: a /train run's forward passes go through the bf16 autocast inferer on a CPU
@@ -283,7 +297,45 @@ def test_bf16_training_through_the_server(phantom_store, tmp_path, monkeypatch):
         r = c.post("/train/lesion_seg?run_sync=true", json={"max_epochs": 1})
         assert r.status_code == 200, r.text
         assert (len(calls) > 0) == common.native_cpu_bf16() and set(calls) <= {torch.float32}
-        state = torch.load(tmp_path / "model" / "lesion_seg.pt", weights_only=True)
-        state = state.get("model", state)
+        ckpt = torch.load(tmp_path / "model" / "lesion_seg.pt", weights_only=True)
+        assert ckpt["preprocess"] == {"method": "none"}   # what the weights were trained with
+        state = ckpt["model"]
         assert all(v.dtype != torch.bfloat16 for v in state.values())
         assert c.post("/infer/lesion_seg?image=fundus_0005").status_code == 200
+
+
+
+@pytest.mark.parametrize("trained_with, served_with, ok", [
+    (None, "none", True),                       # a checkpoint from before the record: trained without
+    (None, "local_contrast", False),
+    ({"method": "none"}, "local_contrast", False),
+    ({"method": "local_contrast"}, "none", False),
+    ({"method": "local_contrast"}, "local_contrast", True),
+])
+def test_checkpoint_of_another_preprocessing_is_refused(phantom_store, tmp_path, trained_with, served_with, ok):
+    """A lesion checkpoint served under a profile whose preprocessing differs from what it was trained with
+    answers 409 naming both (its maps would be meaningless), and nothing else changes; a match is served."""
+    import torch
+
+    from monailabel_dr.config import parse_conf
+    from monailabel_dr.networks.lesion_net import build_lesion_net
+
+    net_conf = parse_conf(tiny_conf(tmp_path / "x", models="lesion_seg"), str(tmp_path)).models["lesion_seg"].network
+    payload = {"model": build_lesion_net(net_conf).state_dict()}
+    if trained_with is not None:
+        payload["preprocess"] = trained_with
+    ckpt = tmp_path / "given.pt"
+    torch.save(payload, ckpt)
+    before = ckpt.read_bytes()
+    conf = tiny_conf(tmp_path / "model", lesion_seg_image_size=96, lesion_seg_checkpoint=str(ckpt),
+                     lesion_seg_set=f"preprocess.method={served_with}")
+    with serve_in_process(phantom_store, conf) as c:
+        r = c.post("/infer/lesion_seg?image=fundus_0001")
+        if ok:
+            assert r.status_code == 200, r.text
+        else:
+            assert r.status_code == 409, r.text
+            detail = r.json()["detail"]
+            assert "preprocess" in detail and served_with in detail and str(ckpt) in detail
+        assert c.get("/info/").status_code == 200
+    assert ckpt.read_bytes() == before

@@ -129,3 +129,29 @@ def operating_thresholds(rec: dict | None, names) -> dict[str, float] | None:
             return None
         out[n] = float(v)
     return out
+
+
+PREPROCESS_KEY = "preprocess"   # a lesion checkpoint's preprocessing (lib/trainers/lesion_seg.py publish_payload)
+
+
+def checkpoint_preprocess(path: str) -> dict:
+    """The preprocessing a lesion checkpoint was trained with (``{"method": "none"}`` when the file records
+    none: lesion trainers applied no preprocessing before they recorded it)."""
+    import torch
+
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    rec = ckpt.get(PREPROCESS_KEY) if isinstance(ckpt, dict) else None
+    return dict(rec) if isinstance(rec, dict) else {"method": "none"}
+
+
+def check_preprocess(path: str, expected: dict | None, what: str) -> None:
+    """ValueError naming both when the checkpoint at ``path`` was trained with another preprocessing than
+    ``expected`` (a profile's parsed ``preprocess`` block; None = none): its maps would be meaningless."""
+    want = dict(expected or {"method": "none"})
+    have = checkpoint_preprocess(path)
+    if have != want:
+        raise ValueError(f"{path} was trained with preprocess {have}, but {what} applies {want}: "
+                         "serve it with the profile it was trained with, or retrain")

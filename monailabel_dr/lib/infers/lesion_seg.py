@@ -31,7 +31,7 @@ from monailabel_dr.fundus import io
 from monailabel_dr.fundus.components import Components, connected_components, kept_components
 from monailabel_dr.fundus.landmarks import QuadrantFrame, quadrant_frame
 from monailabel_dr.fundus.lesions import LESION_VALUES, LESIONS
-from monailabel_dr.lib.checkpoints import operating_thresholds, read_record
+from monailabel_dr.lib.checkpoints import check_preprocess, operating_thresholds, read_record
 from monailabel_dr.lib.errors import BadInput
 from monailabel_dr.lib.infers.base import FundusInferTask, channel_map, probabilities_at_input
 from monailabel_dr.lib.params import Param
@@ -242,6 +242,14 @@ class LesionSegInfer(FundusInferTask):
             config={"threshold": self.inference.thresholds, "tta": self.inference.tta, "output": "label",
                     "result_extension": ".png"},
         )
+
+    def load_network(self, path: str, device: str):
+        """The base's strict load, after checking the file was trained with this profile's preprocessing (409)."""
+        try:
+            check_preprocess(path, self.model.options.get("preprocess"), f"the '{self.model.profile_name}' profile")
+        except ValueError as e:
+            raise self.unusable_checkpoint(path, e) from e
+        return super().load_network(path, device)
 
     def inferer(self, data=None):
         return FlipTTAInferer(str((data or {}).get("tta") or self.inference.tta))

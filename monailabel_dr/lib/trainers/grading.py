@@ -38,6 +38,7 @@ from monailabel_dr.config import AppSettings, ModelSettings
 from monailabel_dr.fundus import io
 from monailabel_dr.fundus.labels import LabelFormatError, is_grade_label_file, read_grade_label
 from monailabel_dr.fundus.lesions import LESIONS
+from monailabel_dr.lib.checkpoints import check_preprocess
 from monailabel_dr.lib.errors import Conflict
 from monailabel_dr.lib.trainers.settings import GradingTrain
 from monailabel_dr.lib.trainers.common import (
@@ -249,6 +250,10 @@ class GradingTrainer(FundusTrainTask):
             if not os.path.isfile(path):
                 raise Conflict(f"the '{self.model.profile_name}' grading profile needs a trained lesion_seg model at {path}: "
                                f"train lesion_seg first, or set --conf {self.model.name}_lesion_checkpoint PATH")
+            try:   # the branch's maps are computed with the lesion profile's preprocessing (LesionMapsd)
+                check_preprocess(path, att.get("lesion_preprocess"), f"lesion_seg profile '{att['lesion_profile']}'")
+            except ValueError as e:
+                raise Conflict(f"the '{self.model.profile_name}' grading profile's lesion branch: {e}") from e
             state = torch.load(path, map_location="cpu", weights_only=True)
             net.lesion_net.load_state_dict(state.get("model", state))
             net.freeze_lesion_branch()

@@ -21,6 +21,7 @@ from monai.handlers import EarlyStopHandler, LrScheduleHandler
 from monailabel.tasks.train.basic_train import Context
 
 from monailabel_dr.config import AppSettings, ModelSettings
+from monailabel_dr.lib.checkpoints import PREPROCESS_KEY
 from monailabel_dr.lib.trainers.common import (
     FundusTrainTask,
     attach_shared_handlers,
@@ -54,6 +55,11 @@ class LesionSegTrainer(LesionTrainChains, LesionLabelSource, FundusTrainTask):
     # ------------------------------------------------------------ model
     def network(self, context: Context):
         return build_lesion_net(self.model.network)
+
+    def publish_payload(self, state: dict) -> dict:
+        """The weights and the preprocessing they were trained with: an infer task (or an attention grader's
+        lesion branch) of another preprocessing refuses the file instead of serving meaningless maps."""
+        return {"model": state, PREPROCESS_KEY: dict(self.model.options.get("preprocess") or {"method": "none"})}
 
     def loss_function(self, context: Context):
         t = self.model.train
