@@ -295,6 +295,14 @@ def _model_task(args, infer: str):
     row = LESION_MODELS.get(infer, infer)
     conf.setdefault("models", row)
     if args.checkpoint:  # an empty model dir, so nothing shadows the given checkpoint
+        if not os.path.isfile(args.checkpoint):
+            raise SystemExit(f"--checkpoint {args.checkpoint}: no such file")
+        if row == "lesion_seg" and "preprocess" not in conf.get("lesion_seg_set", ""):
+            # the preprocessing the checkpoint records it was trained with, unless --conf lesion_seg_set says one
+            from monailabel_dr.lib.checkpoints import checkpoint_preprocess
+
+            sets = [f"preprocess.{k}={v}" for k, v in checkpoint_preprocess(args.checkpoint).items()]
+            conf["lesion_seg_set"] = ",".join(filter(None, [conf.get("lesion_seg_set"), *sets]))
         conf[f"{row}_checkpoint"] = os.path.realpath(args.checkpoint)
         conf["model_dir"] = _tmp_studies()
     return make_app(read_only_view(args.studies) or _tmp_studies(), conf)._infers[infer]

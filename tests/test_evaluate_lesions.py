@@ -127,6 +127,27 @@ def test_checkpoint_of_a_tiny_model_and_the_val_split(idrid_folder, tmp_path):
     assert ruled["segmentation"] == report["segmentation"]   # probability metrics do not depend on the rules
 
 
+def test_evaluate_uses_the_preprocessing_the_checkpoint_records(idrid_folder, tmp_path):
+    """evaluate lesion_seg --checkpoint: a checkpoint trained with local contrast is evaluated with it (the file
+    records it) without a --conf; a --conf that says otherwise is refused as the server refuses it."""
+    model = tmp_path / "model"
+    conf = ["--conf", "models", "lesion_seg", "--conf", "profile", "tiny", "--conf", "model_dir", str(model)]
+    cli("train", "lesion_seg", "--dataset", f"idrid:{idrid_folder}", *conf, "--epochs", "1",
+        "--conf", "lesion_seg_set", "preprocess.method=local_contrast")
+    ckpt = model / "lesion_seg.pt"
+    import torch
+
+    assert torch.load(ckpt, weights_only=True)["preprocess"] == {"method": "local_contrast"}
+    report = _evaluate(idrid_folder, tmp_path / "lc.json", "--checkpoint", str(ckpt), "--split", "val",
+                       "--conf", "profile", "tiny")
+    assert report["images"] == ["IDRiD_05"] and report["segmentation"]["mean"]["auc_pr"] is not None
+    out = subprocess.run([sys.executable, "-m", "monailabel_dr.cli", "evaluate", "lesion_seg", "--dataset",
+                          f"idrid:{idrid_folder}", "--split", "val", "--checkpoint", str(ckpt), "--conf", "profile", "tiny",
+                          "--conf", "lesion_seg_set", "preprocess.method=none"], capture_output=True, text=True,
+                         cwd=str(ROOT), timeout=600)
+    assert out.returncode != 0 and "trained with preprocess" in out.stderr
+
+
 def test_lesion_sam_ablations_train_and_evaluate(idrid_folder, tmp_path):
     """The paper's Table 3 switches: bare lesion names and no injectors, trained and evaluated alike."""
     import torch
