@@ -182,7 +182,18 @@ def cmd_train(args) -> int:
         request["dataset_source"] = args.dataset
     if args.params:
         request.update(json.loads(args.params))
-    stats = app.train(request)
+    if args.members_from:
+        from monailabel_dr.lib.errors import ClientError
+
+        trainer = app._trainers.get(args.model)
+        if not hasattr(trainer, "combine"):
+            raise SystemExit(f"train --members-from: {args.model} has no ensemble profiles (lesion_seg has)")
+        try:
+            stats = trainer.combine([os.path.realpath(p) for p in args.members_from], request, app.datastore())
+        except ClientError as e:
+            raise SystemExit(f"train --members-from: {e}") from e
+    else:
+        stats = app.train(request)
     _print(stats)
     return 0
 
@@ -628,6 +639,10 @@ def _add_train(sub) -> None:
     t.add_argument("--val-split", type=float)
     t.add_argument("--dataset", help="train from a folder instead of the datastore's labels: idrid:<folder> (lesion_seg, lesion_sam)")
     t.add_argument("--params", help="extra train request JSON")
+    t.add_argument("--members-from", nargs="+", metavar="CKPT",
+                   help="lesion_seg with an ensemble profile (network.members K): combine K checkpoints of the profile's "
+                        "single network (e.g. trained elsewhere) instead of training them: validated on the trainer's "
+                        "validation images and published like a trained ensemble")
     _ablation_args(t)
     t.set_defaults(func=cmd_train)
 

@@ -142,6 +142,14 @@ def test_mc_passes_match_the_networks_own_forward():
     probs = lesion_mc_probs(lesion, x, n=5, p=0.0)          # 5 passes: two chunks
     with torch.no_grad():
         assert probs.shape == (5, 4, 64, 64) and torch.allclose(probs[3], torch.sigmoid(lesion(x))[0], atol=1e-6)
+    # an ensemble shares the passes among its members in turn: pass i is member i mod K's
+    ens = build_lesion_net({"widths": [8, 16, 16, 32], "depths": [1, 1, 1, 1], "cut": 8, "members": 2}).eval()
+    probs = lesion_mc_probs(ens, x, n=5, p=0.0)             # members 0, 1, 0, 1, 0: 3 passes of member 0, then 2
+    with torch.no_grad():
+        p0, p1 = (torch.sigmoid(m(x))[0] for m in ens.members)
+    assert probs.shape == (5, 4, 64, 64)
+    assert all(torch.allclose(probs[i], p0, atol=1e-6) for i in range(3))
+    assert all(torch.allclose(probs[i], p1, atol=1e-6) for i in (3, 4)) and not torch.allclose(p0, p1, atol=1e-3)
     keep = dropout_keep((1000, 50), 0.2, seed=1, device="cpu")
     assert set(torch.unique(keep).tolist()) == {0.0, 1.25} and abs(float(keep.mean()) - 1) < 0.02
     assert torch.equal(keep, dropout_keep((1000, 50), 0.2, seed=1, device="cpu"))     # reproducible

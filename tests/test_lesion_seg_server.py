@@ -339,3 +339,60 @@ def test_checkpoint_of_another_preprocessing_is_refused(phantom_store, tmp_path,
             assert "preprocess" in detail and served_with in detail and str(ckpt) in detail
         assert c.get("/info/").status_code == 200
     assert ckpt.read_bytes() == before
+
+
+def test_ensemble_profile_trains_its_members_and_serves_their_mean(phantom_store, tmp_path):
+    """`network.members=2`: /train trains two members one after the other (seeds s and s + 1, each published
+    beside the served file), then validates the ensemble on the same validation images and publishes it with
+    its own record (per-lesion thresholds, the members); /infer serves it, /info says what it is."""
+    import torch
+
+    from monailabel_dr.config import parse_conf
+    from monailabel_dr.lib.infers.base import load_weights
+    from monailabel_dr.lib.trainers.lesion_seg import LesionSegTrainer
+    from monailabel_dr.networks.lesion_net import build_lesion_net, member_config
+
+    conf = tiny_conf(tmp_path / "model", lesion_seg_image_size=96, lesion_seg_set="network.members=2")
+    with serve_in_process(phantom_store, conf) as c:
+        for i in range(4):
+            _save(c, f"fundus_{i:04d}", phantom_label_map(i))
+        assert c.post("/infer/lesion_seg?image=fundus_0005").status_code == 409   # untrained: no random weights
+        r = c.post("/train/lesion_seg?run_sync=true", json={"max_epochs": 1, "seed": 3})
+        assert r.status_code == 200, r.text
+        members = [torch.load(tmp_path / "model" / f"lesion_seg.member{k}.pt", weights_only=True) for k in (0, 1)]
+        served = torch.load(tmp_path / "model" / "lesion_seg.pt", weights_only=True)
+        rec = served["validation"]
+        assert [m["run"] for m in rec["members"]] == [m["validation"]["run"] for m in members]
+        assert rec["n_val"] >= 1 and rec["metric"] == "val_mean_dice" and rec["complete"]
+        assert all(0 < rec["metrics"][f"val_threshold_{les}"] < 1 for les in LESIONS)
+        # the served weights are the members' (member k under members.k), and the members differ (their seeds)
+        for k, m in enumerate(members):
+            assert all(torch.equal(served["model"][f"members.{k}.{key}"], v) for key, v in m["model"].items())
+        key = next(iter(members[0]["model"]))
+        assert not torch.equal(members[0]["model"][key], members[1]["model"][key])
+        info = c.get("/info/").json()["models"]["lesion_seg"]["state"]
+        assert "ensemble of 2" in info["quality"]
+        r = c.post("/infer/lesion_seg?image=fundus_0005&output=json", data={"params": json.dumps({"threshold": "validation"})})
+        assert r.status_code == 200, r.text
+        thr = r.json()["threshold"]   # one number when every lesion has the same
+        thr = thr if isinstance(thr, dict) else dict.fromkeys(LESIONS, thr)
+        assert thr == {les: rec["metrics"][f"val_threshold_{les}"] for les in LESIONS}
+
+    # `train --members-from`: the combining step alone, through the CLI. Member 0 twice is an ensemble whose
+    # probabilities are member 0's, so its validation (the same code as a run's evaluator, on the same images)
+    # must give the figures member 0's own run recorded for its weights
+    from monailabel_dr import cli
+
+    m0 = str(tmp_path / "model" / "lesion_seg.member0.pt")
+    argv = ["train", "lesion_seg", "--studies", str(phantom_store), *sum((["--conf", k, v] for k, v in conf.items()), [])]
+    assert cli.main([*argv, "--members-from", m0, m0]) == 0
+    again = torch.load(tmp_path / "model" / "lesion_seg.pt", weights_only=True)["validation"]
+    recorded = members[0]["validation"]["metrics"]
+    for k in ("val_mean_dice", *(f"val_dice_{les}" for les in LESIONS), *(f"val_threshold_{les}" for les in LESIONS)):
+        assert again["metrics"][k] == pytest.approx(recorded[k], abs=2e-3), k
+    # a wrong number of members, or a checkpoint that is not one of the profile's single network: refused
+    before = (tmp_path / "model" / "lesion_seg.pt").read_bytes()
+    for bad in ([m0], [m0, str(tmp_path / "model" / "lesion_seg.pt")], [m0, str(tmp_path / "nothing.pt")]):
+        with pytest.raises(SystemExit, match="member|ensemble of 2"):
+            cli.main([*argv, "--members-from", *bad])
+    assert (tmp_path / "model" / "lesion_seg.pt").read_bytes() == before

@@ -274,6 +274,36 @@ def test_lesion_net_backbones_and_expansive_path(cut):
         LesionNet({"backbone": "unet_encoder", "widths": [8, 8, 8, 8]})
 
 
+def test_lesion_ensemble_serves_the_logit_of_its_members_mean_probability():
+    """`network.members` K > 1 builds K Lesion-Nets whose output is logit(mean of their sigmoids): averaged
+    as probabilities, not as logits; a member's own state dict loads into members[k]; K = 1 is one LesionNet."""
+    from monailabel_dr.networks.attention_grader import LesionAttentionGrader
+    from monailabel_dr.networks.lesion_net import LesionEnsemble, LesionNet, build_lesion_net, member_config
+
+    cfg = {"widths": [8, 8, 8, 8], "cut": 8}
+    assert type(build_lesion_net(cfg)) is LesionNet and type(build_lesion_net({**cfg, "members": 1})) is LesionNet
+    torch.manual_seed(0)
+    ens = build_lesion_net({**cfg, "members": 3}).eval()
+    assert isinstance(ens, LesionEnsemble) and len(ens.members) == 3
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        outs = [m(x) for m in ens.members]
+        want = torch.stack([torch.sigmoid(o) for o in outs]).mean(0)
+        got = ens(x)
+        assert torch.allclose(torch.sigmoid(got), want, atol=1e-5)
+        assert not torch.allclose(torch.sigmoid(got), torch.sigmoid(torch.stack(outs).mean(0)), atol=1e-3)
+    one = LesionNet(member_config({**cfg, "members": 3}))
+    ens.members[1].load_state_dict(one.state_dict())
+    assert all(torch.equal(ens.state_dict()[f"members.1.{k}"], v) for k, v in one.state_dict().items())
+    with pytest.raises(ValueError, match="members"):
+        LesionNet({**cfg, "members": 2})
+    with pytest.raises(ValueError, match="members"):
+        build_lesion_net({**cfg, "members": 0})
+    # an attention grader's lesion branch of an ensemble profile is the ensemble
+    att = LesionAttentionGrader({"channels": [8, 16], "strides": [2, 1], "cam_channels": 16}, {**cfg, "members": 2}, 64)
+    assert isinstance(att.lesion_net, LesionEnsemble) and att.lesion_channels == 4
+
+
 def test_lesion_net_paper_schedule_plateau_drop_switch_and_early_stop():
     """The paper's schedule: lr / 10 after `plateau_patience` validations without a better mean Dice,
     the dual Dice from the first drop on, early stop after `early_stop_patience` validations."""
@@ -614,3 +644,20 @@ def test_cpu_bf16_training_forward_autocasts_and_returns_float32(monkeypatch):
     assert not torch.equal(out, ref) and torch.allclose(out, ref, atol=0.05)   # bf16 rounding, same function
     out.sum().backward()   # the backward of an autocast forward reaches the float32 weights
     assert net.conv.weight.grad is not None and net.conv.weight.grad.dtype == torch.float32
+
+
+def test_checkpoint_preprocessing_compares_what_it_computes(tmp_path):
+    """A lesion checkpoint recorded as {method: local_contrast} fits a profile that writes Graham's defaults
+    out (sigma radius / 30, gain 4) and no other gain; a record that is not a preprocessing is refused too."""
+    from monailabel_dr.lib.checkpoints import check_preprocess
+
+    ckpt = tmp_path / "c.pt"
+    torch.save({"model": {}, "preprocess": {"method": "local_contrast"}}, ckpt)
+    check_preprocess(str(ckpt), {"method": "local_contrast"}, "p")
+    check_preprocess(str(ckpt), {"method": "local_contrast", "gain": 4.0, "sigma_fraction": 1.0 / 30.0}, "p")
+    for other in ({"method": "local_contrast", "gain": 3.0}, {"method": "none"}, None):
+        with pytest.raises(ValueError, match="trained with preprocess"):
+            check_preprocess(str(ckpt), other, "the profile")
+    torch.save({"model": {}, "preprocess": {"method": "sharpen"}}, ckpt)
+    with pytest.raises(ValueError):
+        check_preprocess(str(ckpt), {"method": "local_contrast"}, "p")

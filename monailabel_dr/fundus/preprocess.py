@@ -81,3 +81,13 @@ def parse_preprocess(spec) -> dict:
                 raise ValueError(f"preprocess.{k} must be a positive number, got {spec[k]!r}")
             out[k] = v
     return out
+
+
+def effective_preprocess(spec) -> dict:
+    """:func:`parse_preprocess` with every default written out: what the preprocessing computes, so two
+    blocks that compute the same compare equal (``{method: local_contrast}`` and ``{method: local_contrast,
+    gain: 4}``)."""
+    out = parse_preprocess(spec)
+    if out["method"] == "local_contrast":
+        out = {"sigma_fraction": DEFAULT_SIGMA_FRACTION, "gain": DEFAULT_GAIN, **out}
+    return dict(sorted(out.items()))

@@ -69,6 +69,18 @@ def make_record(trainer, evaluator, run: str | None, resumed_from: str | None, s
     return rec
 
 
+def write_checkpoint(path: str, payload: dict, record: dict | None) -> None:
+    """Write ``payload`` with ``record`` under ``RECORD_KEY`` to ``path`` atomically (a temporary file, then
+    ``os.replace``): an /infer reading the file at the same moment sees the old or the new one, never half."""
+    import torch
+
+    payload = dict(payload)
+    payload[RECORD_KEY] = record
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
 def read_record(path: str) -> dict | None:
     """The record stored in checkpoint ``path`` (None when it has none); read once per file version."""
     try:
@@ -102,7 +114,10 @@ def describe(rec: dict | None) -> str:
     if rec is None:
         return ("the served checkpoint carries no validation record (trained before the app stored one, or "
                 "brought from elsewhere): its quality is unknown here")
-    if rec.get("metric"):
+    if rec.get("members"):
+        quality = (f"ensemble of {len(rec['members'])} networks, validation {rec['metric']} {rec['value']} "
+                   f"({rec.get('n_val')} validation / {rec.get('n_train')} training images)")
+    elif rec.get("metric"):
         quality = (f"validation {rec['metric']} {rec['value']} at epoch {rec['epoch']} "
                    f"({rec.get('n_val')} validation / {rec.get('n_train')} training images)")
     else:
@@ -150,8 +165,10 @@ def checkpoint_preprocess(path: str) -> dict:
 def check_preprocess(path: str, expected: dict | None, what: str) -> None:
     """ValueError naming both when the checkpoint at ``path`` was trained with another preprocessing than
     ``expected`` (a profile's parsed ``preprocess`` block; None = none): its maps would be meaningless."""
+    from monailabel_dr.fundus.preprocess import effective_preprocess
+
     want = dict(expected or {"method": "none"})
     have = checkpoint_preprocess(path)
-    if have != want:
+    if effective_preprocess(have) != effective_preprocess(want):   # defaults written out or not: the same
         raise ValueError(f"{path} was trained with preprocess {have}, but {what} applies {want}: "
                          "serve it with the profile it was trained with, or retrain")

@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from monailabel_dr.networks.cam_grader import CAMGrader, CAMGraderConfig
-from monailabel_dr.networks.lesion_net import LesionNet, LesionNetConfig
+from monailabel_dr.networks.lesion_net import build_lesion_net
 
 MODES = ("FA", "F(1+A)")
 
@@ -33,7 +33,7 @@ class LesionAttentionGrader(nn.Module):
         if mode not in MODES:
             raise ValueError(f"attention mode must be one of {MODES}, got {mode!r}")
         self.grader = CAMGrader(CAMGraderConfig.from_dict(grader))
-        self.lesion_net = LesionNet(LesionNetConfig.from_dict(lesion))
+        self.lesion_net = build_lesion_net(lesion)   # one Lesion-Net or an ensemble of them
         self.lesion_size = int(lesion_size)
         self.mode = mode
         m = self.lesion_net.config.out_channels

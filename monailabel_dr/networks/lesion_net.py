@@ -51,6 +51,7 @@ class LesionNetConfig:
     expansive_width: int | None = None            # None: the 1x1 convs map to the lesion channels
     out_channels: int = N_LESIONS
     dropout: float = 0.0                          # channel dropout (Dropout2d) on the output head's input
+    members: int = 1                              # > 1: an ensemble of that many Lesion-Nets (LesionEnsemble)
 
     @classmethod
     def from_dict(cls, d: dict) -> "LesionNetConfig":
@@ -85,6 +86,9 @@ class LesionNet(nn.Module):
             raise ValueError(f"cut must be one of {VALID_CUTS} (Lesion-Net-Xs), got {cfg.cut}")
         if cfg.backbone not in BACKBONES:
             raise ValueError(f"backbone must be one of {BACKBONES}, got {cfg.backbone!r}")
+        if int(cfg.members) != 1:
+            raise ValueError(f"a LesionNet is one network (members 1, got {cfg.members}): build_lesion_net "
+                             "builds an ensemble")
         self.config = cfg
         m = cfg.out_channels
         if cfg.backbone == "resnet":
@@ -224,8 +228,42 @@ class LesionLoss(nn.Module):
         return loss
 
 
-def build_lesion_net(network_config: dict) -> LesionNet:
-    return LesionNet(LesionNetConfig.from_dict(network_config))
+def build_lesion_net(network_config: dict) -> "LesionNet | LesionEnsemble":
+    """The network of a profile's ``network`` block: one Lesion-Net, or with ``members`` > 1 an ensemble of them."""
+    cfg = LesionNetConfig.from_dict(network_config)
+    if int(cfg.members) < 1:
+        raise ValueError(f"members must be >= 1, got {cfg.members}")
+    return LesionNet(cfg) if int(cfg.members) == 1 else LesionEnsemble(cfg)
+
+
+def member_config(network_config: dict) -> dict:
+    """The ``network`` block of one member of an ensemble profile (``members`` 1)."""
+    return {**dict(network_config), "members": 1}
+
+
+class LesionEnsemble(nn.Module):
+    """``members`` Lesion-Nets of the same configuration, trained one after the other from different seeds
+    (lib/trainers/lesion_seg.py), served as one network: the logit of their mean sigmoid probability, so every
+    caller keeps treating the output as logits (the same rule as :class:`FlipTTAInferer`'s flips).
+
+    Averaging probabilities, not logits: a member that is confident and wrong moves the mean by at most
+    ``1 / members``, and the mean of calibrated probabilities stays a probability. Not in the Lesion-Net paper
+    (one network); a deep ensemble (Lakshminarayanan et al. 2017) against the run-to-run spread of training
+    from scratch on 44 images (docs/results.md). The state dict holds ``members.<k>.*``: a member's own
+    checkpoint loads into ``members[k]``.
+    """
+
+    def __init__(self, config: LesionNetConfig | dict):
+        super().__init__()
+        cfg = LesionNetConfig.from_dict(config) if isinstance(config, dict) else config
+        self.config = cfg
+        one = LesionNetConfig.from_dict(member_config(vars(cfg)))
+        self.members = nn.ModuleList(LesionNet(one) for _ in range(int(cfg.members)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-lesion logits (B, m, H, W) of the members' mean probability."""
+        probs = sum(torch.sigmoid(m(x).float()) for m in self.members) / len(self.members)
+        return torch.logit(probs, eps=1e-6)
 
 
 # --------------------------------------------------------------------------- test-time flips

@@ -45,12 +45,21 @@ _CHUNK = 4   # MC passes per head evaluation (memory: chunk x 4 x S x S floats)
 
 
 def lesion_mc_probs(network, x: torch.Tensor, n: int, p: float, seed: int = 0) -> torch.Tensor:
-    """(n, m, S, S) sigmoid maps of n channel-dropout passes through Lesion-Net's output head."""
+    """(n, m, S, S) sigmoid maps of n channel-dropout passes through Lesion-Net's output head. An ensemble
+    (``LesionEnsemble``) shares the n passes among its K members as evenly as they go (member k makes
+    ``len(range(k, n, K))`` of them; member 0's come first), so the spread holds the members' disagreement as
+    well as the dropout's."""
+    members = list(getattr(network, "members", [network]))
+    counts = [len(range(k, n, len(members))) for k in range(len(members))]
+    out = []
     with torch.no_grad():
-        y = network.head_input(x)                                       # (1, C, h, w)
-        keep = dropout_keep((n, y.shape[1], 1, 1), p, seed, str(y.device))
-        out = [torch.sigmoid(network.head_output(y * keep[i:i + _CHUNK], x.shape[-2:])).float().cpu()
-               for i in range(0, n, _CHUNK)]
+        for k, (member, count) in enumerate(zip(members, counts)):
+            if not count:
+                continue
+            y = member.head_input(x)                                     # (1, C, h, w)
+            keep = dropout_keep((count, y.shape[1], 1, 1), p, seed + k, str(y.device))
+            out += [torch.sigmoid(member.head_output(y * keep[i:i + _CHUNK], x.shape[-2:])).float().cpu()
+                    for i in range(0, count, _CHUNK)]
     return torch.cat(out)
 
 

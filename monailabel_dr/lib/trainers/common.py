@@ -91,13 +91,9 @@ class AtomicPublish(PublishStatsAndModel):
         return make_record(self.trainer, self.evaluator, self.run_id, self.resumed_from, self.split, complete)
 
     def _write(self, publish_path: str, payload: dict) -> None:
-        from monailabel_dr.lib.checkpoints import RECORD_KEY
+        from monailabel_dr.lib.checkpoints import write_checkpoint
 
-        payload = dict(payload)
-        payload[RECORD_KEY] = self._record
-        tmp = f"{publish_path}.tmp{os.getpid()}"
-        torch.save(payload, tmp)
-        os.replace(tmp, publish_path)
+        write_checkpoint(publish_path, payload, self._record)
 
     def finished(self, engine=None) -> None:
         """The run ended (all epochs, or early stopping): the published file's record says so."""

@@ -9,22 +9,34 @@ EX / SE / anywhere in the field of view in the profile's ratios, so microaneurys
 are seen in most batches. Everything outside the field of view is ignored by the loss.
 Validation runs on the whole working-size images and reports pooled Dice per lesion
 (``val_dice_MA`` ...) and their mean (``val_mean_dice``, the key metric).
+
+An ensemble profile (``network.members`` K > 1, :class:`~monailabel_dr.networks.lesion_net.LesionEnsemble`)
+trains its members one after the other, each exactly as a single-network run of the profile with the seed
+``seed + k`` (its own run folder ``<name>_member<k>``, its own validation-selected weights, published to
+``lesion_seg.member<k>.pt`` beside the served file, from which a later run fine-tunes it), then
+:meth:`LesionSegTrainer.combine` validates the ensemble on the same validation images, chooses its
+per-lesion operating thresholds there, and publishes it. The served file changes only then.
 """
 
 from __future__ import annotations
 
+import datetime
 import logging
+import os
 
+import numpy as np
 import torch
 from ignite.engine import Events
 from monai.handlers import EarlyStopHandler, LrScheduleHandler
 from monailabel.tasks.train.basic_train import Context
 
 from monailabel_dr.config import AppSettings, ModelSettings
-from monailabel_dr.lib.checkpoints import PREPROCESS_KEY
+from monailabel_dr.lib.checkpoints import PREPROCESS_KEY, check_preprocess, read_record, write_checkpoint
+from monailabel_dr.lib.errors import BadInput
 from monailabel_dr.lib.trainers.common import (
     FundusTrainTask,
     attach_shared_handlers,
+    stack_pred_label,
 )
 from monailabel_dr.lib.trainers.lesion_data import (
     LesionLabelSource,
@@ -33,7 +45,7 @@ from monailabel_dr.lib.trainers.lesion_data import (
     lesion_centred_crops,
 )
 from monailabel_dr.lib.trainers.settings import LesionSegTrain
-from monailabel_dr.networks.lesion_net import LesionLoss, build_lesion_net
+from monailabel_dr.networks.lesion_net import LesionLoss, build_lesion_net, member_config
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +66,112 @@ class LesionSegTrainer(LesionTrainChains, LesionLabelSource, FundusTrainTask):
 
     # ------------------------------------------------------------ model
     def network(self, context: Context):
-        return build_lesion_net(self.model.network)
+        # an ensemble profile trains one member per run (__call__)
+        return build_lesion_net(member_config(self.model.network) if self.members > 1 else self.model.network)
+
+    # ------------------------------------------------------------ ensembles (network.members > 1)
+    @property
+    def members(self) -> int:
+        return int(self.model.network.get("members", 1) or 1)
+
+    def member_path(self, k: int) -> str:
+        """Where member ``k`` of an ensemble profile is published: beside the served file."""
+        root, ext = os.path.splitext(self.model.published_path)
+        return f"{root}.member{k}{ext}"
+
+    def __call__(self, request, datastore):
+        if self.members == 1:
+            return super().__call__(request, datastore)
+        request = self.check_request(request)
+        seed = request.get("seed", self._config.get("seed"))
+        name = str(request.get("name") or self._config.get("name"))
+        served, stats = self._publish_path, []
+        try:
+            for k in range(self.members):
+                self._publish_path = self.member_path(k)   # what this member run publishes (and resumes from)
+                logger.info(f"ensemble member {k + 1} of {self.members}: seed {seed + k if seed is not None and seed >= 0 else seed}")
+                run = dict(request, name=f"{name}_member{k}")
+                if seed is not None and int(seed) >= 0:
+                    run["seed"] = int(seed) + k
+                stats.append(super().__call__(run, datastore))
+        finally:
+            self._publish_path = served
+        record = self.combine([self.member_path(k) for k in range(self.members)], request, datastore)
+        return {"members": stats, "ensemble": record}
+
+    def combine(self, member_files: list[str], request: dict, datastore) -> dict:
+        """Put ``member_files`` (checkpoints of this profile's single network, e.g. the member runs) into the
+        profile's ensemble, validate it on the trainer's validation images at the working size (the metrics of
+        every validation: pooled Dice per lesion, their mean, the per-lesion operating thresholds), and publish
+        it with that record to the served path. Returns the record."""
+        if len(member_files) != self.members:
+            raise BadInput(f"the '{self.model.profile_name}' profile is an ensemble of {self.members} networks; "
+                           f"{len(member_files)} member checkpoint(s) given")
+        from monailabel_dr.lib.infers.base import load_weights
+
+        preprocess = dict(self.model.options.get("preprocess") or {"method": "none"})
+        ensemble = build_lesion_net(self.model.network)
+        for k, path in enumerate(member_files):
+            if not os.path.isfile(path):
+                raise BadInput(f"ensemble member {k}: no checkpoint at {path}")
+            try:
+                check_preprocess(path, preprocess, f"the '{self.model.profile_name}' profile")
+                load_weights(ensemble.members[k], path, "cpu")
+            except Exception as e:
+                raise BadInput(f"ensemble member {k} ({path}) does not fit the '{self.model.profile_name}' "
+                               f"profile's network: {type(e).__name__}: {str(e)[:300]}") from e
+        device = torch.device(self.app_settings.device)
+        ensemble = ensemble.to(device).eval()
+        req = {**self._config, **self.check_request(dict(request or {}))}
+        context = Context()
+        context.request, context.local_rank = req, 0
+        context.datalist = self.pre_process(req, datastore)
+        train, val = self.partition_datalist(context)
+        metrics = self.val_metrics_of(ensemble, val, device)
+        members = [read_record(p) or {} for p in member_files]
+        record = {
+            "metric": "val_mean_dice" if val else None,
+            "value": round(float(metrics["val_mean_dice"]), 4) if val else None,
+            "metrics": {k: round(float(v), 4) for k, v in metrics.items()},
+            "epoch": max(int(m.get("epoch") or 0) for m in members),
+            "epochs_run": max(int(m.get("epochs_run") or 0) for m in members),
+            "max_epochs": max(int(m.get("max_epochs") or 0) for m in members),
+            "complete": all(bool(m.get("complete")) for m in members),
+            "n_train": len(train), "n_val": len(val),
+            "trained_at": datetime.datetime.now().isoformat(timespec="seconds"),
+            "run": "ensemble", "resumed_from": None,
+            "split": members[0].get("split"),
+            "members": [{"checkpoint": os.path.realpath(p), "run": m.get("run"), "epoch": m.get("epoch"),
+                         "metric": m.get("metric"), "value": m.get("value")} for p, m in zip(member_files, members)],
+        }
+        state = {k: v.detach().cpu() for k, v in ensemble.state_dict().items()}
+        write_checkpoint(self.model.published_path, self.publish_payload(state), record)
+        logger.info(f"ensemble of {self.members} published to {self.model.published_path}: "
+                    f"val_mean_dice {record['value']}")
+        return record
+
+    def val_metrics_of(self, network, val: list[dict], device) -> dict:
+        """The trainer's validation metrics (val_key_metric and val_additional_metrics) of ``network`` on the
+        validation items, through the trainer's validation chain: what a run's evaluator computes."""
+        from monai.transforms import Compose
+
+        metrics = {**self.val_key_metric(None), **self.val_additional_metrics(None)}
+        for m in metrics.values():
+            m.reset()
+        chain = Compose(self.val_pre_transforms(None))
+        with torch.no_grad():
+            for item in val:
+                d = chain(dict(item))
+                out = {"pred": network(torch.as_tensor(d["image"])[None].to(device)).float().cpu(),
+                       "label": torch.as_tensor(d["label"])[None]}
+                pair = stack_pred_label(out)
+                for m in metrics.values():
+                    m.update(pair)
+        result = {}
+        for name, m in metrics.items():
+            v = m.compute()
+            result.update(v if isinstance(v, dict) else {name: v})
+        return {k: float(v) for k, v in result.items() if isinstance(v, (int, float, np.floating))}
 
     def publish_payload(self, state: dict) -> dict:
         """The weights and the preprocessing they were trained with: an infer task (or an attention grader's
