@@ -396,3 +396,28 @@ def test_ensemble_profile_trains_its_members_and_serves_their_mean(phantom_store
         with pytest.raises(SystemExit, match="member|ensemble of 2"):
             cli.main([*argv, "--members-from", *bad])
     assert (tmp_path / "model" / "lesion_seg.pt").read_bytes() == before
+
+
+@pytest.mark.parametrize("saved_members, served_members", [(1, 2), (2, 1), (2, 3)])
+def test_checkpoint_with_another_number_of_networks_is_refused(phantom_store, tmp_path, saved_members, served_members):
+    """A single network's checkpoint under an ensemble profile (or an ensemble's under a single-network or other
+    ensemble profile) answers 409 saying what the file holds and what the profile serves; the file is unchanged."""
+    import torch
+
+    from monailabel_dr.config import parse_conf
+    from monailabel_dr.networks.lesion_net import build_lesion_net
+
+    net_conf = parse_conf(tiny_conf(tmp_path / "x", models="lesion_seg"), str(tmp_path)).models["lesion_seg"].network
+    ckpt = tmp_path / "given.pt"
+    torch.save({"model": build_lesion_net({**net_conf, "members": saved_members}).state_dict()}, ckpt)
+    before = ckpt.read_bytes()
+    conf = tiny_conf(tmp_path / "model", lesion_seg_image_size=96, lesion_seg_checkpoint=str(ckpt),
+                     lesion_seg_set=f"network.members={served_members}")
+    with serve_in_process(phantom_store, conf) as c:
+        r = c.post("/infer/lesion_seg?image=fundus_0001")
+        assert r.status_code == 409, r.text
+        detail = r.json()["detail"]
+        said = {1: "one network", 2: "an ensemble of 2 networks", 3: "an ensemble of 3 networks"}
+        assert f"holds {said[saved_members]}" in detail and f"serves {said[served_members]}" in detail
+        assert c.get("/info/").status_code == 200
+    assert ckpt.read_bytes() == before

@@ -162,6 +162,33 @@ def checkpoint_preprocess(path: str) -> dict:
     return dict(rec) if isinstance(rec, dict) else {"method": "none"}
 
 
+def checkpoint_members(path: str) -> int:
+    """How many networks a lesion checkpoint holds: K for an ensemble's (``members.<k>.*`` weights,
+    ``networks/lesion_net.py LesionEnsemble``), else 1."""
+    import re
+
+    import torch
+
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else {}
+    ks = {int(m.group(1)) for k in (state if isinstance(state, dict) else {}) for m in [re.match(r"members\.(\d+)\.", str(k))] if m}
+    return len(ks) if ks else 1
+
+
+def check_members(path: str, expected: int, what: str) -> None:
+    """ValueError naming both when the checkpoint at ``path`` holds another number of networks than ``expected``
+    (a profile's ``network.members``): an ensemble's file served by a single-network profile, or the reverse."""
+    have = checkpoint_members(path)
+    if have != int(expected):
+        def n(k):
+            return "one network" if k == 1 else f"an ensemble of {k} networks"
+        raise ValueError(f"{path} holds {n(have)}, but {what} serves {n(int(expected))} (network.members): "
+                         "serve it with the profile it was trained with (e.g. cpu_ensemble for an ensemble of 2), or retrain")
+
+
 def check_preprocess(path: str, expected: dict | None, what: str) -> None:
     """ValueError naming both when the checkpoint at ``path`` was trained with another preprocessing than
     ``expected`` (a profile's parsed ``preprocess`` block; None = none): its maps would be meaningless."""

@@ -31,7 +31,7 @@ from monailabel_dr.fundus import io
 from monailabel_dr.fundus.components import Components, connected_components, kept_components
 from monailabel_dr.fundus.landmarks import QuadrantFrame, quadrant_frame
 from monailabel_dr.fundus.lesions import LESION_VALUES, LESIONS
-from monailabel_dr.lib.checkpoints import check_preprocess, operating_thresholds, read_record
+from monailabel_dr.lib.checkpoints import check_members, check_preprocess, operating_thresholds, read_record
 from monailabel_dr.lib.errors import BadInput
 from monailabel_dr.lib.infers.base import FundusInferTask, channel_map, probabilities_at_input
 from monailabel_dr.lib.params import Param
@@ -244,9 +244,11 @@ class LesionSegInfer(FundusInferTask):
         )
 
     def load_network(self, path: str, device: str):
-        """The base's strict load, after checking the file was trained with this profile's preprocessing (409)."""
+        """The base's strict load, after checking the file was trained with this profile's preprocessing and
+        holds as many networks as it serves (409 naming both)."""
         try:
             check_preprocess(path, self.model.options.get("preprocess"), f"the '{self.model.profile_name}' profile")
+            check_members(path, int(self.model.network.get("members", 1) or 1), f"the '{self.model.profile_name}' profile")
         except ValueError as e:
             raise self.unusable_checkpoint(path, e) from e
         return super().load_network(path, device)

@@ -31,7 +31,13 @@ from monai.handlers import EarlyStopHandler, LrScheduleHandler
 from monailabel.tasks.train.basic_train import Context
 
 from monailabel_dr.config import AppSettings, ModelSettings
-from monailabel_dr.lib.checkpoints import PREPROCESS_KEY, check_preprocess, read_record, write_checkpoint
+from monailabel_dr.lib.checkpoints import (
+    PREPROCESS_KEY,
+    check_members,
+    check_preprocess,
+    read_record,
+    write_checkpoint,
+)
 from monailabel_dr.lib.errors import BadInput
 from monailabel_dr.lib.trainers.common import (
     FundusTrainTask,
@@ -116,6 +122,7 @@ class LesionSegTrainer(LesionTrainChains, LesionLabelSource, FundusTrainTask):
                 raise BadInput(f"ensemble member {k}: no checkpoint at {path}")
             try:
                 check_preprocess(path, preprocess, f"the '{self.model.profile_name}' profile")
+                check_members(path, 1, "an ensemble member")
                 load_weights(ensemble.members[k], path, "cpu")
             except Exception as e:
                 raise BadInput(f"ensemble member {k} ({path}) does not fit the '{self.model.profile_name}' "
