@@ -347,11 +347,6 @@ def test_ensemble_profile_trains_its_members_and_serves_their_mean(phantom_store
     its own record (per-lesion thresholds, the members); /infer serves it, /info says what it is."""
     import torch
 
-    from monailabel_dr.config import parse_conf
-    from monailabel_dr.lib.infers.base import load_weights
-    from monailabel_dr.lib.trainers.lesion_seg import LesionSegTrainer
-    from monailabel_dr.networks.lesion_net import build_lesion_net, member_config
-
     conf = tiny_conf(tmp_path / "model", lesion_seg_image_size=96, lesion_seg_set="network.members=2")
     with serve_in_process(phantom_store, conf) as c:
         for i in range(4):

@@ -69,6 +69,16 @@ def make_record(trainer, evaluator, run: str | None, resumed_from: str | None, s
     return rec
 
 
+def load_weights(network, path: str, device: str, key: str = "model"):
+    """Load a MONAI CheckpointSaver file ({"model": state_dict}) or a bare state_dict into ``network`` (strict)."""
+    import torch
+
+    checkpoint = torch.load(path, map_location=torch.device(device), weights_only=True)
+    state = checkpoint.get(key, checkpoint) if isinstance(checkpoint, dict) else checkpoint
+    network.load_state_dict(state, strict=True)
+    return network
+
+
 def write_checkpoint(path: str, payload: dict, record: dict | None) -> None:
     """Write ``payload`` with ``record`` under ``RECORD_KEY`` to ``path`` atomically (a temporary file, then
     ``os.replace``): an /infer reading the file at the same moment sees the old or the new one, never half."""

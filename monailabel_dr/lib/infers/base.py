@@ -23,21 +23,13 @@ from monailabel.tasks.infer.basic_infer import BasicInferTask
 
 from monailabel_dr.config import AppSettings, ModelSettings
 from monailabel_dr.fundus import geometry, io
-from monailabel_dr.lib.checkpoints import checkpoint_state, read_record
+from monailabel_dr.lib.checkpoints import checkpoint_state, load_weights, read_record
 from monailabel_dr.lib.checkpoints import describe as describe_record
 from monailabel_dr.lib.errors import BadInput, ClientError, ModelNotTrained, find_cause
 from monailabel_dr.lib.params import Param, check_device, check_request, describe
 from monailabel_dr.transforms import LoadFundusd, lesion_map_transforms, preprocessing_transforms
 
 logger = logging.getLogger(__name__)
-
-
-def load_weights(network: torch.nn.Module, path: str, device: str, key: str = "model") -> torch.nn.Module:
-    """Load a MONAI CheckpointSaver file ({"model": state_dict}) or a bare state_dict."""
-    checkpoint = torch.load(path, map_location=torch.device(device), weights_only=True)
-    state = checkpoint.get(key, checkpoint) if isinstance(checkpoint, dict) else checkpoint
-    network.load_state_dict(state, strict=True)
-    return network
 
 
 class FundusInferTask(BasicInferTask):

@@ -35,6 +35,7 @@ from monailabel_dr.lib.checkpoints import (
     PREPROCESS_KEY,
     check_members,
     check_preprocess,
+    load_weights,
     read_record,
     write_checkpoint,
 )
@@ -113,8 +114,6 @@ class LesionSegTrainer(LesionTrainChains, LesionLabelSource, FundusTrainTask):
         if len(member_files) != self.members:
             raise BadInput(f"the '{self.model.profile_name}' profile is an ensemble of {self.members} networks; "
                            f"{len(member_files)} member checkpoint(s) given")
-        from monailabel_dr.lib.infers.base import load_weights
-
         preprocess = dict(self.model.options.get("preprocess") or {"method": "none"})
         ensemble = build_lesion_net(self.model.network)
         for k, path in enumerate(member_files):
