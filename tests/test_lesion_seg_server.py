@@ -380,7 +380,12 @@ def test_ensemble_profile_trains_its_members_and_serves_their_mean(phantom_store
 
     m0 = str(tmp_path / "model" / "lesion_seg.member0.pt")
     argv = ["train", "lesion_seg", "--studies", str(phantom_store), *sum((["--conf", k, v] for k, v in conf.items()), [])]
-    assert cli.main([*argv, "--members-from", m0, m0]) == 0
+    given = tmp_path / "elsewhere.pt"
+    given.write_bytes(open(m0, "rb").read())
+    (tmp_path / "model" / "lesion_seg.member1.pt").unlink()
+    assert cli.main([*argv, "--members-from", m0, str(given)]) == 0
+    # the given members are kept beside the served file, where retraining fine-tunes them
+    assert (tmp_path / "model" / "lesion_seg.member1.pt").read_bytes() == given.read_bytes()
     again = torch.load(tmp_path / "model" / "lesion_seg.pt", weights_only=True)["validation"]
     recorded = members[0]["validation"]["metrics"]
     for k in ("val_mean_dice", *(f"val_dice_{les}" for les in LESIONS), *(f"val_threshold_{les}" for les in LESIONS)):

@@ -23,6 +23,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import shutil
 
 import numpy as np
 import torch
@@ -150,6 +151,14 @@ class LesionSegTrainer(LesionTrainChains, LesionLabelSource, FundusTrainTask):
             "members": [{"checkpoint": os.path.realpath(p), "run": m.get("run"), "epoch": m.get("epoch"),
                          "metric": m.get("metric"), "value": m.get("value")} for p, m in zip(member_files, members)],
         }
+        # members given from elsewhere are kept beside the served file too, where a later run (saved corrections)
+        # fine-tunes each from its own weights instead of starting it from scratch
+        for k, path in enumerate(member_files):
+            if os.path.realpath(path) != os.path.realpath(self.member_path(k)):
+                os.makedirs(os.path.dirname(self.member_path(k)) or ".", exist_ok=True)
+                tmp = f"{self.member_path(k)}.tmp{os.getpid()}"
+                shutil.copyfile(path, tmp)
+                os.replace(tmp, self.member_path(k))
         state = {k: v.detach().cpu() for k, v in ensemble.state_dict().items()}
         write_checkpoint(self.model.published_path, self.publish_payload(state), record)
         logger.info(f"ensemble of {self.members} published to {self.model.published_path}: "
