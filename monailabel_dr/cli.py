@@ -166,6 +166,15 @@ def cmd_import(args) -> int:
 
 
 def cmd_train(args) -> int:
+    import logging
+
+    # the app's own progress lines (which ensemble member is training, what was published) beside ignite's epochs
+    log = logging.getLogger("monailabel_dr")
+    if not log.handlers and not logging.getLogger().handlers:   # not when something (pytest, a server) set logging up
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s - %(levelname)s - %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
     if not args.studies:
         if not args.dataset:
             raise SystemExit("train: give --studies DATASTORE or --dataset idrid:<folder>")
