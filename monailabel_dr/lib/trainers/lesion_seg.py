@@ -97,10 +97,11 @@ class LesionSegTrainer(LesionTrainChains, LesionLabelSource, FundusTrainTask):
         try:
             for k in range(self.members):
                 self._publish_path = self.member_path(k)   # what this member run publishes (and resumes from)
-                logger.info(f"ensemble member {k + 1} of {self.members}: seed {seed + k if seed is not None and seed >= 0 else seed}")
                 run = dict(request, name=f"{name}_member{k}")
-                if seed is not None and int(seed) >= 0:
+                if seed is not None and int(seed) >= 0:    # a negative seed: unseeded runs
                     run["seed"] = int(seed) + k
+                logger.info(f"ensemble member {k + 1} of {self.members}: seed {run.get('seed', seed)}, "
+                            f"publishing to {self._publish_path}")
                 stats.append(super().__call__(run, datastore))
         finally:
             self._publish_path = served
