@@ -421,3 +421,30 @@ def test_checkpoint_with_another_number_of_networks_is_refused(phantom_store, tm
         assert f"holds {said[saved_members]}" in detail and f"serves {said[served_members]}" in detail
         assert c.get("/info/").status_code == 200
     assert ckpt.read_bytes() == before
+
+
+def test_ensemble_trains_and_serves_over_http(phantom_store, tmp_path):
+    """Through a real `monailabel start_server` on a loopback port (training runs in MONAI Label's train
+    subprocess there): an ensemble profile's /train publishes both members and the ensemble, /info says so,
+    /infer answers with it."""
+    import requests
+
+    from monailabel_dr.serving import running_server
+
+    conf = {"models": "lesion_seg", "lesion_seg_image_size": "96", "lesion_seg_set": "network.members=2",
+            "rescore_interval": "0"}
+    with running_server(phantom_store, tmp_path / "model", conf=conf) as url:
+        for i in range(4):
+            r = requests.put(f"{url}/datastore/label?image=fundus_{i:04d}&tag=final",
+                             files={"label": (f"fundus_{i:04d}.nrrd", slicer_nrrd(phantom_label_map(i)))}, timeout=60)
+            assert r.status_code == 200, r.text
+        r = requests.post(f"{url}/train/lesion_seg?run_sync=true", json={"max_epochs": 1, "seed": 5}, timeout=600)
+        assert r.status_code == 200, r.text
+        assert all((tmp_path / "model" / f"lesion_seg.member{k}.pt").is_file() for k in (0, 1))
+        state = requests.get(f"{url}/info/", timeout=60).json()["models"]["lesion_seg"]["state"]
+        assert state["trained"] and "ensemble of 2" in state["quality"]
+        assert [m["checkpoint"] for m in state["validation"]["members"]] == [
+            str((tmp_path / "model" / f"lesion_seg.member{k}.pt").resolve()) for k in (0, 1)]
+        r = requests.post(f"{url}/infer/lesion_seg?image=fundus_0005&output=json", timeout=120)
+        assert r.status_code == 200, r.text
+        assert set(r.json()["lesions"]) == set(LESIONS)

@@ -91,6 +91,17 @@ def write_checkpoint(path: str, payload: dict, record: dict | None) -> None:
     os.replace(tmp, path)
 
 
+def load_mapped(path: str):
+    """The checkpoint at ``path`` loaded on the CPU with its tensors memory-mapped where the file allows (the
+    record, the preprocessing or the weights' names are read without reading the weights), else loaded whole."""
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def read_record(path: str) -> dict | None:
     """The record stored in checkpoint ``path`` (None when it has none); read once per file version."""
     try:
@@ -101,15 +112,10 @@ def read_record(path: str) -> dict | None:
     with _lock:
         if key in _cache:
             return _cache[key]
-    import torch
-
-    try:   # mmap: the record is read without reading the weights
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    try:
+        ckpt = load_mapped(path)
     except Exception:
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception:
-            ckpt = None
+        ckpt = None
     rec = ckpt.get(RECORD_KEY) if isinstance(ckpt, dict) else None
     rec = dict(rec) if isinstance(rec, dict) else None
     with _lock:
@@ -162,12 +168,7 @@ PREPROCESS_KEY = "preprocess"   # a lesion checkpoint's preprocessing (lib/train
 def checkpoint_preprocess(path: str) -> dict:
     """The preprocessing a lesion checkpoint was trained with (``{"method": "none"}`` when the file records
     none: lesion trainers applied no preprocessing before they recorded it)."""
-    import torch
-
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt = load_mapped(path)
     rec = ckpt.get(PREPROCESS_KEY) if isinstance(ckpt, dict) else None
     return dict(rec) if isinstance(rec, dict) else {"method": "none"}
 
@@ -177,12 +178,7 @@ def checkpoint_members(path: str) -> int:
     ``networks/lesion_net.py LesionEnsemble``), else 1."""
     import re
 
-    import torch
-
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt = load_mapped(path)
     state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else {}
     ks = {int(m.group(1)) for k in (state if isinstance(state, dict) else {}) for m in [re.match(r"members\.(\d+)\.", str(k))] if m}
     return len(ks) if ks else 1

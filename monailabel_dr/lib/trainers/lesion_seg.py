@@ -44,7 +44,6 @@ from monailabel_dr.lib.errors import BadInput
 from monailabel_dr.lib.trainers.common import (
     FundusTrainTask,
     attach_shared_handlers,
-    stack_pred_label,
 )
 from monailabel_dr.lib.trainers.lesion_data import (
     LesionLabelSource,
@@ -138,8 +137,8 @@ class LesionSegTrainer(LesionTrainChains, LesionLabelSource, FundusTrainTask):
         metrics = self.val_metrics_of(ensemble, val, device)
         members = [read_record(p) or {} for p in member_files]
         record = {
-            "metric": "val_mean_dice" if val else None,
-            "value": round(float(metrics["val_mean_dice"]), 4) if val else None,
+            "metric": "val_mean_dice" if metrics else None,
+            "value": round(float(metrics["val_mean_dice"]), 4) if metrics else None,
             "metrics": {k: round(float(v), 4) for k, v in metrics.items()},
             "epoch": max(int(m.get("epoch") or 0) for m in members),
             "epochs_run": max(int(m.get("epochs_run") or 0) for m in members),
@@ -168,26 +167,19 @@ class LesionSegTrainer(LesionTrainChains, LesionLabelSource, FundusTrainTask):
 
     def val_metrics_of(self, network, val: list[dict], device) -> dict:
         """The trainer's validation metrics (val_key_metric and val_additional_metrics) of ``network`` on the
-        validation items, through the trainer's validation chain: what a run's evaluator computes."""
-        from monai.transforms import Compose
+        validation items: MONAI's SupervisedEvaluator over the trainer's validation chain, as a run's evaluator."""
+        from monai.data import DataLoader, Dataset
+        from monai.engines import SupervisedEvaluator
+        from monai.inferers import SimpleInferer
 
-        metrics = {**self.val_key_metric(None), **self.val_additional_metrics(None)}
-        for m in metrics.values():
-            m.reset()
-        chain = Compose(self.val_pre_transforms(None))
-        with torch.no_grad():
-            for item in val:
-                d = chain(dict(item))
-                out = {"pred": network(torch.as_tensor(d["image"])[None].to(device)).float().cpu(),
-                       "label": torch.as_tensor(d["label"])[None]}
-                pair = stack_pred_label(out)
-                for m in metrics.values():
-                    m.update(pair)
-        result = {}
-        for name, m in metrics.items():
-            v = m.compute()
-            result.update(v if isinstance(v, dict) else {name: v})
-        return {k: float(v) for k, v in result.items() if isinstance(v, (int, float, np.floating))}
+        if not val:
+            return {}
+        evaluator = SupervisedEvaluator(
+            device=device, val_data_loader=DataLoader(Dataset(val, self.val_pre_transforms(None)), batch_size=1),
+            network=network, inferer=SimpleInferer(), key_val_metric=self.val_key_metric(None),
+            additional_metrics=self.val_additional_metrics(None))
+        evaluator.run()
+        return {k: float(v) for k, v in evaluator.state.metrics.items() if isinstance(v, (int, float, np.floating))}
 
     def publish_payload(self, state: dict) -> dict:
         """The weights and the preprocessing they were trained with: an infer task (or an attention grader's
